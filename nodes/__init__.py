@@ -1,0 +1,1 @@
+"""The ComfyUI bridge (comfy_nodes) — the only place that imports comfy.*."""

@@ -1,0 +1,141 @@
+"""Run a model over an image tile by tile and blend the tiles into one seamless output.
+
+Memory: the float32 output canvas plus one tile's window in flight; the blend weights are
+separable 1-D feathers (no full-size weight map). When the plan is a single tile the model's
+output is returned as it is, with no canvas at all.
+"""
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .plan import TilePlan, plan_tiles
+
+TileFn = Callable[[torch.Tensor], torch.Tensor]  # BCHW window on the device -> BCHW at `scale`
+
+
+class TileOOMError(RuntimeError):
+    """Out of memory even at the smallest tile size."""
+
+
+@dataclass
+class RunHooks:
+    """What the caller's environment supplies; every field is optional (plain torch defaults)."""
+
+    progress: Callable[[int, int], None] | None = None  # (done, total) after each tile
+    check_interrupt: Callable[[], None] | None = None  # raises to stop between tiles
+    oom_errors: tuple[type[BaseException], ...] = ()  # extra exception types meaning out-of-memory
+    free_bytes: Callable[[torch.device], int] | None = None  # free memory as the host manager sees it
+    prepare: Callable[[int], None] | None = None  # make room for N bytes of activations (load the model)
+
+
+@dataclass
+class TiledResult:
+    image: torch.Tensor  # B,H,W,C float32
+    plan: TilePlan
+    retries: list[dict] = field(default_factory=list)
+
+
+def is_out_of_memory(exc: BaseException, extra: tuple[type[BaseException], ...] = ()) -> bool:
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError) + tuple(extra)):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _window(image: torch.Tensor, plan: TilePlan, r: int, c: int) -> torch.Tensor:
+    """B,h,w,C window of tile (r, c): a view when it lies inside the image, else reflected."""
+    out = image
+    for dim, axis, i in ((1, plan.rows, r), (2, plan.cols, c)):
+        start = axis.window_starts[i]
+        if start + axis.window <= axis.length:
+            out = out.narrow(dim, start, axis.window)
+        else:
+            out = out.index_select(dim, axis.window_indices(i))
+    return out
+
+
+def run_plan(image: torch.Tensor, fn: TileFn, scale: int, plan: TilePlan, device: torch.device,
+             dtype: torch.dtype, hooks: RunHooks) -> torch.Tensor:
+    """image: B,H,W,C float (CPU). Returns B,H*scale,W*scale,C_out float32 on the image's device."""
+    batch, height, width, _ = image.shape
+    total = plan.count
+    canvas = None
+    row_w, col_w = plan.blend_weights(scale) if not plan.untiled else (None, None)
+    for done, (r, c) in enumerate(plan.tiles()):
+        if hooks.check_interrupt:
+            hooks.check_interrupt()
+        window = _window(image, plan, r, c).permute(0, 3, 1, 2)  # BCHW view, channels_last strides
+        x = window.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        y = fn(x)
+        expected = (plan.rows.window * scale, plan.cols.window * scale)
+        if tuple(y.shape[-2:]) != expected:
+            raise RuntimeError(
+                f"the model returned {tuple(y.shape[-2:])} for a {tuple(x.shape[-2:])} input, expected "
+                f"{expected} at scale {scale}: its native scale is not what its descriptor says"
+            )
+        oy = (plan.rows.starts[r] - plan.rows.window_starts[r]) * scale
+        ox = (plan.cols.starts[c] - plan.cols.window_starts[c]) * scale
+        th, tw = plan.rows.tile * scale, plan.cols.tile * scale
+        core = y[:, :, oy : oy + th, ox : ox + tw]
+        if plan.untiled:
+            out = core.permute(0, 2, 3, 1).to(device=image.device, dtype=torch.float32)
+            if hooks.progress:
+                hooks.progress(1, 1)
+            return out
+        if canvas is None:
+            canvas = torch.zeros(batch, height * scale, width * scale, y.shape[1], dtype=torch.float32,
+                                 device=image.device)
+        weight = torch.outer(row_w[r], col_w[c]).to(device=y.device, dtype=torch.float32)
+        contribution = (core.float() * weight).permute(0, 2, 3, 1).to(image.device)
+        y0, x0 = plan.rows.starts[r] * scale, plan.cols.starts[c] * scale
+        canvas[:, y0 : y0 + th, x0 : x0 + tw, :] += contribution
+        del x, y, core, contribution
+        if hooks.progress:
+            hooks.progress(done + 1, total)
+    return canvas
+
+
+def run_tiled(
+    image: torch.Tensor,
+    fn: TileFn,
+    scale: int,
+    *,
+    tile: int,
+    overlap: int,
+    context: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    multiple: int = 1,
+    minimum: int = 0,
+    square: bool = False,
+    floor: int = 64,
+    hooks: RunHooks | None = None,
+) -> TiledResult:
+    """Tile, run and blend; on out-of-memory halve the tile and start again, down to `floor`."""
+    hooks = hooks or RunHooks()
+    retries: list[dict] = []
+    _, height, width, _ = image.shape
+    while True:
+        plan = plan_tiles(height, width, tile, overlap, context, multiple, minimum, square)
+        try:
+            return TiledResult(run_plan(image, fn, scale, plan, device, dtype, hooks), plan, retries)
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
+            if not is_out_of_memory(exc, hooks.oom_errors):
+                raise
+            current = max(plan.rows.tile, plan.cols.tile)
+            smaller = current // 2
+            del exc
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if smaller < floor:
+                raise TileOOMError(
+                    f"out of memory even with {current}px tiles (retries: {len(retries)}). Fix: lower "
+                    f"'tile', choose dtype fp16/bf16, free memory used by other models, or use a smaller image."
+                ) from None
+            retries.append({"event": "out_of_memory", "tile": current, "retry_tile": smaller})
+            tile = smaller

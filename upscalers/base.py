@@ -1,0 +1,62 @@
+"""The Upscaler protocol every backend implements, and the descriptor callers ask instead of guessing."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+class UpscalerError(ValueError):
+    """A problem the user can fix; the message names the input and what was expected."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    impl: str  # "gan" | "diffusion"
+    native_scales: tuple[int, ...]
+    dtypes: tuple[str, ...]  # of "fp32", "fp16", "bf16"
+    size_multiple: int  # window sides must be a multiple of this
+    min_size: int  # smallest window side the model accepts
+    square: bool  # windows must be square
+    context: int  # input pixels of real context a tile needs for its core to match an untiled pass
+    tiling: str  # "supported" | "discouraged" | "internal" (spandrel's hint)
+    bytes_per_pixel: float  # working memory (activations) per input pixel of one image, in fp32
+    in_channels: int
+    out_channels: int
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model came from: what a receipt quotes."""
+
+    file: str  # file name (or a label when there is no file)
+    sha256: str | None  # full hex digest, None when unknown
+    architecture: str
+
+    def describe(self) -> dict:
+        d = asdict(self)
+        d["sha256"] = self.sha256[:12] if self.sha256 else None
+        return d
+
+
+@runtime_checkable
+class Upscaler(Protocol):
+    """A loaded model that enlarges B,C,H,W windows by a native integer scale.
+
+    Load-time choices (weights, dtype) live on the object; everything about one call (device, tiles,
+    progress) is passed in, so one Upscaler can serve concurrent graphs.
+    """
+
+    capabilities: Capabilities
+    source: ModelSource
+    dtype: torch.dtype
+
+    @property
+    def scale(self) -> int: ...
+
+    def module(self) -> torch.nn.Module:
+        """The torch module holding the weights (what a memory manager loads and offloads)."""
+
+    def upscale_window(self, x: torch.Tensor) -> torch.Tensor:
+        """x: B,C,h,w in 0..1, already on the weights' device and in `dtype` -> B,C,h*s,w*s in 0..1."""

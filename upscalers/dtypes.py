@@ -1,0 +1,42 @@
+"""Choosing the compute dtype for a model on a device."""
+from __future__ import annotations
+
+import torch
+
+from .base import UpscalerError
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_NAMES = tuple(DTYPES)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def cpu_bf16_accelerated() -> bool:
+    """AVX512-BF16/AMX: without them bf16 on the CPU is emulated and slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def select_dtype(requested: str, device: torch.device, supports_half: bool, supports_bf16: bool) -> torch.dtype:
+    """auto: fp16 on CUDA where the architecture allows, else bf16 where supported, else fp32;
+    fp32 on the CPU. An explicit choice the architecture cannot run is an error, not a silent switch."""
+    if requested == "auto":
+        if device.type == "cuda":
+            if supports_half:
+                return torch.float16
+            if supports_bf16 and torch.cuda.is_bf16_supported():
+                return torch.bfloat16
+        return torch.float32
+    if requested not in DTYPES:
+        raise UpscalerError(f"dtype must be one of auto, {', '.join(DTYPE_NAMES)}; got {requested!r}")
+    if requested == "fp16" and not supports_half:
+        raise UpscalerError("dtype fp16: this architecture produces wrong results in fp16; choose bf16, fp32 or auto")
+    if requested == "fp16" and device.type == "cpu":
+        raise UpscalerError("dtype fp16 is not supported on the CPU; choose bf16 or fp32 (or auto)")
+    if requested == "bf16" and not supports_bf16:
+        raise UpscalerError("dtype bf16: this architecture does not support bfloat16; choose fp32 or auto")
+    return DTYPES[requested]

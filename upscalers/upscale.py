@@ -1,0 +1,143 @@
+"""One upscale request end to end: validate, plan scale, tiled native passes, exact resample, receipt."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..tiling import RunHooks, choose_tile, free_bytes, resize, run_tiled, target_size
+from ..tiling.memory import BUDGET_FRACTION, canvas_bytes
+from .base import Upscaler, UpscalerError
+from .dtypes import dtype_name
+from .registry import plan_scale
+
+DEFAULT_OVERLAP = 16  # input px of feathered overlap; the model's context comes on top of it
+PREPARE_PIXELS = 1024 * 1024  # at most this much activation memory is asked of the manager up front
+
+
+def check_image(image: torch.Tensor, name: str = "image") -> None:
+    """ComfyUI IMAGE: float B,H,W,C with C in 1/3/4, non-empty, finite."""
+    if not isinstance(image, torch.Tensor) or image.ndim != 4:
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise UpscalerError(f"{name} must be a ComfyUI IMAGE tensor [batch, height, width, channels]; got {shape}")
+    b, h, w, c = image.shape
+    if b == 0 or h == 0 or w == 0:
+        raise UpscalerError(f"{name} is empty ({b} images of {w}x{h}): connect an image of at least 1x1 pixels")
+    if c not in (1, 3, 4):
+        raise UpscalerError(f"{name} has {c} channels; expected 1 (grey), 3 (RGB) or 4 (RGBA)")
+    if not image.is_floating_point():
+        raise UpscalerError(f"{name} must be float in 0..1, got {image.dtype}")
+    if not bool(torch.isfinite(image).all()):
+        raise UpscalerError(
+            f"{name} contains NaN or infinite values: the node that produced it failed; fix that node "
+            "(e.g. a VAE decode in fp16) before upscaling"
+        )
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _one_pass(upscaler: Upscaler, rgb: torch.Tensor, tile: int, overlap: int, device: torch.device,
+              hooks: RunHooks):
+    caps = upscaler.capabilities
+    batch, height, width, _ = rgb.shape
+    per_px = caps.bytes_per_pixel * torch.finfo(upscaler.dtype).bits / 32
+    if hooks.prepare:
+        hooks.prepare(int(min(height * width, PREPARE_PIXELS) * batch * per_px))
+    if tile <= 0:
+        if caps.tiling == "internal":
+            tile = 0  # the model tiles itself; outer tiling would only add seams
+        else:
+            budget = (hooks.free_bytes or free_bytes)(device) * BUDGET_FRACTION
+            if device.type == "cpu":
+                budget -= canvas_bytes(batch, height, width, caps.out_channels, upscaler.scale)
+            tile = choose_tile(height, width, batch, per_px, int(budget), caps.context)
+    return run_tiled(
+        rgb,
+        upscaler.upscale_window,
+        upscaler.scale,
+        tile=tile,
+        overlap=overlap,
+        context=caps.context,
+        device=device,
+        dtype=upscaler.dtype,
+        multiple=caps.size_multiple,
+        minimum=caps.min_size,
+        square=caps.square,
+        hooks=hooks,
+    )
+
+
+def upscale(
+    upscaler: Upscaler,
+    image: torch.Tensor,
+    scale: float | None = None,
+    *,
+    tile: int = 0,
+    overlap: int = DEFAULT_OVERLAP,
+    strict_scale: bool = False,
+    resample: str = "lanczos",
+    device: torch.device | None = None,
+    hooks: RunHooks | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """Upscale a ComfyUI IMAGE (B,H,W,C float) by `scale` (None/0 = native). Returns (image, receipt).
+
+    Scales other than the native one run the fewest native passes that reach it, then resample to
+    exactly round(H*s) x round(W*s). Alpha is resampled separately and re-attached.
+    """
+    started = time.perf_counter()
+    hooks = hooks or RunHooks()
+    check_image(image)
+    if tile < 0 or overlap < 0:
+        raise UpscalerError(f"tile and overlap must be >= 0 (tile 0 = auto); got tile={tile}, overlap={overlap}")
+    caps = upscaler.capabilities
+    splan = plan_scale(caps, scale, strict_scale, upscaler.source.file)
+    module = upscaler.module()
+    device = device or _device_of(module)
+    if _device_of(module) != device:
+        module.to(device)
+
+    batch, height, width, channels = image.shape
+    alpha = image[..., 3:] if channels == 4 else None
+    rgb = image[..., :3] if channels >= 3 else image.expand(-1, -1, -1, 3)
+    if caps.in_channels == 1:
+        rgb = rgb.mean(dim=-1, keepdim=True)
+    elif caps.in_channels != 3:
+        raise UpscalerError(f"{upscaler.source.file} takes {caps.in_channels}-channel input; only 1- and 3-channel models are supported")
+
+    passes, retries = [], []
+    out = rgb
+    for _ in range(splan.passes):
+        result = _one_pass(upscaler, out, tile, overlap, device, hooks)
+        out = result.image
+        passes.append(result.plan.describe())
+        retries.extend(result.retries)
+    if out.shape[-1] == 1:
+        out = out.expand(-1, -1, -1, 3)
+    out_h, out_w = target_size(height, width, splan.requested)
+    out = resize(out, out_h, out_w, resample)
+    if alpha is not None:
+        out = torch.cat([out, resize(alpha, out_h, out_w, "bicubic")], dim=-1)
+
+    receipt = {
+        "impl": caps.impl,
+        "model": upscaler.source.describe(),
+        "native_scale": splan.native,
+        "requested_scale": splan.requested,
+        "passes": splan.passes,
+        "resampled": {"from_scale": splan.reached, "method": resample} if splan.resample else None,
+        "input_size": [width, height],
+        "output_size": [out_w, out_h],
+        "batch": batch,
+        "alpha": "resampled separately (bicubic)" if alpha is not None else None,
+        "dtype": dtype_name(upscaler.dtype),
+        "device": str(device),
+        "tile_plan": passes[0] if len(passes) == 1 else passes,
+        "retries": retries,
+        "fallbacks": [],
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    return out, receipt
