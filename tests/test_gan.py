@@ -283,4 +283,7 @@ def test_bf16_runs_close_to_fp32():
     a, _ = upscale(fp32, image)
     b, receipt = upscale(bf16, image)
     assert receipt["dtype"] == "bf16"
+    from dreamforge_upscale.upscalers.dtypes import cpu_bf16_accelerated
+
+    assert ("notes" in receipt) == (not cpu_bf16_accelerated())  # says when bf16 is only emulated
     assert (a - b).abs().mean() <= 2 / 255

@@ -8,7 +8,7 @@ import torch
 from ..tiling import RunHooks, choose_tile, free_bytes, resize, run_tiled, target_size
 from ..tiling.memory import BUDGET_FRACTION, canvas_bytes
 from .base import Upscaler, UpscalerError
-from .dtypes import dtype_name
+from .dtypes import cpu_bf16_accelerated, dtype_name
 from .registry import plan_scale
 
 DEFAULT_OVERLAP = 16  # input px of feathered overlap; the model's context comes on top of it
@@ -140,4 +140,6 @@ def upscale(
         "fallbacks": [],
         "seconds": round(time.perf_counter() - started, 3),
     }
+    if upscaler.dtype == torch.bfloat16 and device.type == "cpu" and not cpu_bf16_accelerated():
+        receipt["notes"] = ["bf16 is emulated on this CPU (no AVX512-BF16/AMX) and runs slower than fp32"]
     return out, receipt
