@@ -17,9 +17,9 @@ image = torch.rand(1, 768, 768, 3)
 upscale(model, torch.rand(1, 8, 8, 3))  # warm up threads and the allocator before the limit
 data = int(re.search(r"VmData:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 limits = resource.getrlimit(resource.RLIMIT_DATA)
-resource.setrlimit(resource.RLIMIT_DATA, (data + 200 * 2**20, limits[1]))
-# The host claims plenty of free memory, so auto picks one untiled pass: ~330 MB of activations
-# that the 200 MB limit refuses. The tiler must catch the allocation failure and shrink.
+resource.setrlimit(resource.RLIMIT_DATA, (data + 300 * 2**20, limits[1]))
+# The host claims plenty of free memory, so auto picks one untiled pass: ~330 MB of activations plus
+# the 113 MB output, which the 300 MB limit refuses. The tiler must catch the failure and shrink.
 out, receipt = upscale(model, image, hooks=RunHooks(free_bytes=lambda device: 10**12))
 resource.setrlimit(resource.RLIMIT_DATA, limits)  # checking the output needs memory of its own
 print(json.dumps({"shape": list(out.shape), "finite": bool(torch.isfinite(out).all()), "receipt": receipt}))

@@ -50,7 +50,7 @@ class Upscaler(Protocol):
 
     capabilities: Capabilities
     source: ModelSource
-    dtype: torch.dtype
+    dtype: torch.dtype  # compute dtype
 
     @property
     def scale(self) -> int: ...
@@ -59,4 +59,4 @@ class Upscaler(Protocol):
         """The torch module holding the weights (what a memory manager loads and offloads)."""
 
     def upscale_window(self, x: torch.Tensor) -> torch.Tensor:
-        """x: B,C,h,w in 0..1, already on the weights' device and in `dtype` -> B,C,h*s,w*s in 0..1."""
+        """x: B,C,h,w in 0..1 on the weights' device (any float dtype) -> B,C,h*s,w*s in 0..1."""
