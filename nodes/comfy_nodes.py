@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from spandrel import ImageModelDescriptor
@@ -19,7 +21,9 @@ import folder_paths
 
 from ..tiling import RunHooks
 from ..upscalers import DEFAULT_OVERLAP, IMPLS, GANUpscaler, Upscaler, UpscalerError, resolve_load_impl, upscale
+from ..upscalers import discovery
 from ..upscalers.assets import BUNDLED_DIR
+from ..upscalers.catalog import FOLDERS as ASSET_FOLDERS
 from ..upscalers.dtypes import DTYPE_NAMES
 from ..tiling.resample import METHODS as RESAMPLE_METHODS
 from ..zoom import COLOR_FIX_METHODS, color_fix
@@ -29,6 +33,26 @@ log = logging.getLogger("dreamforge_upscale")
 
 # The bundled Compact model shows up in every upscale-model list (ours and ComfyUI's own loader).
 folder_paths.add_model_folder_path("upscale_models", str(BUNDLED_DIR))
+# What `assets prefetch` installed outside ComfyUI (DF_MODELS_ROOT or ~/.cache/dreamforge-upscale/models),
+# after ComfyUI's own folders (the prompt-model folder "LLM" is registered in the zoom section below).
+for _kind in ASSET_FOLDERS:
+    folder_paths.add_model_folder_path(_kind, str(discovery.models_root() / _kind))
+
+
+def _asset_locations(strict: bool = True) -> discovery.Locations:
+    """Model discovery over ComfyUI's folder lists (extra_model_paths.yaml included) + DF_LOCAL_MIRROR."""
+    def folders(kind: str) -> list[Path]:
+        known = kind in folder_paths.folder_names_and_paths
+        return [Path(p) for p in folder_paths.get_folder_paths(kind)] if known else []
+
+    try:
+        mirror = discovery.mirror_dir()
+    except UpscalerError:
+        if strict:
+            raise
+        log.warning("DreamForge: %s=%r is not a folder; ignored", discovery.ENV_MIRROR, os.environ.get(discovery.ENV_MIRROR))
+        mirror = None
+    return discovery.Locations(folders, mirror)
 
 
 @dataclass(frozen=True)
@@ -117,8 +141,10 @@ class LoadUpscaler:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model_name": (folder_paths.get_filename_list("upscale_models"),
-                           {"tooltip": "A file in models/upscale_models (.pth/.safetensors)."}),
+            "model_name": (discovery.model_names("upscale_models", _asset_locations(strict=False),
+                                                 folder_paths.get_filename_list("upscale_models")),
+                           {"tooltip": "A file in models/upscale_models (.pth/.safetensors), the local mirror "
+                                       "(DF_LOCAL_MIRROR) or the runtime cache."}),
             "impl": (list(IMPLS), {"default": "auto",
                                    "tooltip": "auto/gan: GAN upscaler. diffusion: Stable Diffusion x4 (later release)."}),
             "dtype": (["auto", *DTYPE_NAMES], {"default": "auto",
@@ -128,7 +154,7 @@ class LoadUpscaler:
 
     def load(self, model_name, impl, dtype):
         resolve_load_impl(impl)
-        path = folder_paths.get_full_path_or_raise("upscale_models", model_name)
+        path = discovery.locate(model_name, "upscale_models", _asset_locations()).path  # mirror > folders > cache
         upscaler = GANUpscaler.load(path, dtype=dtype, device=mm.get_torch_device())
         patcher = _patcher_for(upscaler.module())
         upscaler.descriptor.patcher = patcher  # newer ComfyUI's ImageUpscaleWithModel uses it
@@ -212,3 +238,351 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DreamForgeTiledUpscale": "Tiled Upscale (DreamForge)",
     "DreamForgeColorFix": "Color Fix (DreamForge)",
 }
+
+
+# =============================================================================================
+# Chain-of-Zoom (issue 4): Step, Loop, full-image Upscale, Load Prompt Model, Prompt-from-Image.
+# Backends: zoom/chain.py, zoom/full_image.py, zoom/prompts.py, zoom/vlm.py.
+# =============================================================================================
+import dataclasses  # noqa: E402
+
+from ..zoom import (  # noqa: E402
+    COLOR_FIX_CHOICES, DEFAULT_MAX_SIDE, DEFAULT_PROCESS_SIZE, MODES as ZOOM_MODES, ZoomSettings, derive_seed,
+    make_prompt, to_pil, zoom_loop, zoom_step, zoom_upscale,
+)
+from ..zoom.geometry import from_pil  # noqa: E402
+
+ZOOM_CATEGORY = "DreamForge/zoom"
+PROMPT_MODEL_FOLDER = "LLM"  # ComfyUI/models/LLM: the community's folder for language / vision-language models
+PREVIEW_MAX_SIDE = 512
+# models/LLM is not a folder ComfyUI 0.3.75 knows: register it (extra_model_paths.yaml may add more roots).
+folder_paths.add_model_folder_path(PROMPT_MODEL_FOLDER, os.path.join(folder_paths.models_dir, PROMPT_MODEL_FOLDER))
+
+
+def _prompt_model_names() -> list[str]:
+    """Sub-folders of models/LLM (one or two levels deep) holding a transformers config.json."""
+    names = set()
+    for root in folder_paths.get_folder_paths(PROMPT_MODEL_FOLDER):
+        base = Path(root)
+        if base.is_dir():
+            for pattern in ("*/config.json", "*/*/config.json"):
+                names.update(p.parent.relative_to(base).as_posix() for p in base.glob(pattern))
+    return sorted(names)
+
+
+def _prompt_model_path(name: str) -> Path:
+    relative = Path(name)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise UpscalerError(f"model_name must be a folder inside models/{PROMPT_MODEL_FOLDER}; got {name!r}")
+    for root in folder_paths.get_folder_paths(PROMPT_MODEL_FOLDER):
+        path = Path(root) / relative
+        if (path / "config.json").is_file():  # symlinked model folders are fine
+            return path
+    raise UpscalerError(
+        f"prompt model {name!r} not found: put the model folder (config.json, weights, processor files) in "
+        f"models/{PROMPT_MODEL_FOLDER}/ and refresh"
+    )
+
+
+class _PromptModelHolder(torch.nn.Module):
+    """Gives ComfyUI's memory manager one module to load and offload."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+
+@dataclass(frozen=True)
+class PromptModelHandle:
+    """What flows on a PROMPT_MODEL link: the provider plus its registration with the memory manager."""
+
+    provider: object  # zoom.vlm.VLMPromptProvider
+    patcher: comfy.model_patcher.ModelPatcher
+
+    @property
+    def name(self) -> str:
+        return self.provider.name
+
+    def describe(self, images, instruction, *, seed=None, check_interrupt=None, **generation):
+        mm.load_models_gpu([self.patcher], force_full_load=True)
+        return self.provider.describe(images, instruction, seed=seed, check_interrupt=check_interrupt, **generation)
+
+
+def _as_prompt_model(value) -> PromptModelHandle | None:
+    if value is None or isinstance(value, PromptModelHandle):
+        return value
+    raise UpscalerError(f"prompt_model must come from 'Load Prompt Model (DreamForge)'; got {type(value).__name__}")
+
+
+def _preview(image) -> tuple:
+    """The preview tuple ComfyUI 0.3.75's progress hook sends: (format, PIL image, max side)."""
+    pil = image if not isinstance(image, torch.Tensor) else to_pil(image[:1])
+    if max(pil.size) > 2 * PREVIEW_MAX_SIDE:
+        pil = pil.copy()
+        pil.thumbnail((2 * PREVIEW_MAX_SIDE, 2 * PREVIEW_MAX_SIDE))
+    return ("JPEG", pil, min(PREVIEW_MAX_SIDE, max(pil.size)))  # the server's ImageOps.contain would also enlarge
+
+
+def _zoom_inputs() -> dict:
+    return {
+        "mode": (list(ZOOM_MODES), {"default": "recursive_multiscale",
+                                    "tooltip": "recursive: zoom into the previous state, prompt from the zoomed view. "
+                                               "recursive_multiscale: same, prompt from the previous state + the view. "
+                                               "onestep: one SR call from x0 per state. nearest/bicubic: baselines, no model."}),
+        "process_size": ("INT", {"default": DEFAULT_PROCESS_SIZE, "min": 64, "max": 4096, "step": 8,
+                                 "tooltip": "Side of every scale-state (the input's short side is resized to it, "
+                                            "then centre-cropped). Multiple of 8."}),
+        "prompt": ("STRING", {"default": "", "multiline": True,
+                              "tooltip": "Your prompt. With a prompt model the prompt is '{generated}, {yours},'."}),
+        "color_fix": (list(COLOR_FIX_CHOICES), {"default": "wavelet",
+                                                "tooltip": "Colour fix of every state against its bicubic view "
+                                                           "(the published code defaults to none)."}),
+        "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                         "tooltip": "Each step derives its own seed from this (for diffusion upscalers and sampling "
+                                    "prompt models)."}),
+        "tile": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8,
+                         "tooltip": "Tile side for the upscaler in input pixels; 0 = auto."}),
+    }
+
+
+def _settings(handle: UpscalerHandle | None, mode, process_size, prompt, color_fix, seed, tile, prompt_model,
+              progress: bool = False) -> ZoomSettings:
+    hooks = _hooks(handle.patcher) if handle else RunHooks(check_interrupt=mm.throw_exception_if_processing_interrupted)
+    if not progress:
+        hooks = dataclasses.replace(hooks, progress=None)  # the node reports per step instead of per tile
+    return ZoomSettings(mode=mode, process_size=process_size, user_prompt=prompt, provider=_as_prompt_model(prompt_model),
+                        color_fix=color_fix, seed=seed, tile=tile, device=mm.get_torch_device(), hooks=hooks)
+
+
+class ChainOfZoomStep:
+    DESCRIPTION = ("One Chain-of-Zoom scale-state transition: x_(n-1) -> x_n (4x deeper into the centre). Chain "
+                   "Step nodes with step 1, 2, 3... to reproduce the Loop; onestep/nearest/bicubic also need x0 as origin.")
+    CATEGORY = ZOOM_CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("IMAGE", "STRING", "STRING")
+    RETURN_NAMES = ("state", "prompt", "receipt")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "state": ("IMAGE", {"tooltip": "The previous scale-state x_(n-1) (for step 1: any image; it is "
+                                               "prepared to process_size)."}),
+                "upscaler": ("UPSCALER,UPSCALE_MODEL", {"tooltip": "A 4x upscaler (SD x4 or a 4x GAN)."}),
+                "step": ("INT", {"default": 1, "min": 1, "max": 8,
+                                 "tooltip": "n: this node makes x_n (4**n times x0). Selects the seed, and the crop for "
+                                            "onestep/nearest/bicubic."}),
+                **_zoom_inputs(),
+            },
+            "optional": {
+                "origin": ("IMAGE", {"tooltip": "x0, for onestep/nearest/bicubic (they crop x0 at every step)."}),
+                "prompt_model": ("PROMPT_MODEL", {"tooltip": "Describes each view (Load Prompt Model)."}),
+            },
+        }
+
+    def run(self, state, upscaler, step, mode, process_size, prompt, color_fix, seed, tile, origin=None,
+            prompt_model=None):
+        handle = _as_handle(upscaler)
+        settings = _settings(handle, mode, process_size, prompt, color_fix, seed, tile, prompt_model)
+        if origin is not None and origin.shape[0] not in (1, state.shape[0]):
+            raise UpscalerError(f"origin has {origin.shape[0]} images; connect 1 or as many as state ({state.shape[0]})")
+        bar = comfy.utils.ProgressBar(state.shape[0])
+        states, prompts, receipts = [], [], []
+        for i in range(state.shape[0]):
+            x0 = None if origin is None else to_pil(origin[min(i, origin.shape[0] - 1)])
+            result = zoom_step(handle.upscaler, to_pil(state[i]), step, settings, origin=x0, index=i)
+            states.append(from_pil(result.state))
+            prompts.append(result.prompt)
+            receipts.append(result.receipt)
+            bar.update_absolute(i + 1, state.shape[0], preview=_preview(result.state))
+        receipt = receipts[0] if len(receipts) == 1 else {"batch": receipts}
+        return (torch.cat(states).to(mm.intermediate_device()), "\n".join(prompts), json.dumps(receipt, indent=1))
+
+
+class ChainOfZoomLoop:
+    DESCRIPTION = ("Chain-of-Zoom extreme zoom: the image's centre enlarged 4x per step by the same 4x upscaler, a "
+                   "prompt per scale-state. Returns every state (x0 = 1x, x1 = 4x, x2 = 16x...) as one batch.")
+    CATEGORY = ZOOM_CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("IMAGE", "STRING", "STRING")
+    RETURN_NAMES = ("states", "prompts", "receipt")
+    OUTPUT_TOOLTIPS = ("x0..x_steps of each input image, in that order.", "One line per step.", "JSON receipt.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "image": ("IMAGE",),
+                "upscaler": ("UPSCALER,UPSCALE_MODEL", {"tooltip": "A 4x upscaler (SD x4 or a 4x GAN)."}),
+                "steps": ("INT", {"default": 4, "min": 1, "max": 8, "tooltip": "Scale-states after x0 (4**steps zoom)."}),
+                **_zoom_inputs(),
+            },
+            "optional": {
+                "prompt_model": ("PROMPT_MODEL", {"tooltip": "Describes each view (Load Prompt Model)."}),
+            },
+        }
+
+    def run(self, image, upscaler, steps, mode, process_size, prompt, color_fix, seed, tile, prompt_model=None):
+        handle = _as_handle(upscaler)
+        settings = _settings(handle, mode, process_size, prompt, color_fix, seed, tile, prompt_model)
+        total = image.shape[0] * steps
+        bar = comfy.utils.ProgressBar(total)
+
+        def on_state(index, n, state):
+            bar.update_absolute(index * steps + n, total, preview=_preview(state))
+
+        result = zoom_loop(handle.upscaler, image, steps, settings, on_state=on_state)
+        prompts = "\n".join(p for per_image in result.prompts for p in per_image)
+        return (result.tensor().to(mm.intermediate_device()), prompts, json.dumps(result.receipt, indent=1))
+
+
+class ChainOfZoomUpscale:
+    DESCRIPTION = ("Chain-of-Zoom for the whole image at any scale (e.g. 2.5, 16): 4x passes of the tiled upscaler "
+                   "with a prompt each (per tile with a prompt model), a colour fix per pass, then an exact resize to "
+                   "round(W*scale) x round(H*scale).")
+    CATEGORY = ZOOM_CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("IMAGE", "STRING")
+    RETURN_NAMES = ("image", "receipt")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        inputs = _zoom_inputs()
+        return {
+            "required": {
+                "image": ("IMAGE",),
+                "upscaler": ("UPSCALER,UPSCALE_MODEL", {"tooltip": "A 4x upscaler (SD x4 or a 4x GAN)."}),
+                "scale": ("FLOAT", {"default": 4.0, "min": 1.0, "max": 256.0, "step": 0.05,
+                                    "tooltip": "Output / input size. ceil(log4 scale) 4x passes, then an exact resize."}),
+                "prompt": inputs["prompt"],
+                "color_fix": (inputs["color_fix"][0], {"default": "wavelet",
+                                                       "tooltip": "Per pass, against that pass's input."}),
+                "seed": inputs["seed"],
+                **_tiling_inputs(),
+                "max_side": ("INT", {"default": DEFAULT_MAX_SIDE, "min": 64, "max": 65536, "step": 64,
+                                     "tooltip": "Refuse (before any work) outputs whose longer side exceeds this."}),
+                "tile_prompts": ("BOOLEAN", {"default": True,
+                                             "tooltip": "With a prompt model: a prompt per tile (whole image + tile, "
+                                                        "multi-scale instruction); off: one prompt per pass."}),
+            },
+            "optional": {
+                "prompt_model": ("PROMPT_MODEL", {"tooltip": "Describes the image / each tile (Load Prompt Model)."}),
+            },
+        }
+
+    def run(self, image, upscaler, scale, prompt, color_fix, seed, tile, overlap, resample, max_side, tile_prompts,
+            prompt_model=None):
+        handle = _as_handle(upscaler)
+        previews = {}
+
+        def on_pass(p, total, current):
+            bar = previews.setdefault(total, comfy.utils.ProgressBar(total))
+            bar.update_absolute(p, total, preview=_preview(current))
+
+        out, receipt = zoom_upscale(
+            handle.upscaler, image, scale, user_prompt=prompt, provider=_as_prompt_model(prompt_model),
+            tile_prompts=tile_prompts, color_fix=color_fix, seed=seed, tile=tile, overlap=overlap, resample=resample,
+            max_side=max_side, device=mm.get_torch_device(), hooks=_hooks(handle.patcher), on_pass=on_pass,
+        )
+        return (out.to(mm.intermediate_device()), json.dumps(receipt, indent=1))
+
+
+class LoadPromptModel:
+    DESCRIPTION = (f"Loads a vision-language model (transformers image-text-to-text, e.g. Qwen2.5-VL-3B-Instruct) from "
+                   f"models/{PROMPT_MODEL_FOLDER}/<folder> to describe images for Chain-of-Zoom. Nothing is downloaded.")
+    CATEGORY = ZOOM_CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("PROMPT_MODEL",)
+    RETURN_NAMES = ("prompt_model",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model_name": (_prompt_model_names(), {"tooltip": f"A folder in models/{PROMPT_MODEL_FOLDER} with config.json, "
+                                                              "weights and processor files."}),
+            "dtype": (["auto", "fp32", "fp16", "bf16"], {"default": "auto",
+                                                         "tooltip": "auto: bf16 (or fp16) on CUDA, fp32 on CPU."}),
+            "max_new_tokens": ("INT", {"default": 32, "min": 1, "max": 1024,
+                                       "tooltip": "Longest description in tokens (published: 32)."}),
+            "temperature": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 2.0, "step": 0.05,
+                                      "tooltip": "0 = greedy, deterministic; above 0 samples with the step's seed."}),
+        }}
+
+    def load(self, model_name, dtype, max_new_tokens, temperature):
+        from ..zoom.vlm import VLMPromptProvider, pick_dtype
+
+        path = _prompt_model_path(model_name)
+        provider = VLMPromptProvider.load(path, dtype=pick_dtype(dtype, mm.get_torch_device()),
+                                          device=mm.unet_offload_device(), max_new_tokens=max_new_tokens,
+                                          temperature=temperature)
+        holder = _PromptModelHolder(provider.module())
+        patcher = comfy.model_patcher.ModelPatcher(holder, load_device=mm.get_torch_device(),
+                                                   offload_device=mm.unet_offload_device(),
+                                                   size=mm.module_size(holder))
+        return (PromptModelHandle(provider, patcher),)
+
+
+class PromptFromImage:
+    DESCRIPTION = ("Describes an image with a prompt model, as Chain-of-Zoom does: one image with 'What is in this "
+                   "image? Give me a set of words.', or a context image plus its zoom-in with the two-image instruction.")
+    CATEGORY = ZOOM_CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("text",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "prompt_model": ("PROMPT_MODEL",),
+                "image": ("IMAGE", {"tooltip": "The image (or, with 'zoom', the context it was zoomed from)."}),
+                "max_new_tokens": ("INT", {"default": 32, "min": 1, "max": 1024}),
+                "temperature": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 2.0, "step": 0.05,
+                                          "tooltip": "0 = greedy, deterministic."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
+            },
+            "optional": {
+                "zoom": ("IMAGE", {"tooltip": "A zoom-in of 'image': the two-image (multi-scale) instruction is used."}),
+            },
+        }
+
+    def run(self, prompt_model, image, max_new_tokens, temperature, seed, zoom=None):
+        handle = _as_prompt_model(prompt_model)
+        if handle is None:
+            raise UpscalerError("prompt_model is required: connect 'Load Prompt Model (DreamForge)'")
+        if zoom is not None and zoom.shape[0] not in (1, image.shape[0]):
+            raise UpscalerError(f"zoom has {zoom.shape[0]} images; connect 1 or as many as image ({image.shape[0]})")
+        texts = []
+        for i in range(image.shape[0]):
+            images = [to_pil(image[i])]
+            if zoom is not None:
+                images.append(to_pil(zoom[min(i, zoom.shape[0] - 1)]))
+            text, _ = make_prompt(
+                _Generation(handle, max_new_tokens, temperature), images, "", seed=derive_seed(seed, i),
+                check_interrupt=mm.throw_exception_if_processing_interrupted,
+            )
+            texts.append(text)
+        return ("\n".join(texts),)
+
+
+class _Generation:
+    """A prompt model with this node's generation settings (the loader's stay the default elsewhere)."""
+
+    def __init__(self, handle: PromptModelHandle, max_new_tokens: int, temperature: float):
+        self.handle, self.max_new_tokens, self.temperature = handle, max_new_tokens, temperature
+        self.name = handle.name
+
+    def describe(self, images, instruction, *, seed=None, check_interrupt=None):
+        return self.handle.describe(images, instruction, seed=seed, check_interrupt=check_interrupt,
+                                    max_new_tokens=self.max_new_tokens, temperature=self.temperature)
+
+
+_ZOOM_NODES = {
+    "DreamForgeCoZStep": (ChainOfZoomStep, "Chain-of-Zoom Step (DreamForge)"),
+    "DreamForgeCoZLoop": (ChainOfZoomLoop, "Chain-of-Zoom Loop (DreamForge)"),
+    "DreamForgeCoZUpscale": (ChainOfZoomUpscale, "Chain-of-Zoom Upscale (DreamForge)"),
+    "DreamForgeLoadPromptModel": (LoadPromptModel, "Load Prompt Model (DreamForge)"),
+    "DreamForgePromptFromImage": (PromptFromImage, "Prompt from Image (DreamForge)"),
+}
+NODE_CLASS_MAPPINGS.update({key: cls for key, (cls, _) in _ZOOM_NODES.items()})
+NODE_DISPLAY_NAME_MAPPINGS.update({key: name for key, (_, name) in _ZOOM_NODES.items()})

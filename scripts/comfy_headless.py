@@ -90,6 +90,7 @@ class ComfyServer:
         port: int | None = None,
         python: str | None = None,
         extra_args: Iterable[str] = (),
+        env: Mapping[str, str] | None = None,
     ):
         self._own_base = base_dir is None
         self.base = Path(base_dir or tempfile.mkdtemp(prefix="dreamforge-comfy-")).resolve()
@@ -100,7 +101,8 @@ class ComfyServer:
         self.extra_nodes = dict(extra_nodes or {})
         self.port = port or free_port()
         self.python = python or sys.executable
-        self.extra_args = list(extra_args)
+        self.extra_args = list(extra_args)  # e.g. ["--extra-model-paths-config", "extra_model_paths.yaml"]
+        self.env = dict(env or {})  # environment of the ComfyUI process, over os.environ
         self.url = f"http://127.0.0.1:{self.port}"
         self.client_id = uuid.uuid4().hex
         self.proc: subprocess.Popen | None = None
@@ -174,7 +176,7 @@ class ComfyServer:
         if self.proc is not None:
             return self
         self._log_fh = open(self.log_path, "ab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
         started = time.monotonic()
         self.proc = subprocess.Popen(
             self.command(), cwd=self.comfy_dir, stdout=self._log_fh, stderr=subprocess.STDOUT,
@@ -381,6 +383,7 @@ class WsListener:
     def __init__(self, url: str):
         self.url = url
         self.events: list[dict] = []
+        self.binary: list[bytes] = []  # binary frames (previews: 4-byte event type, then the payload)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._connected = threading.Event()
@@ -410,6 +413,9 @@ class WsListener:
                         if msg.type == aiohttp.WSMsgType.TEXT:
                             with self._lock:
                                 self.events.append(json.loads(msg.data))
+                        elif msg.type == aiohttp.WSMsgType.BINARY:
+                            with self._lock:
+                                self.binary.append(bytes(msg.data))
                         elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
                             break
 

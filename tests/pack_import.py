@@ -1,23 +1,14 @@
-"""Make the pack's backends importable as `dreamforge_upscale.<subpackage>` without ComfyUI.
+"""The tests' handle on scripts/pack_import.py (one implementation, shared with the command line).
 
-The repo root's __init__.py registers the ComfyUI nodes (and so imports comfy); the backends must
-not need it. A namespace package whose entries link to the real subpackages gives tests and tools
-the same relative-import layout ComfyUI sees, minus the root __init__.
+conftest.py and subprocesses (test_oom_real.py) do `import pack_import; pack_import.install()`
+with tests/ on sys.path.
 """
-import os
-import sys
-import tempfile
+import importlib.util
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-BACKENDS = ("tiling", "upscalers", "zoom")
+_spec = importlib.util.spec_from_file_location(
+    "dreamforge_pack_import", Path(__file__).resolve().parents[1] / "scripts" / "pack_import.py")
+_impl = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_impl)
 
-
-def install(name: str = "dreamforge_upscale") -> Path:
-    root = Path(tempfile.mkdtemp(prefix="df-pkg-"))
-    pkg = root / name
-    pkg.mkdir()
-    for sub in BACKENDS:
-        os.symlink(REPO / sub, pkg / sub)
-    sys.path.insert(0, str(root))
-    return root
+REPO, BACKENDS, install = _impl.REPO, _impl.BACKENDS, _impl.install

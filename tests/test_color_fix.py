@@ -84,3 +84,15 @@ def test_rgba_and_batches():
         color_fix(image, ref, "histogram")
     with pytest.raises(ValueError, match="non-empty"):
         color_fix(torch.zeros(1, 0, 4, 3), ref, "adain")
+
+
+def test_large_images_run_plane_by_plane_with_the_same_result(monkeypatch):
+    import importlib
+
+    module = importlib.import_module("dreamforge_upscale.zoom.color_fix")  # the module, not the function
+
+    image, ref = real_pair()
+    whole = color_fix(image.repeat(2, 1, 1, 1), ref, "wavelet")
+    monkeypatch.setattr(module, "PLANE_WISE_ABOVE", 0)  # force the memory-saving path
+    planes = color_fix(image.repeat(2, 1, 1, 1), ref, "wavelet")
+    assert torch.allclose(whole, planes, atol=1e-6)

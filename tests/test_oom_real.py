@@ -13,13 +13,13 @@ from dreamforge_upscale.upscalers import GANUpscaler, upscale
 from dreamforge_upscale.upscalers.assets import bundled_model_path
 model = GANUpscaler.load(bundled_model_path())
 torch.manual_seed(0)
-image = torch.rand(1, 768, 768, 3)
+image = torch.rand(1, 1024, 1024, 3)
 upscale(model, torch.rand(1, 8, 8, 3))  # warm up threads and the allocator before the limit
 data = int(re.search(r"VmData:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 limits = resource.getrlimit(resource.RLIMIT_DATA)
-resource.setrlimit(resource.RLIMIT_DATA, (data + 300 * 2**20, limits[1]))
-# The host claims plenty of free memory, so auto picks one untiled pass: ~330 MB of activations plus
-# the 113 MB output, which the 300 MB limit refuses. The tiler must catch the failure and shrink.
+resource.setrlimit(resource.RLIMIT_DATA, (data + 350 * 2**20, limits[1]))
+# The host claims plenty of free memory, so auto picks one untiled pass: ~580 MB of activations plus
+# the 200 MB output, which the 350 MB limit refuses. The tiler must catch the failure and shrink.
 out, receipt = upscale(model, image, hooks=RunHooks(free_bytes=lambda device: 10**12))
 resource.setrlimit(resource.RLIMIT_DATA, limits)  # checking the output needs memory of its own
 print(json.dumps({"shape": list(out.shape), "finite": bool(torch.isfinite(out).all()), "receipt": receipt}))
@@ -31,7 +31,7 @@ def test_cpu_allocation_failure_halves_tile_and_completes():
     proc = subprocess.run([sys.executable, "-c", CHILD, tests_dir], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["shape"] == [1, 3072, 3072, 3] and result["finite"]
+    assert result["shape"] == [1, 4096, 4096, 3] and result["finite"]
     retries = result["receipt"]["retries"]
-    assert retries and retries[0] == {"event": "out_of_memory", "tile": 768, "retry_tile": 384}
+    assert retries and retries[0] == {"event": "out_of_memory", "tile": 1024, "retry_tile": 512}
     assert result["receipt"]["tile_plan"]["count"] > 1

@@ -30,6 +30,7 @@ class RunHooks:
     oom_errors: tuple[type[BaseException], ...] = ()  # extra exception types meaning out-of-memory
     free_bytes: Callable[[torch.device], int] | None = None  # free memory as the host manager sees it
     prepare: Callable[[int], None] | None = None  # make room for N bytes of activations (load the model)
+    tile_start: Callable[[TilePlan, int, int], None] | None = None  # (plan, row, col) before each tile runs
 
 
 @dataclass
@@ -68,6 +69,8 @@ def run_plan(image: torch.Tensor, fn: TileFn, scale: int, plan: TilePlan, device
     for done, (r, c) in enumerate(plan.tiles()):
         if hooks.check_interrupt:
             hooks.check_interrupt()
+        if hooks.tile_start:
+            hooks.tile_start(plan, r, c)
         window = _window(image, plan, r, c).permute(0, 3, 1, 2)  # BCHW view, channels_last strides
         x = window.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
         y = fn(x)
@@ -89,7 +92,7 @@ def run_plan(image: torch.Tensor, fn: TileFn, scale: int, plan: TilePlan, device
         if canvas is None:
             canvas = torch.zeros(batch, height * scale, width * scale, y.shape[1], dtype=torch.float32,
                                  device=image.device)
-        weight = torch.outer(row_w[r], col_w[c]).to(device=y.device, dtype=torch.float32)
+        weight = torch.outer(row_w[r].to(y.device, torch.float32), col_w[c].to(y.device, torch.float32))
         contribution = (core.float() * weight).permute(0, 2, 3, 1).to(image.device)
         y0, x0 = plan.rows.starts[r] * scale, plan.cols.starts[c] * scale
         canvas[:, y0 : y0 + th, x0 : x0 + tw, :] += contribution

@@ -11,6 +11,10 @@ class UpscalerError(ValueError):
     """A problem the user can fix; the message names the input and what was expected."""
 
 
+class AssetError(UpscalerError):
+    """A model asset problem (missing, unreachable, corrupted, bad manifest); the message names the fix."""
+
+
 @dataclass(frozen=True)
 class Capabilities:
     impl: str  # "gan" | "diffusion"
@@ -24,6 +28,7 @@ class Capabilities:
     bytes_per_pixel: float  # working memory (activations) per input pixel of one image, in fp32
     in_channels: int
     out_channels: int
+    takes_prompt: bool = False  # upscale_window accepts prompt= (text) and seed= keywords (diffusion backends)
 
 
 @dataclass(frozen=True)
@@ -33,10 +38,13 @@ class ModelSource:
     file: str  # file name (or a label when there is no file)
     sha256: str | None  # full hex digest, None when unknown
     architecture: str
+    provenance: dict | None = None  # from the file's .dreamforge.json sidecar (upscalers/provenance.py)
 
     def describe(self) -> dict:
         d = asdict(self)
         d["sha256"] = self.sha256[:12] if self.sha256 else None
+        if self.provenance is None:
+            del d["provenance"]
         return d
 
 
@@ -59,4 +67,8 @@ class Upscaler(Protocol):
         """The torch module holding the weights (what a memory manager loads and offloads)."""
 
     def upscale_window(self, x: torch.Tensor) -> torch.Tensor:
-        """x: B,C,h,w in 0..1 on the weights' device (any float dtype) -> B,C,h*s,w*s in 0..1."""
+        """x: B,C,h,w in 0..1 on the weights' device (any float dtype) -> B,C,h*s,w*s in 0..1.
+
+        When `capabilities.takes_prompt` is true it is called as upscale_window(x, prompt=str, seed=int|None)
+        (the text that conditions this window and the call's seed); other upscalers are called with x only.
+        """

@@ -10,6 +10,7 @@ from spandrel import ImageModelDescriptor, ModelLoader, ModelTiling, Unsupported
 from .base import Capabilities, ModelSource, UpscalerError
 from .dtypes import DTYPE_NAMES, dtype_name, select_dtype
 from .loading import SD_X4_MESSAGE, looks_like_sd_x4_state_dict, read_state_dict, sha256_of
+from .provenance import receipt_provenance
 
 # Input pixels of real context a tile needs for its centre to match an untiled pass, per spandrel
 # architecture id. Measured on real weights where we have them (tests/test_context.py re-measures
@@ -146,7 +147,8 @@ class GANUpscaler:
             ) from None
         device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         chosen = select_dtype(dtype, device, descriptor.supports_half, descriptor.supports_bfloat16)
-        source = ModelSource(path.name, sha256_of(path), descriptor.architecture.name)
+        sha = sha256_of(path)
+        source = ModelSource(path.name, sha, descriptor.architecture.name, receipt_provenance(path, sha))
         return cls(descriptor, source, chosen)
 
     def describe(self) -> dict:

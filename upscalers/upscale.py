@@ -1,7 +1,9 @@
 """One upscale request end to end: validate, plan scale, tiled native passes, exact resample, receipt."""
 from __future__ import annotations
 
+import dataclasses
 import time
+from typing import Callable, Union
 
 import torch
 
@@ -12,6 +14,9 @@ from .dtypes import cpu_bf16_accelerated, dtype_name
 from .registry import plan_scale
 
 DEFAULT_OVERLAP = 16  # input px of feathered overlap; the model's context comes on top of it
+# A prompt for the upscaler: one text for the whole image, or a function of a tile's window box
+# (left, top, right, bottom in input pixels of the pass) giving that tile's text.
+Prompt = Union[str, Callable[[tuple[int, int, int, int]], str], None]
 PREPARE_PIXELS = 1024 * 1024  # at most this much activation memory is asked of the manager up front
 
 
@@ -40,8 +45,37 @@ def _device_of(module: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _prompted(upscaler: Upscaler, prompt: Prompt, seed: int | None, hooks: RunHooks, record: list):
+    """The tile function and hooks that hand the prompt (fixed, or per tile) and the seed to the upscaler.
+
+    Upscalers without `capabilities.takes_prompt` (GANs) get x only; per-tile prompts are still made
+    and recorded (the receipt says the model ignored them).
+    """
+    current = {"prompt": prompt if isinstance(prompt, str) else None}
+    if callable(prompt):
+        outer = hooks.tile_start
+
+        def tile_start(plan, r, c):
+            if outer:
+                outer(plan, r, c)
+            if (r, c) == (0, 0):
+                record.clear()  # a new plan (first attempt, or a retry after out-of-memory)
+            x0, y0 = plan.cols.window_starts[c], plan.rows.window_starts[r]
+            box = (x0, y0, min(x0 + plan.cols.window, plan.cols.length), min(y0 + plan.rows.window, plan.rows.length))
+            current["prompt"] = text = prompt(box)
+            record.append({"tile": [r, c], "window": list(box), "prompt": text})
+
+        hooks = dataclasses.replace(hooks, tile_start=tile_start)
+    if getattr(upscaler.capabilities, "takes_prompt", False):
+        def fn(x):
+            return upscaler.upscale_window(x, prompt=current["prompt"], seed=seed)
+    else:
+        fn = upscaler.upscale_window
+    return fn, hooks
+
+
 def _one_pass(upscaler: Upscaler, rgb: torch.Tensor, tile: int, overlap: int, device: torch.device,
-              hooks: RunHooks):
+              hooks: RunHooks, fn=None):
     caps = upscaler.capabilities
     batch, height, width, _ = rgb.shape
     per_px = caps.bytes_per_pixel * torch.finfo(upscaler.dtype).bits / 32
@@ -57,7 +91,7 @@ def _one_pass(upscaler: Upscaler, rgb: torch.Tensor, tile: int, overlap: int, de
             tile = choose_tile(height, width, batch, per_px, int(budget), caps.context)
     return run_tiled(
         rgb,
-        upscaler.upscale_window,
+        fn or upscaler.upscale_window,
         upscaler.scale,
         tile=tile,
         overlap=overlap,
@@ -82,11 +116,15 @@ def upscale(
     resample: str = "lanczos",
     device: torch.device | None = None,
     hooks: RunHooks | None = None,
+    prompt: Prompt = None,
+    seed: int | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Upscale a ComfyUI IMAGE (B,H,W,C float) by `scale` (None/0 = native). Returns (image, receipt).
 
     Scales other than the native one run the fewest native passes that reach it, then resample to
     exactly round(H*s) x round(W*s). Alpha is resampled separately and re-attached.
+    `prompt` (text, or a function of a tile's window box giving that tile's text) and `seed` go to
+    upscalers that take them (`capabilities.takes_prompt`) and are recorded in the receipt either way.
     """
     started = time.perf_counter()
     hooks = hooks or RunHooks()
@@ -108,10 +146,13 @@ def upscale(
     elif caps.in_channels != 3:
         raise UpscalerError(f"{upscaler.source.file} takes {caps.in_channels}-channel input; only 1- and 3-channel models are supported")
 
-    passes, retries = [], []
+    passes, retries, tile_prompts = [], [], []
     out = rgb
     for _ in range(splan.passes):
-        result = _one_pass(upscaler, out, tile, overlap, device, hooks)
+        record: list = []
+        fn, pass_hooks = _prompted(upscaler, prompt, seed, hooks, record)
+        result = _one_pass(upscaler, out, tile, overlap, device, pass_hooks, fn)
+        tile_prompts.append(record)
         out = result.image
         passes.append(result.plan.describe())
         retries.extend(result.retries)
@@ -140,6 +181,13 @@ def upscale(
         "fallbacks": [],
         "seconds": round(time.perf_counter() - started, 3),
     }
+    if prompt is not None or seed is not None:
+        if callable(prompt):
+            receipt["prompt"] = {"per_tile": tile_prompts[0] if len(tile_prompts) == 1 else tile_prompts}
+        else:
+            receipt["prompt"] = prompt
+        receipt["prompt_used"] = bool(getattr(caps, "takes_prompt", False))
+        receipt["seed"] = seed
     if upscaler.dtype == torch.bfloat16 and device.type == "cpu" and not cpu_bf16_accelerated():
         receipt["notes"] = ["bf16 is emulated on this CPU (no AVX512-BF16/AMX) and runs slower than fp32"]
     return out, receipt

@@ -1,0 +1,213 @@
+"""Chain-of-Zoom: one scale-state transition (`zoom_step`) and the loop built from it (`zoom_loop`).
+
+Published algorithm (../shared/reference/chain_of_zoom.md), per image:
+  x0 = prepare(image): short side to process_size (LANCZOS, int() sizes), centre crop w x w.
+  step n (makes x_n from x_{n-1}; w = process_size):
+    recursive / recursive_multiscale: crop the centre w/4 of x_{n-1}
+    onestep / nearest / bicubic:       crop the centre w/4**n of x0
+    nearest / bicubic: x_n = that crop resized to w x w (NEAREST / BICUBIC); no model, no prompt.
+    otherwise the SR model enlarges the crop by 4 to w x w (onestep: the crop BICUBIC-resized to w/4
+    first), with a prompt made from the bicubic view (the crop BICUBIC-resized to w x w) - or, in
+    recursive_multiscale, from two images: x_{n-1} and that view - and the output is colour-fixed
+    against the bicubic view.
+
+The reference's SR model takes the bicubic view itself (a same-size one-step diffusion model); a 4x
+upscaler (SD x4, a 4x GAN) takes the crop it would have been resized from and lands on the same w x w.
+Loop == Step chained: the loop calls zoom_step for n = 1..steps, nothing else.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..tiling import RunHooks
+from ..upscalers.base import Upscaler, UpscalerError
+from ..upscalers.upscale import DEFAULT_OVERLAP, check_image, upscale
+from .color_fix import METHODS as FIX_METHODS, color_fix as apply_color_fix
+from .geometry import (
+    DEFAULT_PROCESS_SIZE, RECURSIVE_MODES, SR_MODES, ZOOM, check_mode, check_process_size, check_step,
+    from_pil, prepare, step_factor, to_pil, zoom_crop,
+)
+from .prompts import PromptProvider, make_prompt
+
+COLOR_FIX_CHOICES = (*FIX_METHODS, "none")
+
+
+def derive_seed(seed: int, *path: int) -> int:
+    """A 63-bit seed for one unit of work (step, image, pass...) from the user's seed: stable, well mixed."""
+    if not isinstance(seed, int) or seed < 0:
+        raise UpscalerError(f"seed must be a non-negative integer; got {seed!r}")
+    state = np.random.SeedSequence(seed, spawn_key=tuple(int(p) for p in path)).generate_state(2, dtype=np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1])) & (2**63 - 1)
+
+
+def check_zoom_upscaler(upscaler: Upscaler) -> None:
+    if upscaler.scale != ZOOM:
+        raise UpscalerError(
+            f"Chain-of-Zoom zooms 4x per step and needs a 4x upscaler; {upscaler.source.file} is native "
+            f"x{upscaler.scale}. Load a 4x model (e.g. realesr-animevideov3.pth, RealESRGAN_x4plus.pth or the "
+            "Stable Diffusion x4 upscaler)."
+        )
+
+
+def check_color_fix(method: str) -> str:
+    if method not in COLOR_FIX_CHOICES:
+        raise UpscalerError(f"color_fix must be one of {', '.join(COLOR_FIX_CHOICES)}; got {method!r}")
+    return method
+
+
+@dataclass
+class StepResult:
+    state: Image.Image  # x_n, w x w 8-bit RGB
+    prompt: str
+    receipt: dict
+    view: Image.Image | None = None  # the bicubic view (colour-fix reference), None for baselines
+
+
+@dataclass
+class ZoomSettings:
+    """Everything about a zoom run except the images (shared by Step and Loop so both do the same)."""
+
+    mode: str = "recursive_multiscale"
+    process_size: int = DEFAULT_PROCESS_SIZE
+    user_prompt: str = ""
+    provider: PromptProvider | None = None
+    color_fix: str = "wavelet"
+    seed: int = 0
+    tile: int = 0
+    overlap: int = DEFAULT_OVERLAP
+    device: torch.device | None = None
+    hooks: RunHooks = field(default_factory=RunHooks)
+
+    def check(self, upscaler: Upscaler | None) -> None:
+        check_mode(self.mode)
+        check_process_size(self.process_size)
+        check_color_fix(self.color_fix)
+        derive_seed(self.seed)
+        if self.mode in SR_MODES:
+            if upscaler is None:
+                raise UpscalerError(f"mode {self.mode} needs an upscaler (only nearest/bicubic run without one)")
+            check_zoom_upscaler(upscaler)
+
+
+def zoom_step(upscaler: Upscaler | None, state: Image.Image, step: int, settings: ZoomSettings, *,
+              origin: Image.Image | None = None, index: int = 0) -> StepResult:
+    """Make x_step from x_{step-1} = `state` (recursive modes) or from x0 = `origin` (the others).
+
+    Both images are prepared first (a no-op for a process_size square). `index` is the image's place
+    in its batch (it only enters the derived seed).
+    """
+    started = time.perf_counter()
+    s = settings
+    s.check(upscaler)
+    w = s.process_size
+    check_step(s.mode, step, w)
+    recursive = s.mode in RECURSIVE_MODES
+    if not recursive and origin is None:
+        raise UpscalerError(
+            f"mode {s.mode} crops the first scale-state x0 at every step: connect x0 (the loop's input image) "
+            "to 'origin'"
+        )
+    state = prepare(state, w)
+    source = state if recursive else prepare(origin, w)
+    factor = step_factor(s.mode, step)
+    crop, box = zoom_crop(source, factor)
+    seed = derive_seed(s.seed, step, index)
+    receipt = {
+        "step": step, "mode": s.mode, "magnification": ZOOM**step, "process_size": w,
+        "crop": {"from": f"x{step - 1}" if recursive else "x0", "box": list(box), "factor": factor},
+        "seed": seed,
+    }
+    if s.mode in ("nearest", "bicubic"):
+        method = Image.Resampling.NEAREST if s.mode == "nearest" else Image.Resampling.BICUBIC
+        new = crop.resize((w, w), method)
+        receipt.update(prompt=None, upscale=None, color_fix=None, seconds=round(time.perf_counter() - started, 3))
+        return StepResult(new, "", receipt)
+
+    view = crop.resize((w, w), Image.Resampling.BICUBIC)  # the published SR input / prompt image / colour reference
+    lr = crop if s.mode != "onestep" else crop.resize((w // ZOOM, w // ZOOM), Image.Resampling.BICUBIC)
+    prompt_images = [state, view] if s.mode == "recursive_multiscale" else [view]
+    prompt, generated = make_prompt(s.provider, prompt_images, s.user_prompt, seed=seed,
+                                    check_interrupt=s.hooks.check_interrupt)
+    if s.hooks.check_interrupt:
+        s.hooks.check_interrupt()
+    out, up_receipt = upscale(upscaler, from_pil(lr), None, tile=s.tile, overlap=s.overlap, device=s.device,
+                              hooks=s.hooks, prompt=prompt, seed=seed)
+    if tuple(out.shape[1:3]) != (w, w):
+        raise UpscalerError(f"the upscaler made {tuple(out.shape[1:3])} from a {lr.size} crop; expected {w}x{w}")
+    if s.color_fix != "none":
+        out = apply_color_fix(out, from_pil(view), s.color_fix)
+    new = to_pil(out)  # onto the 8-bit grid, like the reference's PNG round trip
+    receipt.update(
+        sr_input_size=list(lr.size),
+        prompt={"text": prompt, "generated": generated, "provider": (s.provider.name if s.provider else "null"),
+                "images": len(prompt_images) if s.provider else 0},
+        color_fix={"method": s.color_fix, "reference": "bicubic view of the crop"} if s.color_fix != "none" else None,
+        upscale=up_receipt,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    return StepResult(new, prompt, receipt, view)
+
+
+@dataclass
+class LoopResult:
+    states: list[list[Image.Image]]  # per batch image: [x0, x1, ..., x_steps]
+    prompts: list[list[str]]  # per batch image: the prompt of each step
+    receipt: dict
+
+    def tensor(self) -> torch.Tensor:
+        """IMAGE batch: every state of image 0, then every state of image 1, ..."""
+        return torch.cat([from_pil(s) for states in self.states for s in states], dim=0)
+
+
+def zoom_loop(upscaler: Upscaler | None, image: torch.Tensor, steps: int, settings: ZoomSettings, *,
+              on_state: Callable[[int, int, Image.Image], None] | None = None) -> LoopResult:
+    """x0 = prepare(image) and `steps` zoom steps for each image of the batch.
+
+    on_state(index, n, x_n) is called after each state (progress, previews); interrupts are honoured
+    between steps through settings.hooks.check_interrupt (and within them, between tiles).
+    """
+    started = time.perf_counter()
+    check_image(image)
+    settings.check(upscaler)
+    if not isinstance(steps, int) or not 1 <= steps <= 8:
+        raise UpscalerError(f"steps must be 1..8 (x_steps is 4**steps times x0); got {steps!r}")
+    check_step(settings.mode, steps, settings.process_size)
+    all_states, all_prompts, step_receipts = [], [], []
+    for index in range(image.shape[0]):
+        x0 = prepare(to_pil(image[index]), settings.process_size)
+        states, prompts = [x0], []
+        if on_state:
+            on_state(index, 0, x0)
+        for n in range(1, steps + 1):
+            if settings.hooks.check_interrupt:
+                settings.hooks.check_interrupt()
+            result = zoom_step(upscaler, states[-1], n, settings, origin=x0, index=index)
+            states.append(result.state)
+            prompts.append(result.prompt)
+            step_receipts.append({"image": index, **result.receipt})
+            if on_state:
+                on_state(index, n, result.state)
+        all_states.append(states)
+        all_prompts.append(prompts)
+    receipt = {
+        "chain_of_zoom": "loop", "mode": settings.mode, "steps": steps, "process_size": settings.process_size,
+        "batch": image.shape[0], "input_size": [image.shape[2], image.shape[1]],
+        "magnifications": [ZOOM**n for n in range(steps + 1)],
+        "seed": settings.seed, "prompts": all_prompts, "color_fix": settings.color_fix,
+        "prompt_provider": settings.provider.name if settings.provider else "null",
+        "upscaler": _describe(upscaler) if settings.mode in SR_MODES else None,
+        "step_receipts": step_receipts, "seconds": round(time.perf_counter() - started, 3),
+    }
+    return LoopResult(all_states, all_prompts, receipt)
+
+
+def _describe(upscaler: Upscaler | None) -> dict | None:
+    if upscaler is None:
+        return None
+    return {"model": upscaler.source.describe(), "impl": upscaler.capabilities.impl, "native_scale": upscaler.scale}

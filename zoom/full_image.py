@@ -1,0 +1,145 @@
+"""Chain-of-Zoom for the whole image at an arbitrary scale S (aspect ratio kept).
+
+n x m -> round(n*S) x round(m*S): ceil(log4 S) 4x passes of the tiled upscaler, each with a prompt
+(the user's; or, with a prompt model, one per tile from two images - the whole pass input and the
+tile's window - with the published multi-scale instruction, or one per pass from the whole image),
+a colour fix per pass against that pass's input (resized bicubic), then one exact resize to the
+target. A max-side guard refuses a target over `max_side` before any work.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import torch
+
+from ..tiling import RunHooks, resize, target_size
+from ..tiling.resample import METHODS as RESAMPLE_METHODS
+from ..upscalers.base import Upscaler, UpscalerError
+from ..upscalers.upscale import DEFAULT_OVERLAP, check_image, upscale
+from .chain import check_color_fix, check_zoom_upscaler, derive_seed
+from .color_fix import color_fix as apply_color_fix
+from .geometry import ZOOM, to_pil
+from .prompts import PromptProvider, make_prompt
+
+DEFAULT_MAX_SIDE = 8192
+MAX_SCALE = 256.0
+
+
+def passes_for(scale: float) -> int:
+    """ceil(log4 scale) without floating-point surprises: the fewest 4x passes reaching `scale`."""
+    passes = 0
+    while ZOOM**passes < scale * (1 - 1e-12):
+        passes += 1
+    return passes
+
+
+def check_scale(scale: float) -> float:
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or not 1.0 <= scale <= MAX_SCALE:
+        raise UpscalerError(
+            f"scale must be between 1 and {MAX_SCALE:g} (output size / input size); got {scale!r}. "
+            "To make an image smaller use an image resize node."
+        )
+    return float(scale)
+
+
+def zoom_upscale(
+    upscaler: Upscaler,
+    image: torch.Tensor,
+    scale: float,
+    *,
+    user_prompt: str = "",
+    provider: PromptProvider | None = None,
+    tile_prompts: bool = True,
+    color_fix: str = "wavelet",
+    seed: int = 0,
+    tile: int = 0,
+    overlap: int = DEFAULT_OVERLAP,
+    resample: str = "lanczos",
+    max_side: int = DEFAULT_MAX_SIDE,
+    device: torch.device | None = None,
+    hooks: RunHooks | None = None,
+    on_pass: Callable[[int, int, torch.Tensor], None] | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """Upscale `image` (B,H,W,C) by `scale`; returns (B,round(H*S),round(W*S),C, receipt).
+
+    on_pass(pass_number, total_passes, image) is called after each pass (previews).
+    """
+    started = time.perf_counter()
+    hooks = hooks or RunHooks()
+    check_image(image)
+    scale = check_scale(scale)
+    check_zoom_upscaler(upscaler)
+    check_color_fix(color_fix)
+    derive_seed(seed)
+    if resample not in RESAMPLE_METHODS:
+        raise UpscalerError(f"resample must be one of {', '.join(RESAMPLE_METHODS)}; got {resample!r}")
+    if not isinstance(max_side, int) or max_side < 1:
+        raise UpscalerError(f"max_side must be a positive number of pixels; got {max_side!r}")
+    batch, height, width, channels = image.shape
+    out_h, out_w = target_size(height, width, scale)
+    if max(out_h, out_w) > max_side:
+        raise UpscalerError(
+            f"scale {scale:g} turns the {width}x{height} image into {out_w}x{out_h}, over max_side {max_side} px: "
+            f"lower the scale to at most {max_side / max(height, width):.4g}, use a smaller image, or raise max_side"
+        )
+    passes = passes_for(scale)
+    alpha = image[..., 3:] if channels == 4 else None
+    rgb = image[..., :3] if channels >= 3 else image.expand(-1, -1, -1, 3)
+
+    outputs, pass_receipts = [], []
+    for index in range(batch):
+        current = rgb[index:index + 1].float()
+        for p in range(1, passes + 1):
+            if hooks.check_interrupt:
+                hooks.check_interrupt()
+            pass_seed = derive_seed(seed, p, index)
+            prompt, prompt_note = _pass_prompt(provider, tile_prompts, current, user_prompt, pass_seed, hooks)
+            up, up_receipt = upscale(upscaler, current, None, tile=tile, overlap=overlap, device=device,
+                                     hooks=hooks, prompt=prompt, seed=pass_seed)
+            if color_fix != "none":
+                up = apply_color_fix(up, current, color_fix)
+            pass_receipts.append({"image": index, "pass": p, "input_size": [current.shape[2], current.shape[1]],
+                                  "output_size": [up.shape[2], up.shape[1]], "prompt_mode": prompt_note,
+                                  "upscale": up_receipt})
+            current = up
+            if on_pass:
+                on_pass(p, passes, current)
+        outputs.append(resize(current, out_h, out_w, resample))
+    out = torch.cat(outputs, dim=0)
+    if alpha is not None:
+        out = torch.cat([out, resize(alpha.float(), out_h, out_w, "bicubic")], dim=-1)
+    reached = ZOOM**passes
+    receipt = {
+        "chain_of_zoom": "full_image", "requested_scale": scale, "passes": passes, "reached_scale": reached,
+        "input_size": [width, height], "output_size": [out_w, out_h],
+        "intermediate_size": [width * reached, height * reached],
+        "resampled": {"from_scale": reached, "method": resample} if (out_h, out_w) != (height * reached, width * reached) else None,
+        "max_side": max_side, "color_fix": color_fix, "seed": seed, "batch": batch,
+        "prompt_provider": provider.name if provider else "null", "user_prompt": user_prompt,
+        "alpha": "resampled separately (bicubic)" if alpha is not None else None,
+        "pass_receipts": pass_receipts, "seconds": round(time.perf_counter() - started, 3),
+    }
+    return out, receipt
+
+
+def _pass_prompt(provider, tile_prompts, current, user_prompt, seed, hooks):
+    """The prompt argument for one pass's upscale(): text, or a function of a tile's window box."""
+    if provider is None:
+        return user_prompt, "user prompt"
+    whole = to_pil(current)
+    check = hooks.check_interrupt
+    if not tile_prompts:
+        text, _ = make_prompt(provider, [whole], user_prompt, seed=seed, check_interrupt=check)
+        return text, "one per pass (single-image instruction)"
+
+    def per_tile(box: tuple[int, int, int, int]) -> str:
+        text, _ = make_prompt(provider, [whole, whole.crop(box)], user_prompt, seed=derive_seed(seed, *box),
+                              check_interrupt=check)
+        return text
+
+    return per_tile, "one per tile (two-image multi-scale instruction: the pass input, then the tile)"
+
+
+__all__ = ["DEFAULT_MAX_SIDE", "passes_for", "zoom_upscale"]

@@ -1,0 +1,104 @@
+"""Chain-of-Zoom geometry exactly as published: preparation, centre-crop boxes, resampling, modes.
+
+Scale-states are 8-bit RGB images, as in the reference code (it writes every state to a PNG and
+reads it back): the crops and resizes below run on uint8 PIL images with PIL's own filters, so a
+state equals what the published script produces for the same SR output. Conversions to ComfyUI
+IMAGE tensors (float 0..1) are exact both ways for 8-bit data.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..upscalers.base import UpscalerError
+
+MODES = ("recursive", "recursive_multiscale", "onestep", "nearest", "bicubic")
+SR_MODES = ("recursive", "recursive_multiscale", "onestep")  # the others are interpolation baselines
+RECURSIVE_MODES = ("recursive", "recursive_multiscale")  # crop the previous state; others crop x0
+ZOOM = 4  # magnification per step (the published `upscale`)
+DEFAULT_PROCESS_SIZE = 512
+PROCESS_SIZE_MULTIPLE = 8  # so the centre crop is exactly process_size / 4 and a 4x model lands on it
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise UpscalerError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+    return mode
+
+
+def check_process_size(size: int) -> int:
+    if not isinstance(size, int) or size < 2 * PROCESS_SIZE_MULTIPLE or size % PROCESS_SIZE_MULTIPLE:
+        raise UpscalerError(
+            f"process_size must be a multiple of {PROCESS_SIZE_MULTIPLE} and at least {2 * PROCESS_SIZE_MULTIPLE} "
+            f"(the published default is {DEFAULT_PROCESS_SIZE}); got {size!r}"
+        )
+    return size
+
+
+# ------------------------------------------------------------------------------ tensors <-> PIL
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """One ComfyUI image (H,W,C or 1,H,W,C float 0..1; grey/RGB/RGBA) -> 8-bit RGB, rounded (the
+    reference truncates) and alpha dropped (as the reference's convert('RGB'))."""
+    if image.ndim == 4:
+        if image.shape[0] != 1:
+            raise ValueError(f"to_pil takes one image, got a batch of {image.shape[0]}")
+        image = image[0]
+    rgb = image[..., :3] if image.shape[-1] >= 3 else image[..., :1].expand(-1, -1, 3)
+    # numpy (one thread, no per-op overhead): the same float32 clamp/scale/round-half-even as torch
+    arr = np.rint(np.clip(rgb.detach().float().cpu().numpy(), 0.0, 1.0) * np.float32(255.0))
+    return Image.fromarray(np.ascontiguousarray(arr.astype(np.uint8)), "RGB")
+
+
+def from_pil(image: Image.Image) -> torch.Tensor:
+    """8-bit PIL image -> 1,H,W,3 float32 in 0..1 (exact)."""
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr.copy())[None]
+
+
+# ------------------------------------------------------------------------------ published steps
+def prepare(image: Image.Image, size: int) -> Image.Image:
+    """x0: short side to `size` with LANCZOS (sizes truncated with int()), then a centre crop size x size.
+
+    One deliberate difference from the reference: the short side is set to exactly `size`. The
+    reference computes it as int(short * (size / short)), which for many sizes (e.g. 49, 98, 750 px)
+    is size - 1 in floating point, and its crop then pads a black row or column.
+    """
+    w, h = image.size
+    scale = size / min(w, h)
+    new_w, new_h = int(w * scale), int(h * scale)
+    if w <= h:
+        new_w = size
+    if h <= w:
+        new_h = size
+    image = image.resize((new_w, new_h), Image.Resampling.LANCZOS)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def centre_box(w: int, h: int, factor: int) -> tuple[int, int, int, int]:
+    """The published centre crop for a zoom of `factor`: ((w - w//f)//2, (h - h//f)//2, (w + w//f)//2, (h + h//f)//2)."""
+    new_w, new_h = w // factor, h // factor
+    return ((w - new_w) // 2, (h - new_h) // 2, (w + new_w) // 2, (h + new_h) // 2)
+
+
+def step_factor(mode: str, step: int) -> int:
+    """Zoom of the crop taken at step `step` (1-based: the step that makes x_step): 4 for the recursive
+    modes (from the previous state), 4**step for onestep/nearest/bicubic (from x0)."""
+    return ZOOM if mode in RECURSIVE_MODES else ZOOM**step
+
+
+def check_step(mode: str, step: int, size: int) -> None:
+    if not isinstance(step, int) or step < 1:
+        raise UpscalerError(f"step must be 1 or more (step n makes scale-state x_n); got {step!r}")
+    factor = step_factor(mode, step)
+    if size // factor < 1:
+        raise UpscalerError(
+            f"mode {mode} at step {step} crops the centre 1/{factor} of x0, under one pixel of a "
+            f"{size}px process size: use fewer steps or a larger process_size (at least {factor})"
+        )
+
+
+def zoom_crop(source: Image.Image, factor: int) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    box = centre_box(*source.size, factor)
+    return source.crop(box), box
