@@ -28,20 +28,18 @@ the ratios are taken from medians. Usage:
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
+
+from peak_memory import measure_peak  # benchmarks/ is on sys.path when this script runs
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = "dreamforge_upscale"
@@ -340,20 +338,6 @@ def bf16_case(weights: Path, size: int, repeats: int, log) -> dict:
 
 # ---------------------------------------------------------------------------------------- memory
 
-def _rss() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
-def _trim_heap() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def memory_worker(variant: str, size: int, tile: int, weights: Path) -> dict:
     """Runs in a fresh process: RSS after model + input are loaded vs the peak during one upscale."""
     image = photo(size)
@@ -370,34 +354,14 @@ def memory_worker(variant: str, size: int, tile: int, weights: Path) -> dict:
         ours = load_ours(weights)
         t = tile if variant == "ours_tiled" else 0
         fn = lambda: run_ours(ours, image, tile=t)  # noqa: E731
-    _trim_heap()
-    baseline = _rss()
-    hwm_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    peak = [baseline]
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], _rss())
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    t0 = time.perf_counter()
-    out = fn()
-    seconds = time.perf_counter() - t0
-    stop.set()
-    sampler.join()
-    peak[0] = max(peak[0], _rss())
-    hwm_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    hwm_peak = hwm_after if hwm_after > hwm_before else 0  # the high-water mark moved during the run
-    true_peak = max(peak[0], hwm_peak)
+    measured = measure_peak(fn)
+    out = measured.value
     plan = out[1]["tile_plan"] if isinstance(out, tuple) else None
     canvas = size * scale * size * scale * 3 * 4
     return {
-        "variant": variant, "size": size, "seconds": seconds, "baseline_rss": baseline,
-        "peak_rss_sampled": peak[0], "peak_rss_hwm": hwm_peak, "peak_above": true_peak - baseline,
-        "canvas_bytes": canvas, "ratio": (true_peak - baseline) / canvas, "tile_plan": plan,
+        "variant": variant, "size": size, "seconds": measured.seconds, "baseline_rss": measured.baseline,
+        "peak_rss_sampled": measured.peak_sampled, "peak_rss_hwm": measured.peak_hwm, "peak_above": measured.above,
+        "canvas_bytes": canvas, "ratio": measured.above / canvas, "tile_plan": plan,
     }
 
 

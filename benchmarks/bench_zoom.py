@@ -29,14 +29,14 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+from peak_memory import measure_peak  # benchmarks/ is on sys.path when this script runs
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # pack_import, tiny_vlm
@@ -50,11 +50,6 @@ def setup() -> None:
     import pack_import
 
     pack_import.install()
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def photo(size: int):
@@ -147,8 +142,6 @@ def bench_loop(size: int, repeats: int) -> dict:
 
 # ----------------------------------------------------------------------------------------- full16
 def full16_worker(variant: str, size: int) -> dict:
-    import gc
-
     import torch
 
     from dreamforge_upscale.upscalers import GANUpscaler, upscale
@@ -158,34 +151,16 @@ def full16_worker(variant: str, size: int) -> dict:
     compact = GANUpscaler.load(bundled_model_path())
     image = photo(size)
     upscale(compact, torch.rand(1, 8, 8, 3))  # warm up threads and the allocator
-    gc.collect()
-    baseline = _rss()
-    hwm_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    peak = [baseline]
-    stop = threading.Event()
+    def run():
+        if variant == "chained_gan":
+            return upscale(compact, image, 16.0)
+        return zoom_upscale(compact, image, 16.0, color_fix="none" if variant == "coz_nofix" else "wavelet")
 
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], _rss())
-            time.sleep(0.01)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    started = time.perf_counter()
-    if variant == "chained_gan":
-        out, receipt = upscale(compact, image, 16.0)
-        passes = receipt["passes"]
-    else:
-        fix = "none" if variant == "coz_nofix" else "wavelet"
-        out, receipt = zoom_upscale(compact, image, 16.0, color_fix=fix)
-        passes = receipt["passes"]
-    seconds = time.perf_counter() - started
-    stop.set()
-    sampler.join()
-    hwm_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    true_peak = max(peak[0], hwm_after if hwm_after > hwm_before else 0)
+    measured = measure_peak(run, interval=0.01)
+    out, receipt = measured.value
+    passes, seconds = receipt["passes"], measured.seconds
     return {"variant": variant, "size": size, "output": list(out.shape[1:3]), "passes": passes,
-            "seconds": round(seconds, 2), "peak_above_baseline_mb": round((true_peak - baseline) / 2**20, 1),
+            "seconds": round(seconds, 2), "peak_above_baseline_mb": round(measured.above / 2**20, 1),
             "output_mb": round(out.numel() * 4 / 2**20, 1)}
 
 
