@@ -20,6 +20,7 @@ from dreamforge_upscale.zoom import (
     MODES, SINGLE_IMAGE_INSTRUCTION, TWO_IMAGE_INSTRUCTION, ZoomSettings, compose_prompt, derive_seed, from_pil,
     prepare, zoom_loop, zoom_step,
 )
+from reference_color_fix import np_wavelet
 from zoom_helpers import BicubicX4, RecordingProvider, same_image
 
 BICUBIC, NEAREST, LANCZOS = Image.Resampling.BICUBIC, Image.Resampling.NEAREST, Image.Resampling.LANCZOS
@@ -121,31 +122,6 @@ def test_recursive_with_a_bicubic_model_is_the_published_script_with_an_identity
     assert result.receipt["magnifications"] == [1, 4, 16, 64, 256]
 
 
-def numpy_wavelet_fix(content: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """The published wavelet colour fix, written again in numpy (float64): 5 levels of a dilated 3x3
-    binomial blur with replicate padding; content's high frequencies + reference's low frequencies."""
-    k = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], dtype=np.float64) / 16
-
-    def blur(x, d):
-        p = np.pad(x, ((d, d), (d, d), (0, 0)), mode="edge")
-        h, w = x.shape[:2]
-        out = np.zeros_like(x)
-        for i in range(3):
-            for j in range(3):
-                out += k[i, j] * p[i * d:i * d + h, j * d:j * d + w]
-        return out
-
-    def split(x):
-        high = np.zeros_like(x)
-        for i in range(5):
-            low = blur(x, 2 ** i)
-            high += x - low
-            x = low
-        return high, x
-
-    return np.clip(split(content)[0] + split(reference)[1], 0, 1)
-
-
 def test_colour_fix_runs_per_step_against_that_steps_bicubic_view():
     size, steps = 64, 3
     gains = (1.25, 0.8, 1.0)  # the "model" casts a colour: red up, green down
@@ -157,7 +133,7 @@ def test_colour_fix_runs_per_step_against_that_steps_bicubic_view():
         crop = states[n - 1].crop((24, 24, 40, 40))
         view = np.asarray(crop.resize((size, size), BICUBIC), np.float64) / 255
         sr = np.clip(np.asarray(pil_bicubic_x4(crop), np.float64) / 255 * np.array(gains), 0, 1)
-        expected = np.round(numpy_wavelet_fix(sr, view) * 255)
+        expected = np.round(np_wavelet(sr, view) * 255)
         ours = np.asarray(states[n], np.float64)
         # float32 (ours) vs float64 (here) may round a value sitting on .5 differently: 1 level at most
         assert np.abs(ours - expected).max() <= 1, n
