@@ -1,6 +1,7 @@
 """GAN / feed-forward SR backend: any single-image model spandrel loads (ESRGAN, Compact, SwinIR, HAT, DAT...)."""
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -13,8 +14,8 @@ from .loading import SD_X4_MESSAGE, looks_like_sd_x4_state_dict, read_state_dict
 from .provenance import receipt_provenance
 
 # Input pixels of real context a tile needs for its centre to match an untiled pass, per spandrel
-# architecture id. Measured on real weights where we have them (tests/test_context.py re-measures
-# Compact and ESRGAN); the rest are set from their receptive fields / attention windows.
+# architecture id. Measured on real weights where we have them (tests/test_gan.py re-measures
+# Compact; x4plus is checked against 3/255); the rest follow their receptive fields / windows.
 CONTEXT_BY_ARCH = {
     "Compact": 32,  # exact at 32
     "ESRGAN": 64,  # 48 px -> 4/255, 64 px -> 1.3/255
@@ -56,10 +57,7 @@ def _bytes_per_pixel(descriptor: ImageModelDescriptor) -> float:
 
 
 def _meta_copy(model: torch.nn.Module) -> torch.nn.Module:
-    import copy
-
-    clone = copy.deepcopy(model).to("meta")
-    return clone.eval()
+    return copy.deepcopy(model).to("meta").eval()
 
 
 def capabilities_of(descriptor: ImageModelDescriptor) -> Capabilities:
