@@ -22,7 +22,12 @@ import folder_paths
 from ..tiling import RunHooks
 from ..upscalers import DEFAULT_OVERLAP, IMPLS, GANUpscaler, Upscaler, UpscalerError, resolve_load_impl, upscale
 from ..upscalers import discovery
-from ..upscalers.assets import BUNDLED_DIR
+from ..upscalers.gan import register_sd_x4_refusal
+from ..upscalers.loading import is_sd_x4_upscaler
+from ..upscalers.registry import choose_run, default_impl, pick_gan, strict_scale_error
+from ..upscalers.sdx4 import DEFAULT_PROMPT, SDX4Options, SDX4Upscaler, is_sdx4_path
+from ..upscalers.sdx4.components import is_sdx4_folder
+from ..upscalers.assets import BUNDLED_DIR, BUNDLED_MODEL
 from ..upscalers.catalog import FOLDERS as ASSET_FOLDERS
 from ..upscalers.dtypes import DTYPE_NAMES
 from ..tiling.resample import METHODS as RESAMPLE_METHODS
@@ -37,6 +42,11 @@ folder_paths.add_model_folder_path("upscale_models", str(BUNDLED_DIR))
 # after ComfyUI's own folders (the prompt-model folder "LLM" is registered in the zoom section below).
 for _kind in ASSET_FOLDERS:
     folder_paths.add_model_folder_path(_kind, str(discovery.models_root() / _kind))
+# ComfyUI's own 'Load Upscale Model' (spandrel) then names the SD x4 file and says what to use instead.
+register_sd_x4_refusal()
+# SD x4's CLIP tokenizer: ComfyUI's bundled BPE files (the SD 1/2 vocabulary), so nothing is downloaded.
+CLIP_TOKENIZER_DIR = Path(comfy.utils.__file__).resolve().parent / "sd1_tokenizer"
+DIFFUSERS_PREFIX, CHECKPOINTS_PREFIX = "diffusers/", "checkpoints/"
 
 
 def _asset_locations(strict: bool = True) -> discovery.Locations:
@@ -70,7 +80,7 @@ def _patcher_for(module: torch.nn.Module) -> comfy.model_patcher.ModelPatcher:
     )
 
 
-def _hooks(patcher: comfy.model_patcher.ModelPatcher) -> RunHooks:
+def _hooks(patcher: comfy.model_patcher.ModelPatcher, offload: bool = False) -> RunHooks:
     bars: dict[int, comfy.utils.ProgressBar] = {}
 
     def progress(done: int, total: int) -> None:
@@ -78,6 +88,10 @@ def _hooks(patcher: comfy.model_patcher.ModelPatcher) -> RunHooks:
         bar.update_absolute(done, total)  # also a cancel point under the server
 
     def prepare(activation_bytes: int) -> None:
+        if offload:  # the backend moves one network at a time; make room for the largest plus activations
+            largest = max(mm.module_size(m) for m in patcher.model.children())
+            mm.free_memory(activation_bytes + largest, mm.get_torch_device())
+            return
         # force_full_load: plain torch layers that do not fit would otherwise stay on the offload device
         mm.load_models_gpu([patcher], memory_required=activation_bytes, force_full_load=True)
 
@@ -105,15 +119,51 @@ def _as_handle(model) -> UpscalerHandle:
     )
 
 
-def _run_upscale(model, image, scale, tile, overlap, resample, strict_scale=False):
-    handle = _as_handle(model)
+def _run_upscale(handle: UpscalerHandle, image, scale, tile, overlap, resample, strict_scale=False, *,
+                 upscaler: Upscaler | None = None, prompt=None, seed=None, options=None, extra: dict | None = None):
+    """Run `upscaler` (default: the handle's) with ComfyUI's hooks; diffusion runs fall back to a GAN on OOM."""
+    upscaler = upscaler or handle.upscaler
     device = mm.get_torch_device()
+    fallback = None
+    if upscaler.capabilities.impl == "diffusion":
+        def fallback() -> Upscaler:
+            gan = _folder_gan(4)
+            mm.load_models_gpu([gan.patcher], force_full_load=True)  # unloads the diffusion model if needed
+            return gan.upscaler
     out, receipt = upscale(
-        handle.upscaler, image, scale, tile=tile, overlap=overlap, strict_scale=strict_scale,
-        resample=resample, device=device, hooks=_hooks(handle.patcher),
+        upscaler, image, scale, tile=tile, overlap=overlap, strict_scale=strict_scale, resample=resample,
+        device=device, hooks=_hooks(handle.patcher if upscaler is handle.upscaler else _folder_gan_patcher(upscaler),
+                                    offload=getattr(upscaler, "offload", False)),
+        prompt=prompt, seed=seed, options=options, fallback=fallback,
     )
+    if extra:
+        receipt.update(extra)
     out = out.to(mm.intermediate_device())
     return out, json.dumps(receipt, indent=1)
+
+
+_GANS: dict[tuple[str, int], UpscalerHandle] = {}  # the GAN that auto/gan/fallback runs load from the folders
+
+
+def _folder_gan(native: int) -> UpscalerHandle:
+    """A GAN from models/upscale_models for a run that needs one: x2plus for 2x (else a x4 GAN), Real-ESRGAN
+    x4plus for 4x, else any file named x2/x4, else the bundled model. Loaded once per file version."""
+    names = [n for n in folder_paths.get_filename_list("upscale_models")
+             if not is_sd_x4_upscaler(folder_paths.get_full_path("upscale_models", n) or "")]
+    name = pick_gan(names, native) or BUNDLED_MODEL
+    path = Path(folder_paths.get_full_path_or_raise("upscale_models", name))
+    key = (str(path), path.stat().st_mtime_ns)
+    if key not in _GANS:
+        _GANS.clear()
+        _GANS[key] = _load(path, "gan", "auto")
+    return _GANS[key]
+
+
+def _folder_gan_patcher(upscaler: Upscaler):
+    for handle in _GANS.values():
+        if handle.upscaler is upscaler:
+            return handle.patcher
+    raise RuntimeError("internal: an upscaler without a memory-manager registration")
 
 
 def _tiling_inputs() -> dict:
@@ -129,36 +179,93 @@ def _tiling_inputs() -> dict:
     }
 
 
+def _default_impl() -> str:
+    """DREAMFORGE_DEFAULT_IMPL, or auto with a warning when it is misspelt (the node list must still load)."""
+    try:
+        return default_impl()
+    except UpscalerError as exc:
+        log.warning("DreamForge: %s; using 'auto'", exc)
+        return "auto"
+
+
+def _diffusion_model_names() -> list[str]:
+    """SD x4 upscalers outside models/upscale_models: diffusers folders and single files in checkpoints."""
+    names = []
+    for root in folder_paths.get_folder_paths("diffusers") if "diffusers" in folder_paths.folder_names_and_paths else []:
+        if os.path.isdir(root):
+            names += [DIFFUSERS_PREFIX + d.name for d in sorted(Path(root).iterdir()) if d.is_dir() and is_sdx4_folder(d)]
+    for name in folder_paths.get_filename_list("checkpoints"):
+        full = folder_paths.get_full_path("checkpoints", name)
+        if full and name.lower().endswith(".safetensors") and is_sd_x4_upscaler(full):  # header only
+            names.append(CHECKPOINTS_PREFIX + name)
+    return names
+
+
+def _model_path(model_name: str) -> Path:
+    if model_name.startswith(DIFFUSERS_PREFIX):
+        name = model_name[len(DIFFUSERS_PREFIX):]
+        for root in folder_paths.get_folder_paths("diffusers"):
+            if (Path(root) / name).is_dir():
+                return Path(root) / name
+        raise UpscalerError(f"diffusers folder {name!r} not found in models/diffusers; put the model's folder there")
+    if model_name.startswith(CHECKPOINTS_PREFIX):
+        return Path(folder_paths.get_full_path_or_raise("checkpoints", model_name[len(CHECKPOINTS_PREFIX):]))
+    return discovery.locate(model_name, "upscale_models", _asset_locations()).path  # mirror > folders > cache
+
+
+def _load(path: Path, impl: str, dtype: str, attention_slicing: bool = False, cpu_offload: bool = False) -> UpscalerHandle:
+    kind = resolve_load_impl(impl, is_sdx4_path(path), path.name)
+    device = mm.get_torch_device()
+    if kind == "diffusion":
+        upscaler = SDX4Upscaler.load(path, dtype=dtype, device=device, tokenizer_dir=CLIP_TOKENIZER_DIR,
+                                     attention_slicing=attention_slicing, offload=cpu_offload)
+        return UpscalerHandle(upscaler, _patcher_for(upscaler.module()))
+    upscaler = GANUpscaler.load(path, dtype=dtype, device=device)
+    patcher = _patcher_for(upscaler.module())
+    upscaler.descriptor.patcher = patcher  # newer ComfyUI's ImageUpscaleWithModel uses it
+    return UpscalerHandle(upscaler, patcher)
+
+
 class LoadUpscaler:
-    DESCRIPTION = ("Loads an upscaling model from models/upscale_models (any single-image model spandrel "
-                   "loads: Real-ESRGAN, Compact, SwinIR, HAT, DAT...). Ships with realesr-animevideov3.")
+    DESCRIPTION = ("Loads an upscaler: a GAN from models/upscale_models (any single-image model spandrel loads: "
+                   "Real-ESRGAN, Compact, SwinIR, HAT, DAT...; ships with realesr-animevideov3), or the Stable "
+                   "Diffusion x4 upscaler (a diffusers folder in models/diffusers, or x4-upscaler-ema.safetensors "
+                   "in models/checkpoints or models/upscale_models), fully offline.")
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = ("UPSCALER", "UPSCALE_MODEL")
     RETURN_NAMES = ("upscaler", "upscale_model")
-    OUTPUT_TOOLTIPS = ("For DreamForge upscale nodes.", "For ComfyUI's 'Upscale Image (using Model)'.")
+    OUTPUT_TOOLTIPS = ("For DreamForge upscale nodes.",
+                       "For ComfyUI's 'Upscale Image (using Model)' (GAN models only; empty for SD x4).")
 
     @classmethod
     def INPUT_TYPES(cls):
+        names = discovery.model_names("upscale_models", _asset_locations(strict=False),
+                                      folder_paths.get_filename_list("upscale_models"))
         return {"required": {
-            "model_name": (discovery.model_names("upscale_models", _asset_locations(strict=False),
-                                                 folder_paths.get_filename_list("upscale_models")),
-                           {"tooltip": "A file in models/upscale_models (.pth/.safetensors), the local mirror "
-                                       "(DF_LOCAL_MIRROR) or the runtime cache."}),
-            "impl": (list(IMPLS), {"default": "auto",
-                                   "tooltip": "auto/gan: GAN upscaler. diffusion: Stable Diffusion x4 (later release)."}),
+            "model_name": (names + _diffusion_model_names(),
+                           {"tooltip": "A GAN file in models/upscale_models (or the local mirror / runtime cache), "
+                                       "'diffusers/<folder>' for an SD x4 diffusers folder, or "
+                                       "'checkpoints/<file>' for the SD x4 single file."}),
+            "impl": (list(IMPLS), {"default": _default_impl(),
+                                   "tooltip": "auto: whatever the file is. gan / diffusion: insist on that kind "
+                                              "(an error says so when the file is the other kind). The default "
+                                              "comes from DREAMFORGE_DEFAULT_IMPL."}),
             "dtype": (["auto", *DTYPE_NAMES], {"default": "auto",
-                                               "tooltip": "auto: fp16 on CUDA where the model allows, else bf16, "
-                                                          "else fp32; fp32 on CPU."}),
+                                               "tooltip": "auto: fp16 on CUDA where the model allows (SD x4: UNet "
+                                                          "fp16, VAE bf16/fp32), fp32 on the CPU."}),
+        }, "optional": {
+            "attention_slicing": ("BOOLEAN", {"default": False,
+                                              "tooltip": "SD x4: compute attention in slices (less VRAM, slower)."}),
+            "cpu_offload": ("BOOLEAN", {"default": False,
+                                        "tooltip": "SD x4: keep only the network in use (text encoder, UNet, VAE) "
+                                                   "on the GPU; the others wait in system RAM."}),
         }}
 
-    def load(self, model_name, impl, dtype):
-        resolve_load_impl(impl)
-        path = discovery.locate(model_name, "upscale_models", _asset_locations()).path  # mirror > folders > cache
-        upscaler = GANUpscaler.load(path, dtype=dtype, device=mm.get_torch_device())
-        patcher = _patcher_for(upscaler.module())
-        upscaler.descriptor.patcher = patcher  # newer ComfyUI's ImageUpscaleWithModel uses it
-        return (UpscalerHandle(upscaler, patcher), upscaler.descriptor)
+    def load(self, model_name, impl, dtype, attention_slicing=False, cpu_offload=False):
+        handle = _load(_model_path(model_name), impl, dtype, attention_slicing, cpu_offload)
+        gan = handle.upscaler.descriptor if isinstance(handle.upscaler, GANUpscaler) else None
+        return (handle, gan)
 
 
 class ESRGANUpscale:
@@ -168,11 +275,12 @@ class ESRGANUpscale:
     FUNCTION = "run"
     RETURN_TYPES = ("IMAGE", "STRING")
     RETURN_NAMES = ("image", "receipt")
+    OUTPUT_TOOLTIPS = ("The upscaled image.", "JSON: what ran (model, sha256, tiles, retries, seconds).")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "image": ("IMAGE",),
+            "image": ("IMAGE", {"tooltip": "The image(s) to upscale: RGB, RGBA (alpha kept) or grey; batches work."}),
             "upscale_model": ("UPSCALER,UPSCALE_MODEL", {"tooltip": "From Load Upscaler or Load Upscale Model."}),
             "scale": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 16.0, "step": 0.05,
                                 "tooltip": "Output/input size ratio. 0 = the model's native scale."}),
@@ -180,30 +288,121 @@ class ESRGANUpscale:
         }}
 
     def run(self, image, upscale_model, scale, tile, overlap, resample):
-        return _run_upscale(upscale_model, image, scale or None, tile, overlap, resample)
+        handle = _as_handle(upscale_model)
+        if handle.upscaler.capabilities.impl != "gan":
+            raise UpscalerError("ESRGAN Upscale runs GAN models, but upscale_model is the Stable Diffusion x4 upscaler: "
+                                "connect it to 'SDX4 Upscale (DreamForge)' or 'Tiled Upscale (DreamForge)' instead")
+        return _run_upscale(handle, image, scale or None, tile, overlap, resample)
+
+
+def _diffusion_inputs() -> dict:
+    return {
+        "prompt": ("STRING", {"default": DEFAULT_PROMPT, "multiline": True,
+                              "tooltip": "What the image shows / should look like (SD x4 only; GANs ignore it)."}),
+        "negative_prompt": ("STRING", {"default": "", "multiline": True,
+                                       "tooltip": "What to steer away from, e.g. 'blurry, jpeg artifacts' (SD x4 only)."}),
+        "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                         "tooltip": "Noise seed (SD x4): the same seed gives the same image on the same device."}),
+        "steps": ("INT", {"default": 50, "min": 1, "max": 1000,
+                          "tooltip": "DDIM denoising steps (SD x4). 20-30 is faster, 50 is the quality default."}),
+        "guidance": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
+                               "tooltip": "Classifier-free guidance (SD x4); 1 or less turns it off (2x faster)."}),
+        "noise_level": ("INT", {"default": 20, "min": 0, "max": 350,
+                                "tooltip": "Noise added to the low-res input (SD x4): higher invents more detail, "
+                                           "lower stays closer to the input. ComfyUI's noise_augmentation x 350."}),
+    }
+
+
+def _sdx4_options(steps, guidance, noise_level, negative_prompt, tile=0, overlap=32, vae_tile=0) -> SDX4Options:
+    return SDX4Options(steps=steps, guidance=guidance, noise_level=noise_level, negative_prompt=negative_prompt,
+                       tile=tile, overlap=overlap, vae_tile=vae_tile)
 
 
 class TiledUpscale:
-    DESCRIPTION = ("Generic tiled upscaler over any UPSCALER; strict_scale refuses scales the model cannot "
-                   "reach without resampling.")
+    DESCRIPTION = ("Tiled upscaler over any UPSCALER with an implementation policy: auto runs a GAN around 2x and "
+                   "the SD x4 model for 4x (when one is loaded); strict_scale refuses scales the model cannot reach "
+                   "without resampling. Out of memory: smaller tiles, then (unless strict) GAN, then Lanczos.")
     CATEGORY = CATEGORY
     FUNCTION = "run"
     RETURN_TYPES = ("IMAGE", "STRING")
     RETURN_NAMES = ("image", "receipt")
+    OUTPUT_TOOLTIPS = ("The upscaled image.", "JSON: what ran (impl, model, tiles, retries, fallbacks, seed).")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "image": ("IMAGE",),
-            "upscaler": ("UPSCALER",),
-            "scale": ("FLOAT", {"default": 4.0, "min": 0.05, "max": 16.0, "step": 0.05}),
+            "image": ("IMAGE", {"tooltip": "The image(s) to upscale: RGB, RGBA (alpha kept) or grey; batches work."}),
+            "upscaler": ("UPSCALER", {"tooltip": "From Load Upscaler: a GAN or the SD x4 upscaler."}),
+            "impl": (list(IMPLS), {"default": _default_impl(),
+                                   "tooltip": "auto: GAN for ~2x (x2plus when present), SD x4 for 4x when loaded. "
+                                              "diffusion: the SD x4 model (scale 2 = x4 then downsample). gan: a GAN "
+                                              "(from models/upscale_models when the connected one is SD x4)."}),
+            "scale": ("FLOAT", {"default": 4.0, "min": 0.05, "max": 16.0, "step": 0.05,
+                                "tooltip": "Output/input size ratio; exact output size round(W*s) x round(H*s)."}),
             "strict_scale": ("BOOLEAN", {"default": False,
-                                         "tooltip": "Refuse scales the model cannot produce natively (no resampling)."}),
+                                         "tooltip": "Refuse scales the model cannot produce natively (no resampling), "
+                                                    "and no fallback to another method on out-of-memory."}),
             **_tiling_inputs(),
+        }, "optional": _diffusion_inputs()}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, impl=None, scale=None, strict_scale=None):
+        # Queue-time check (ComfyUI answers /prompt with a validation error): only what widgets decide.
+        if strict_scale and impl is not None and scale is not None:
+            return strict_scale_error(impl, scale) or True
+        return True
+
+    def run(self, image, upscaler, impl, scale, strict_scale, tile, overlap, resample, prompt=DEFAULT_PROMPT,
+            negative_prompt="", seed=0, steps=50, guidance=7.5, noise_level=20):
+        handle = _as_handle(upscaler)
+        choice = choose_run(impl, scale, handle.upscaler.capabilities.impl)
+        if strict_scale and (error := strict_scale_error(choice.impl, scale)):
+            raise UpscalerError(error)
+        chosen = handle.upscaler if choice.use_loaded else _folder_gan(choice.gan_scale).upscaler
+        policy = {"policy": {"impl": impl, "ran": choice.impl, "reason": choice.reason}}
+        if choice.impl == "diffusion":
+            return _run_upscale(handle, image, scale, tile, overlap, resample, strict_scale, upscaler=chosen,
+                                prompt=prompt, seed=seed, extra=policy,
+                                options=_sdx4_options(steps, guidance, noise_level, negative_prompt))
+        return _run_upscale(handle, image, scale, tile, overlap, resample, strict_scale, upscaler=chosen, extra=policy)
+
+
+class SDX4Upscale:
+    DESCRIPTION = ("Stable Diffusion x4 upscaler: prompt-guided 4x with latent-tiled denoising (one coherent image, "
+                   "no seams) and a tiled 4x VAE decode that keeps one tone across tiles. Out of memory: smaller "
+                   "tiles, then a GAN, then Lanczos (the receipt lists each step).")
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("IMAGE", "STRING")
+    RETURN_NAMES = ("image", "receipt")
+    OUTPUT_TOOLTIPS = ("The 4x image.", "JSON: model, seed, steps, tiles, retries, fallbacks, seconds.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "image": ("IMAGE", {"tooltip": "The image(s) to upscale 4x (the latent is this size: 512 px -> 2048 px)."}),
+            "upscaler": ("UPSCALER", {"tooltip": "The SD x4 upscaler from Load Upscaler (impl diffusion or auto)."}),
+            **_diffusion_inputs(),
+            "tile": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8,
+                             "tooltip": "UNet tile side in input pixels (the latent is the input's size). 0 = auto: "
+                                        "untiled when it fits free memory."}),
+            "overlap": ("INT", {"default": 32, "min": 0, "max": 256, "step": 1,
+                                "tooltip": "cos² blend between UNet tiles, in input pixels."}),
+            "vae_tile": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8,
+                                 "tooltip": "Decode tile side in input pixels. 0 = auto (at most 224 + padding, so the "
+                                            "decoder's attention never sees a large latent at once)."}),
         }}
 
-    def run(self, image, upscaler, scale, strict_scale, tile, overlap, resample):
-        return _run_upscale(upscaler, image, scale, tile, overlap, resample, strict_scale=strict_scale)
+    def run(self, image, upscaler, prompt, negative_prompt, seed, steps, guidance, noise_level, tile, overlap, vae_tile):
+        handle = _as_handle(upscaler)
+        if handle.upscaler.capabilities.impl != "diffusion":
+            raise UpscalerError(
+                "SDX4 Upscale needs the Stable Diffusion x4 upscaler, but the connected upscaler is a GAN "
+                f"({handle.upscaler.source.file}); load x4-upscaler-ema.safetensors or its diffusers folder with "
+                "'Load Upscaler' (impl diffusion), or use 'ESRGAN Upscale' / 'Tiled Upscale' for GANs."
+            )
+        return _run_upscale(handle, image, 4, 0, 0, "lanczos", prompt=prompt, seed=seed,
+                            options=_sdx4_options(steps, guidance, noise_level, negative_prompt, tile, overlap, vae_tile))
 
 
 class ColorFix:
@@ -213,13 +412,17 @@ class ColorFix:
     FUNCTION = "run"
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("image",)
+    OUTPUT_TOOLTIPS = ("The image with the reference's colours.",)
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "image": ("IMAGE", {"tooltip": "The image to correct (e.g. the upscaled output)."}),
             "reference": ("IMAGE", {"tooltip": "Colours to match; resized to the image first."}),
-            "method": (list(COLOR_FIX_METHODS), {"default": "wavelet"}),
+            "method": (list(COLOR_FIX_METHODS), {"default": "wavelet",
+                                                  "tooltip": "wavelet: keep the image's detail, take the reference's "
+                                                             "low frequencies (best after SR). adain: match each "
+                                                             "channel's mean and std."}),
         }}
 
     def run(self, image, reference, method):
@@ -230,12 +433,14 @@ NODE_CLASS_MAPPINGS = {
     "DreamForgeLoadUpscaler": LoadUpscaler,
     "DreamForgeESRGANUpscale": ESRGANUpscale,
     "DreamForgeTiledUpscale": TiledUpscale,
+    "DreamForgeSDX4Upscale": SDX4Upscale,
     "DreamForgeColorFix": ColorFix,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "DreamForgeLoadUpscaler": "Load Upscaler (DreamForge)",
     "DreamForgeESRGANUpscale": "ESRGAN Upscale (DreamForge)",
     "DreamForgeTiledUpscale": "Tiled Upscale (DreamForge)",
+    "DreamForgeSDX4Upscale": "SDX4 Upscale (DreamForge)",
     "DreamForgeColorFix": "Color Fix (DreamForge)",
 }
 
@@ -361,6 +566,7 @@ class ChainOfZoomStep:
     FUNCTION = "run"
     RETURN_TYPES = ("IMAGE", "STRING", "STRING")
     RETURN_NAMES = ("state", "prompt", "receipt")
+    OUTPUT_TOOLTIPS = ("x_n, the next scale-state.", "The prompt this step used.", "JSON receipt.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -412,7 +618,7 @@ class ChainOfZoomLoop:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "image": ("IMAGE",),
+                "image": ("IMAGE", {"tooltip": "The starting image(s); each is prepared to process_size (x0)."}),
                 "upscaler": ("UPSCALER,UPSCALE_MODEL", {"tooltip": "A 4x upscaler (SD x4 or a 4x GAN)."}),
                 "steps": ("INT", {"default": 4, "min": 1, "max": 8, "tooltip": "Scale-states after x0 (4**steps zoom)."}),
                 **_zoom_inputs(),
@@ -444,13 +650,14 @@ class ChainOfZoomUpscale:
     FUNCTION = "run"
     RETURN_TYPES = ("IMAGE", "STRING")
     RETURN_NAMES = ("image", "receipt")
+    OUTPUT_TOOLTIPS = ("round(W*scale) x round(H*scale).", "JSON: passes, prompts, seeds, timings.")
 
     @classmethod
     def INPUT_TYPES(cls):
         inputs = _zoom_inputs()
         return {
             "required": {
-                "image": ("IMAGE",),
+                "image": ("IMAGE", {"tooltip": "The image(s) to enlarge (RGBA keeps its alpha)."}),
                 "upscaler": ("UPSCALER,UPSCALE_MODEL", {"tooltip": "A 4x upscaler (SD x4 or a 4x GAN)."}),
                 "scale": ("FLOAT", {"default": 4.0, "min": 1.0, "max": 256.0, "step": 0.05,
                                     "tooltip": "Output / input size. ceil(log4 scale) 4x passes, then an exact resize."}),
@@ -494,6 +701,7 @@ class LoadPromptModel:
     FUNCTION = "load"
     RETURN_TYPES = ("PROMPT_MODEL",)
     RETURN_NAMES = ("prompt_model",)
+    OUTPUT_TOOLTIPS = ("For Chain-of-Zoom nodes and Prompt from Image.",)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -529,17 +737,20 @@ class PromptFromImage:
     FUNCTION = "run"
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("text",)
+    OUTPUT_TOOLTIPS = ("The generated description.",)
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "prompt_model": ("PROMPT_MODEL",),
+                "prompt_model": ("PROMPT_MODEL", {"tooltip": "From Load Prompt Model."}),
                 "image": ("IMAGE", {"tooltip": "The image (or, with 'zoom', the context it was zoomed from)."}),
-                "max_new_tokens": ("INT", {"default": 32, "min": 1, "max": 1024}),
+                "max_new_tokens": ("INT", {"default": 32, "min": 1, "max": 1024,
+                                           "tooltip": "Longest answer in tokens (a set of words needs ~32)."}),
                 "temperature": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 2.0, "step": 0.05,
                                           "tooltip": "0 = greedy, deterministic."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                                 "tooltip": "Sampling seed (used when temperature > 0)."}),
             },
             "optional": {
                 "zoom": ("IMAGE", {"tooltip": "A zoom-in of 'image': the two-image (multi-scale) instruction is used."}),

@@ -178,7 +178,7 @@ def test_tiled_upscale_forced_small_tiles_is_seam_free(comfy):
     g = Graph()
     img = g.add("LoadImage", image=name)
     model = loader(g)
-    tiled = g.add("DreamForgeTiledUpscale", image=out(img), upscaler=out(model), scale=4.0, strict_scale=True,
+    tiled = g.add("DreamForgeTiledUpscale", image=out(img), upscaler=out(model), impl="auto", scale=4.0, strict_scale=True,
                   tile=64, overlap=16, resample="lanczos")
     whole = esrgan(g, out(img), out(model), tile=0)
     s_tiled = save(g, out(tiled), unique("tiled"))
@@ -294,10 +294,10 @@ def _error_prompt(case: str) -> tuple[Graph, str]:
         fail = loader(g, model="not_a_model.pth")
         up = esrgan(g, out(img), out(fail))
     elif case == "sd_x4":
-        fail = loader(g, model="x4-upscaler-ema.safetensors")
+        fail = loader(g, model="x4-upscaler-ema.safetensors", impl="gan")
         up = esrgan(g, out(img), out(fail))
     elif case == "strict_scale":
-        fail = g.add("DreamForgeTiledUpscale", image=out(img), upscaler=out(loader(g)), scale=2.0,
+        fail = g.add("DreamForgeTiledUpscale", image=out(img), upscaler=out(loader(g)), impl="auto", scale=2.0,
                      strict_scale=True, tile=0, overlap=16, resample="lanczos")
         up = fail
     elif case == "impl_diffusion":
@@ -314,9 +314,11 @@ ERROR_CASES = {
     "empty": ("DreamForgeESRGANUpscale", ["empty"]),
     "nan": ("DreamForgeESRGANUpscale", ["NaN"]),
     "not_a_model": ("DreamForgeLoadUpscaler", ["not_a_model.pth", "could not be read as model weights"]),
-    "sd_x4": ("DreamForgeLoadUpscaler", ["Stable Diffusion x4", "impl 'diffusion'"]),
+    "sd_x4": ("DreamForgeLoadUpscaler", ["x4-upscaler-ema.safetensors is the Stable Diffusion x4 upscaler",
+                                         "'diffusion'"]),
     "strict_scale": ("DreamForgeTiledUpscale", ["strict_scale", "scale 2"]),
-    "impl_diffusion": ("DreamForgeLoadUpscaler", ["not available", "'diffusion'"]),
+    "impl_diffusion": ("DreamForgeLoadUpscaler", ["impl 'diffusion' needs the Stable Diffusion x4 upscaler",
+                                                  f"{BUNDLED} is a GAN model"]),
 }
 
 
@@ -404,3 +406,23 @@ def test_realesrgan_x4plus_ours_matches_core(comfy, x4plus_name):
     receipt = receipt_of(comfy, entry, t)
     assert receipt["model"]["file"] == x4plus_name and "ESRGAN" in receipt["model"]["architecture"]
     assert receipt["model"]["sha256"] == sha12(comfy.upscale_models_dir / x4plus_name)
+
+
+def test_every_pack_node_is_documented(comfy):
+    """Descriptions, a tooltip on every input and output (what users read when hovering in the UI)."""
+    info = comfy.object_info()
+    ours = {name: node for name, node in info.items() if name.startswith("DreamForge") and "Test" not in name}
+    assert len(ours) >= 10
+    missing = []
+    for name, node in ours.items():
+        if not node.get("description"):
+            missing.append(f"{name}: description")
+        for section in ("required", "optional"):
+            for key, spec in node["input"].get(section, {}).items():
+                if not (len(spec) > 1 and spec[1].get("tooltip")):
+                    missing.append(f"{name}.{key}")
+        tips = node.get("output_tooltips") or []
+        if len(tips) != len(node["output"]) or not all(tips):
+            missing.append(f"{name}: output tooltips")
+        assert node["category"].startswith("DreamForge/"), name
+    assert not missing, missing

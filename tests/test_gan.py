@@ -240,11 +240,14 @@ def test_sd_x4_checkpoint_is_recognised(tmp_path):
 
 
 def test_impl_policy_for_loading():
-    assert resolve_load_impl("auto") == "gan" and resolve_load_impl("gan") == "gan"
-    with pytest.raises(UpscalerError, match="impl 'diffusion'.*not available"):
-        resolve_load_impl("diffusion")
+    assert resolve_load_impl("auto", False, "a.pth") == "gan" and resolve_load_impl("gan", False, "a.pth") == "gan"
+    assert resolve_load_impl("auto", True, "x4") == "diffusion" == resolve_load_impl("diffusion", True, "x4")
+    with pytest.raises(UpscalerError, match="impl 'diffusion' needs the Stable Diffusion x4 upscaler, but a.pth is a GAN"):
+        resolve_load_impl("diffusion", False, "a.pth")
+    with pytest.raises(UpscalerError, match="impl 'gan': x4 is the Stable Diffusion x4 upscaler"):
+        resolve_load_impl("gan", True, "x4")
     with pytest.raises(UpscalerError, match="impl must be one of"):
-        resolve_load_impl("magic")
+        resolve_load_impl("magic", False, "a.pth")
 
 
 def test_scale_plan(compact):

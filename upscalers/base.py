@@ -71,4 +71,7 @@ class Upscaler(Protocol):
 
         When `capabilities.takes_prompt` is true it is called as upscale_window(x, prompt=str, seed=int|None)
         (the text that conditions this window and the call's seed); other upscalers are called with x only.
+        When it also has `capabilities.tiling == "internal"` (generative backends: SD x4) it gets the whole
+        image and plans its own tiles, and is called with options= (its per-call settings), hooks=
+        (progress, interrupt, memory) and report= (a dict it fills with tiles, retries and the seed used).
         """

@@ -6,7 +6,10 @@ import os
 from pathlib import Path
 
 import torch
-from spandrel import ImageModelDescriptor, ModelLoader, ModelTiling, UnsupportedModelError, canonicalize_state_dict
+from spandrel import (
+    MAIN_REGISTRY, Architecture, ArchSupport, ImageModelDescriptor, ModelLoader, ModelTiling, UnsupportedModelError,
+    canonicalize_state_dict,
+)
 
 from .base import Capabilities, ModelSource, UpscalerError
 from .dtypes import DTYPE_NAMES, dtype_name, select_dtype
@@ -54,6 +57,24 @@ def _bytes_per_pixel(descriptor: ImageModelDescriptor) -> float:
     except Exception:  # noqa: BLE001 - some architectures cannot run on meta: use core's rule of thumb
         return 4.0 * 384 * 3 * max(1, descriptor.scale)
     return 3.0 * 4.0 * largest / (side * side)
+
+
+class _SDX4Refusal(Architecture):
+    """Recognises the SD x4 upscaler checkpoint in any spandrel-based loader (ComfyUI's 'Load Upscale
+    Model' included) and refuses it with a message saying what to do, instead of 'unsupported model'."""
+
+    def __init__(self):
+        super().__init__(id="DreamForgeSDX4Upscaler", name="Stable Diffusion x4 upscaler",
+                         detect=looks_like_sd_x4_state_dict)
+
+    def load(self, state_dict):
+        raise UpscalerError(f"this file is the {SD_X4_MESSAGE}")
+
+
+def register_sd_x4_refusal() -> None:
+    """Add the refusal to spandrel's main registry once (it is checked before the real architectures)."""
+    if all(s.architecture.id != "DreamForgeSDX4Upscaler" for s in MAIN_REGISTRY.architectures()):
+        MAIN_REGISTRY.add(ArchSupport.from_architecture(_SDX4Refusal()))
 
 
 def _meta_copy(model: torch.nn.Module) -> torch.nn.Module:

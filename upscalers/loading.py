@@ -39,6 +39,14 @@ def _sha256_cached(path: str, _size: int, _mtime_ns: int) -> str:  # size/mtime 
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A GAN checkpoint's tensors on the CPU; the SD x4 upscaler is recognised before it is read."""
+    path = Path(path)
+    if path.is_file() and is_sd_x4_upscaler(path):
+        raise UpscalerError(f"{path.name} is the {SD_X4_MESSAGE}")
+    return read_weights(path)
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a checkpoint's tensors on the CPU. .safetensors directly; pickles with weights_only."""
     path = Path(path)
     if not path.is_file():
@@ -46,8 +54,6 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     ext = path.suffix.lower()
     if ext not in WEIGHT_EXTENSIONS:
         raise UpscalerError(f"{path.name}: unsupported model file type {ext!r}; expected one of {', '.join(WEIGHT_EXTENSIONS)}")
-    if is_sd_x4_upscaler(path):
-        raise UpscalerError(f"{path.name} is the {SD_X4_MESSAGE}")
     try:
         if ext == ".safetensors":
             sd = load_file(str(path), device="cpu")
@@ -73,7 +79,7 @@ def is_sd_x4_upscaler(path: str | os.PathLike) -> bool:
             for key in _SD_X4_UNET_IN:
                 if key in fh.keys():
                     shape = fh.get_slice(key).get_shape()
-                    return len(shape) == 4 and shape[1] == 7 and shape[0] == 256
+                    return _is_x4_unet_input(key, shape)
     except Exception:  # noqa: BLE001 - an unreadable header is reported by the real load
         return False
     return False
@@ -82,6 +88,14 @@ def is_sd_x4_upscaler(path: str | os.PathLike) -> bool:
 def looks_like_sd_x4_state_dict(sd: dict) -> bool:
     for key in _SD_X4_UNET_IN:
         t = sd.get(key)
-        if isinstance(t, torch.Tensor) and t.ndim == 4 and t.shape[1] == 7 and t.shape[0] == 256:
+        if isinstance(t, torch.Tensor) and _is_x4_unet_input(key, tuple(t.shape)):
             return True
     return False
+
+
+def _is_x4_unet_input(key: str, shape) -> bool:
+    # The LDM key is unambiguous at any width; the bare diffusers name could belong to another model,
+    # so there the published width (256) is required too.
+    if len(shape) != 4 or shape[1] != 7:
+        return False
+    return key.startswith("model.diffusion_model.") or shape[0] == 256

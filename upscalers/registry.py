@@ -2,26 +2,109 @@
 from __future__ import annotations
 
 import math
+import os
+import re
 from dataclasses import dataclass
 
 from .base import Capabilities, UpscalerError
 
 IMPLS = ("auto", "diffusion", "gan")
-AVAILABLE_IMPLS = ("gan",)  # diffusion (SD x4) is a later release
+ENV_DEFAULT_IMPL = "DREAMFORGE_DEFAULT_IMPL"  # operators: the impl inputs' default (auto/diffusion/gan)
+DIFFUSION_NATIVE = 4
+AUTO_DIFFUSION_FROM = 3.0  # auto: scales below this run a GAN (x2 territory), from it up the SD x4 model
 
 
-def resolve_load_impl(impl: str) -> str:
-    """The implementation Load Upscaler loads for `impl`."""
+def default_impl() -> str:
+    value = os.environ.get(ENV_DEFAULT_IMPL, "auto").strip().lower() or "auto"
+    if value not in IMPLS:
+        raise UpscalerError(f"{ENV_DEFAULT_IMPL}={value!r}: set it to one of {', '.join(IMPLS)} (or unset it)")
+    return value
+
+
+def resolve_load_impl(impl: str, is_diffusion_model: bool, name: str) -> str:
+    """What Load Upscaler loads: auto follows the model; an explicit impl must match it."""
     if impl not in IMPLS:
         raise UpscalerError(f"impl must be one of {', '.join(IMPLS)}; got {impl!r}")
-    if impl == "auto":
-        return "gan"
-    if impl not in AVAILABLE_IMPLS:
+    found = "diffusion" if is_diffusion_model else "gan"
+    if impl in ("auto", found):
+        return found
+    if impl == "diffusion":
         raise UpscalerError(
-            f"impl {impl!r} (the Stable Diffusion x4 upscaler) is not available in this version of DreamForge "
-            "Upscale yet; choose impl 'gan' or 'auto' with a GAN model from models/upscale_models."
+            f"impl 'diffusion' needs the Stable Diffusion x4 upscaler, but {name} is a GAN model. Choose "
+            "x4-upscaler-ema.safetensors (models/checkpoints or models/upscale_models) or its diffusers folder "
+            "(models/diffusers), or set impl to 'gan' / 'auto'."
         )
-    return impl
+    raise UpscalerError(f"impl 'gan': {name} is the Stable Diffusion x4 upscaler (a diffusion model); "
+                        "set impl to 'diffusion' or 'auto', or choose a GAN model.")
+
+
+@dataclass(frozen=True)
+class RunChoice:
+    impl: str  # "gan" | "diffusion"
+    use_loaded: bool  # run the connected upscaler (else a GAN found in the model folders)
+    gan_scale: int  # preferred native scale of that GAN (2 or 4)
+    reason: str
+
+
+def choose_run(impl: str, scale: float | None, loaded_impl: str) -> RunChoice:
+    """Which implementation a Tiled Upscale request runs, given what Load Upscaler loaded.
+
+    auto: a GAN for ~2x (x2plus when present, else a x4 GAN then downsampling), the diffusion model
+    for 4x when one is loaded, else the loaded GAN. diffusion: the loaded SD x4 model (scale 2 runs
+    x4 then downsamples unless strict_scale). gan: the loaded GAN, or a GAN from the model folders
+    when the connected upscaler is the diffusion model.
+    """
+    if impl not in IMPLS:
+        raise UpscalerError(f"impl must be one of {', '.join(IMPLS)}; got {impl!r}")
+    target = float(scale) if scale else float(DIFFUSION_NATIVE if loaded_impl == "diffusion" else 0)
+    gan_scale = 2 if 0 < target < AUTO_DIFFUSION_FROM else 4
+    if impl == "diffusion":
+        if loaded_impl != "diffusion":
+            raise UpscalerError(
+                "impl 'diffusion' needs the Stable Diffusion x4 upscaler: load it with 'Load Upscaler' (impl "
+                "diffusion or auto) and connect that, or set impl to 'gan' / 'auto'."
+            )
+        return RunChoice("diffusion", True, gan_scale, "impl diffusion")
+    if loaded_impl == "gan":
+        return RunChoice("gan", True, gan_scale, f"impl {impl}: the connected GAN model")
+    if impl == "gan":
+        return RunChoice("gan", False, gan_scale, "impl gan: the connected upscaler is the diffusion model, so a GAN "
+                                                  "from models/upscale_models runs instead")
+    if target < AUTO_DIFFUSION_FROM:
+        return RunChoice("gan", False, gan_scale, f"impl auto: scale {target:g} < {AUTO_DIFFUSION_FROM:g} runs a GAN "
+                                                  "(faster, and SD x4 is trained for 4x)")
+    return RunChoice("diffusion", True, gan_scale, f"impl auto: scale {target:g} runs the diffusion model")
+
+
+def strict_scale_error(impl: str, scale: float | None) -> str | None:
+    """Before any work (and as a queue-time validation): impl diffusion only makes 4x and its powers."""
+    if impl != "diffusion" or not scale:
+        return None
+    passes = round(math.log(scale, DIFFUSION_NATIVE)) if scale > 0 else 0
+    if passes >= 1 and math.isclose(DIFFUSION_NATIVE**passes, scale, rel_tol=0, abs_tol=1e-9):
+        return None
+    return (f"strict_scale: impl diffusion (SD x4 upscaler, native x4) cannot produce scale {scale:g} natively; "
+            "use scale 4 (or 16), untick strict_scale to downsample/resample, or choose impl gan/auto.")
+
+
+_GAN_NAMES = {2: ("RealESRGAN_x2plus",), 4: ("RealESRGAN_x4plus", "4x-UltraSharp", "RealESRGAN_x4plus_anime_6B")}
+
+
+def pick_gan(names: list[str], native: int) -> str | None:
+    """The GAN file to run for a native scale: Real-ESRGAN first, then any name saying x2/x4 (2x falls back to 4x)."""
+    def score(name: str, want: int) -> int | None:
+        stem = os.path.splitext(os.path.basename(name))[0]
+        if stem in _GAN_NAMES.get(want, ()):
+            return _GAN_NAMES[want].index(stem)
+        if re.search(rf"(^|[^0-9])(x{want}|{want}x)([^0-9]|$)", stem, re.IGNORECASE):
+            return 100
+        return None
+
+    for want in ((2, 4) if native == 2 else (4,)):
+        ranked = sorted((s, n) for n in names if (s := score(n, want)) is not None)
+        if ranked:
+            return ranked[0][1]
+    return None
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from typing import Callable, Union
 
 import torch
 
-from ..tiling import RunHooks, choose_tile, free_bytes, resize, run_tiled, target_size
+from ..tiling import RunHooks, TileOOMError, choose_tile, free_bytes, is_out_of_memory, resize, run_tiled, target_size
 from ..tiling.memory import BUDGET_FRACTION, canvas_bytes
 from .base import Upscaler, UpscalerError
 from .dtypes import cpu_bf16_accelerated, dtype_name
@@ -74,8 +74,30 @@ def _prompted(upscaler: Upscaler, prompt: Prompt, seed: int | None, hooks: RunHo
     return fn, hooks
 
 
+def tiles_internally(caps) -> bool:
+    """Generative backends (SD x4) plan their own tiles (latent tiles, tiled decode) and take options."""
+    return caps.takes_prompt and caps.tiling == "internal"
+
+
+def _generative_pass(upscaler: Upscaler, rgb: torch.Tensor, device: torch.device, hooks: RunHooks,
+                     prompt: Prompt, seed: int | None, options) -> tuple[torch.Tensor, dict]:
+    """Backends that take a prompt tile internally (latent tiles, tiled decode): one call per pass."""
+    batch, height, width, _ = rgb.shape
+    if hooks.prepare:
+        hooks.prepare(int(min(height * width, PREPARE_PIXELS) * batch * upscaler.capabilities.bytes_per_pixel
+                          * torch.finfo(upscaler.dtype).bits / 32))
+    text = prompt((0, 0, width, height)) if callable(prompt) else prompt
+    report: dict = {}
+    x = rgb.permute(0, 3, 1, 2).to(device=device, dtype=torch.float32)
+    y = upscaler.upscale_window(x, prompt=text, seed=seed, options=options, hooks=hooks, report=report)
+    report["prompt"] = text
+    if dataclasses.is_dataclass(options):
+        report["options"] = dataclasses.asdict(options)
+    return y.permute(0, 2, 3, 1).to(device=rgb.device, dtype=torch.float32), report
+
+
 def _one_pass(upscaler: Upscaler, rgb: torch.Tensor, tile: int, overlap: int, device: torch.device,
-              hooks: RunHooks, fn=None):
+              hooks: RunHooks, fn):
     caps = upscaler.capabilities
     batch, height, width, _ = rgb.shape
     per_px = caps.bytes_per_pixel * torch.finfo(upscaler.dtype).bits / 32
@@ -91,7 +113,7 @@ def _one_pass(upscaler: Upscaler, rgb: torch.Tensor, tile: int, overlap: int, de
             tile = choose_tile(height, width, batch, per_px, int(budget), caps.context)
     return run_tiled(
         rgb,
-        fn or upscaler.upscale_window,
+        fn,
         upscaler.scale,
         tile=tile,
         overlap=overlap,
@@ -118,17 +140,89 @@ def upscale(
     hooks: RunHooks | None = None,
     prompt: Prompt = None,
     seed: int | None = None,
+    options=None,
+    fallback: Callable[[], Upscaler] | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Upscale a ComfyUI IMAGE (B,H,W,C float) by `scale` (None/0 = native). Returns (image, receipt).
 
     Scales other than the native one run the fewest native passes that reach it, then resample to
     exactly round(H*s) x round(W*s). Alpha is resampled separately and re-attached.
     `prompt` (text, or a function of a tile's window box giving that tile's text) and `seed` go to
-    upscalers that take them (`capabilities.takes_prompt`) and are recorded in the receipt either way.
+    upscalers that take them (`capabilities.takes_prompt`, with their per-call `options`) and are
+    recorded in the receipt either way.
+    Out of memory after the tile retries: unless `strict_scale`, fall back to `fallback()` (a GAN,
+    offered for diffusion upscalers; the factory loads it where it runs), then to a plain Lanczos resize; the receipt's "fallbacks" lists
+    each step. The input image is never modified.
     """
-    started = time.perf_counter()
     hooks = hooks or RunHooks()
     check_image(image)
+    kw = dict(tile=tile, overlap=overlap, strict_scale=strict_scale, resample=resample, device=device, hooks=hooks,
+              prompt=prompt, seed=seed, options=options)
+    started = time.perf_counter()
+    chain: list[dict] = []
+    candidates: list[Callable[[], Upscaler]] = [lambda: upscaler]
+    if fallback is not None and upscaler.capabilities.impl != "gan":
+        candidates.append(fallback)
+    for i, candidate in enumerate(candidates):
+        current = None
+        try:
+            current = candidate()
+            # a fallback factory makes room for its own model: the hooks must not reload the first one
+            run_hooks = hooks if i == 0 else dataclasses.replace(hooks, prepare=None)
+            out, receipt = _upscale_once(current, image, scale, **{**kw, "hooks": run_hooks})
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory falls back; the rest is re-raised
+            if not (isinstance(exc, TileOOMError) or is_out_of_memory(exc, hooks.oom_errors)):
+                raise
+            label = current.source.file if current is not None else "fallback model"
+            impl = current.capabilities.impl if current is not None else "gan"
+            if strict_scale:
+                raise UpscalerError(
+                    f"out of memory running impl {impl} ({label}) even with the smallest tiles, and strict_scale "
+                    "forbids falling back to another method. Fix: free memory (other models), lower 'tile', use a "
+                    "smaller image, or untick strict_scale to allow the GAN / Lanczos fallbacks."
+                ) from None
+            chain.append({"impl": impl, "model": label, "result": "out of memory", "detail": str(exc)[:200]})
+            del exc
+            continue
+        if chain:
+            receipt["fallbacks"] = chain + [{"impl": receipt["impl"], "model": receipt["model"]["file"], "result": "ok"}]
+            receipt["seconds"] = round(time.perf_counter() - started, 3)
+        return out, receipt
+    return _lanczos_fallback(image, scale, upscaler, resample, chain, started)
+
+
+def _lanczos_fallback(image, scale, upscaler, resample, chain, started) -> tuple[torch.Tensor, dict]:
+    """Last resort: an antialiased resize to the requested size (no model); alpha is kept."""
+    factor = float(scale) if scale else float(max(upscaler.capabilities.native_scales))
+    _, height, width, channels = image.shape
+    out_h, out_w = target_size(height, width, factor)
+    out = resize(image if channels != 1 else image.expand(-1, -1, -1, 3), out_h, out_w, resample)
+    chain.append({"impl": "resample", "model": resample, "result": "ok"})
+    return out, {
+        "impl": "resample", "model": {"file": resample}, "native_scale": 1, "requested_scale": factor, "passes": 0,
+        "resampled": {"from_scale": 1, "method": resample}, "input_size": [width, height],
+        "output_size": [out_w, out_h], "batch": image.shape[0], "alpha": "resampled" if channels == 4 else None,
+        "dtype": "fp32", "device": "cpu", "tile_plan": None, "retries": [], "fallbacks": chain,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def _upscale_once(
+    upscaler: Upscaler,
+    image: torch.Tensor,
+    scale: float | None,
+    *,
+    tile: int,
+    overlap: int,
+    strict_scale: bool,
+    resample: str,
+    device: torch.device | None,
+    hooks: RunHooks,
+    prompt: Prompt,
+    seed: int | None,
+    options,
+) -> tuple[torch.Tensor, dict]:
+    started = time.perf_counter()
     if tile < 0 or overlap < 0:
         raise UpscalerError(f"tile and overlap must be >= 0 (tile 0 = auto); got tile={tile}, overlap={overlap}")
     caps = upscaler.capabilities
@@ -149,6 +243,11 @@ def upscale(
     passes, retries, tile_prompts = [], [], []
     out = rgb
     for _ in range(splan.passes):
+        if tiles_internally(caps):
+            out, report = _generative_pass(upscaler, out, device, hooks, prompt, seed, options)
+            retries.extend(report.pop("retries", []))
+            passes.append(report)
+            continue
         record: list = []
         fn, pass_hooks = _prompted(upscaler, prompt, seed, hooks, record)
         result = _one_pass(upscaler, out, tile, overlap, device, pass_hooks, fn)
@@ -182,12 +281,17 @@ def upscale(
         "seconds": round(time.perf_counter() - started, 3),
     }
     if prompt is not None or seed is not None:
-        if callable(prompt):
+        if callable(prompt) and not tiles_internally(caps):
             receipt["prompt"] = {"per_tile": tile_prompts[0] if len(tile_prompts) == 1 else tile_prompts}
+        elif callable(prompt):
+            receipt["prompt"] = [p.get("prompt") for p in passes]
         else:
             receipt["prompt"] = prompt
         receipt["prompt_used"] = bool(getattr(caps, "takes_prompt", False))
         receipt["seed"] = seed
+    if tiles_internally(caps):  # the seed drawn when none was given, so the image can be reproduced
+        receipt["seed"] = passes[0].get("seed", seed)
+        receipt["prompt_used"] = True
     if upscaler.dtype == torch.bfloat16 and device.type == "cpu" and not cpu_bf16_accelerated():
         receipt["notes"] = ["bf16 is emulated on this CPU (no AVX512-BF16/AMX) and runs slower than fp32"]
     return out, receipt

@@ -1,0 +1,168 @@
+#!/usr/bin/env python
+"""Benchmark the SD x4 path (tiny random components, CPU): tiling overhead and peak memory vs size.
+
+Real weights are not available here, so the components are the published architecture at small
+widths (tests/tiny_sdx4.py). ComfyUI core has no tiled sampling for this model (and its model
+detection only accepts the full-width UNet), so the reference is our own untiled pass.
+
+* overhead -- a 384x384 photo: denoising untiled vs 2x2 latent tiles with the default overlap (32),
+              decoding untiled vs the default tiled decode (windows <= 256 latent px, shared GroupNorm
+              statistics); interleaved repeats, medians.
+* memory   -- narrow components (8 base channels), one step, inputs 256 -> 512 -> 1024 with the host
+              reporting 1.5 GB free (auto tiling plans within it): peak resident memory above the
+              baseline, one fresh subprocess per size, against the float32 output canvas.
+
+    .venv/bin/python benchmarks/bench_sdx4.py             # ~6 min on 2 idle cores
+    .venv/bin/python benchmarks/bench_sdx4.py --quick     # small sizes, smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO / "scripts"), str(REPO / "tests"), str(REPO / "benchmarks")]
+
+MEMORY_CHILD = r'''
+import json, sys
+sys.path[:0] = sys.argv[1:4]
+import pack_import; pack_import.install()
+import numpy as np, torch
+from PIL import Image
+from skimage import data
+import tiny_sdx4
+from peak_memory import measure_peak, trim_heap
+from dreamforge_upscale.tiling import RunHooks
+from dreamforge_upscale.upscalers import upscale
+from dreamforge_upscale.upscalers.base import ModelSource
+from dreamforge_upscale.upscalers.sdx4 import SDX4Options, SDX4Upscaler
+from dreamforge_upscale.upscalers.sdx4.components import SDX4Components, clip_tokenizer
+size, budget = int(sys.argv[4]), int(sys.argv[5])
+unet, vae, text = tiny_sdx4.build_components(0, unet_channels=8, vae_channels=8, groups=8)
+model = SDX4Upscaler(SDX4Components(unet, vae, text, clip_tokenizer(tiny_sdx4.clip_tokenizer_dir())),
+                     ModelSource("tiny", None, "bench"))
+photo = Image.fromarray(data.astronaut()).resize((size, size), Image.BICUBIC)
+image = torch.from_numpy(np.asarray(photo).copy()).float().div(255)[None]
+opts = SDX4Options(steps=1)
+upscale(model, image[:, :32, :32], options=opts, seed=0)
+trim_heap()
+r = measure_peak(lambda: upscale(model, image, options=opts, seed=0, hooks=RunHooks(free_bytes=lambda d: budget)))
+out, receipt = r.value
+print(json.dumps({"size": size, "seconds": r.seconds, "peak_above": r.above, "canvas": out.numel() * 4,
+                  "unet_tiles": receipt["tile_plan"]["unet_tiles"]["count"],
+                  "vae_tiles": receipt["tile_plan"]["vae_tiles"]["count"]}))
+'''
+
+
+def photo(size: int):
+    import numpy as np
+    import torch
+    from PIL import Image
+    from skimage import data
+
+    img = Image.fromarray(data.astronaut()).resize((size, size), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(img).copy()).float().div(255).permute(2, 0, 1)[None]
+
+
+def overhead(size: int, repeats: int, steps: int) -> dict:
+    import pack_import
+
+    pack_import.install()
+    import torch
+
+    import tiny_sdx4
+    from dreamforge_upscale.tiling import RunHooks
+    from dreamforge_upscale.tiling.latent_denoise import plan_latent
+    from dreamforge_upscale.upscalers.base import ModelSource
+    from dreamforge_upscale.upscalers.sdx4 import SDX4Options, SDX4Upscaler, sampler
+    from dreamforge_upscale.upscalers.sdx4.components import SDX4Components, clip_tokenizer
+
+    unet, vae, text = tiny_sdx4.build_components(0)
+    model = SDX4Upscaler(SDX4Components(unet, vae, text, clip_tokenizer(tiny_sdx4.clip_tokenizer_dir())),
+                         ModelSource("tiny", None, "bench"))
+    x = photo(size)
+    tile = (size + 32) // 2 + 16  # 2x2 latent tiles with the default overlap
+    hooks = RunHooks()
+    with torch.inference_mode():
+        embeds = sampler.encode_prompt(model.comps, "a photo", "", 1, True, x.device)
+        lat = sampler.denoise(model.comps, x, embeds, SDX4Options(steps=1), 0, x.device, torch.float32, hooks, {})
+    variants = {
+        "denoise_untiled": lambda: sampler.denoise(model.comps, x, embeds, SDX4Options(steps=steps, tile=0), 0,
+                                                   x.device, torch.float32, hooks, {}),
+        "denoise_tiled": lambda: sampler.denoise(model.comps, x, embeds, SDX4Options(steps=steps, tile=tile), 0,
+                                                 x.device, torch.float32, hooks, {}),
+        "decode_untiled": lambda: sampler.decode(model.comps, lat, SDX4Options(vae_tile=size), x.device,
+                                                 torch.float32, hooks, {}),
+        "decode_tiled": lambda: sampler.decode(model.comps, lat, SDX4Options(), x.device, torch.float32, hooks, {}),
+    }
+    for fn in variants.values():  # warm-up: threads, allocator, first-call initialisation
+        with torch.inference_mode():
+            fn()
+    times = {k: [] for k in variants}
+    for r in range(repeats):
+        order = list(variants)[r % 4:] + list(variants)[:r % 4]
+        for name in order:
+            start = time.perf_counter()
+            with torch.inference_mode():
+                variants[name]()
+            times[name].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    report = {}
+    sampler.decode(model.comps, lat, SDX4Options(), x.device, torch.float32, hooks, report)
+    return {
+        "size": size, "steps": steps, "latent_tiles": plan_latent(size, size, tile, 32).count,
+        "vae_tiles": report["vae_tiles"]["count"], "seconds": med,
+        "denoise_ratio": med["denoise_tiled"] / med["denoise_untiled"],
+        "decode_ratio": med["decode_tiled"] / med["decode_untiled"],
+        "total_ratio": (med["denoise_tiled"] + med["decode_tiled"]) / (med["denoise_untiled"] + med["decode_untiled"]),
+    }
+
+
+def memory(size: int, budget: int) -> dict:
+    args = [sys.executable, "-c", MEMORY_CHILD, str(REPO / "scripts"), str(REPO / "tests"), str(REPO / "benchmarks"),
+            str(size), str(budget)]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=1800)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-2000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    size, repeats, steps = (128, 1, 2) if args.quick else (384, 3, 4)
+    sizes = (128, 256) if args.quick else (256, 512, 1024)
+    budget = 1536 * 2**20
+    o = overhead(size, repeats, steps)
+    mem = [memory(s, budget) for s in sizes]
+    print(f"\nSD x4 tiling overhead, tiny model, {o['size']}x{o['size']} input, {o['steps']} steps (medians of {repeats})")
+    print("| stage | untiled s | tiled s | tiled / untiled | target |")
+    print("|---|---|---|---|---|")
+    s = o["seconds"]
+    print(f"| denoise ({o['latent_tiles']} latent tiles, overlap 32) | {s['denoise_untiled']:.2f} | "
+          f"{s['denoise_tiled']:.2f} | {o['denoise_ratio']:.2f}x | <= 1.25x |")
+    print(f"| decode ({o['vae_tiles']} tiles, pad 16, shared GroupNorm stats) | {s['decode_untiled']:.2f} | "
+          f"{s['decode_tiled']:.2f} | {o['decode_ratio']:.2f}x | |")
+    print(f"| both | | | {o['total_ratio']:.2f}x | |")
+    print(f"\nSD x4 peak memory vs input size (narrow tiny model, 1 step, host reports {budget >> 20} MB free)")
+    print("| input | output | unet tiles | vae tiles | seconds | peak above baseline MB | canvas MB | peak growth "
+          "| canvas growth |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for prev, m in zip([None] + mem, mem):
+        growth = f"{m['peak_above'] / prev['peak_above']:.2f}x" if prev else "-"
+        canvas = f"{m['canvas'] / prev['canvas']:.2f}x" if prev else "-"
+        print(f"| {m['size']}² | {4 * m['size']}² | {m['unet_tiles']} | {m['vae_tiles']} | {m['seconds']:.1f} | "
+              f"{m['peak_above'] / 2**20:.0f} | {m['canvas'] / 2**20:.0f} | {growth} | {canvas} |")
+    if args.json:
+        args.json.write_text(json.dumps({"overhead": o, "memory": mem}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""The SD x4 upscaler behind the Upscaler protocol (impl "diffusion")."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ...tiling import RunHooks
+from ..base import Capabilities, ModelSource, UpscalerError
+from ..dtypes import DTYPE_NAMES, DTYPES, dtype_name
+from ..loading import read_weights, sha256_of
+from ..provenance import receipt_provenance
+from . import sampler
+from .components import SDX4Components, is_sdx4_folder, load_diffusers_folder
+from .sampler import SDX4Options
+from .single_file import is_sdx4_state_dict, load_single_file
+
+DEFAULT_PROMPT = "high quality, detailed"
+
+
+class SDX4Modules(torch.nn.Module):
+    """One plain module holding the three networks, for memory managers (ComfyUI's ModelPatcher sets
+    `.device` on what it manages, which diffusers models expose as a read-only property)."""
+
+    def __init__(self, unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module):
+        super().__init__()
+        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
+
+
+def select_dtypes(requested: str, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """(UNet + text encoder dtype, VAE dtype). The VAE decoder breaks in fp16: fp32 or bf16 only."""
+    if requested not in ("auto",) + DTYPE_NAMES:
+        raise UpscalerError(f"dtype must be one of auto, {', '.join(DTYPE_NAMES)}; got {requested!r}")
+    if requested == "auto":
+        if device.type != "cuda":
+            return torch.float32, torch.float32
+        vae = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.float16, vae
+    if requested == "fp16" and device.type == "cpu":
+        raise UpscalerError("dtype fp16 is not supported on the CPU; choose bf16 or fp32 (or auto)")
+    unet = DTYPES[requested]
+    return unet, (torch.bfloat16 if unet == torch.bfloat16 else torch.float32)
+
+
+class SDX4Upscaler:
+    """Stable Diffusion x4 upscaler: prompt-guided 4x with latent-tiled denoising and tiled decode.
+
+    Load-time choices (weights, dtypes, attention slicing, offload) live here; every per-call setting
+    (prompt, seed, steps, tiles, hooks) is passed to `upscale_window`.
+    """
+
+    def __init__(self, comps: SDX4Components, source: ModelSource, dtype: torch.dtype = torch.float32,
+                 vae_dtype: torch.dtype = torch.float32, attention_slicing: bool = False, offload: bool = False):
+        if vae_dtype == torch.float16:
+            raise UpscalerError("the SD x4 VAE decoder produces wrong results in fp16; use fp32 or bf16 for it")
+        self.comps, self.source = comps, source
+        self.dtype, self.vae_dtype, self.offload = dtype, vae_dtype, offload
+        for module, wanted in ((comps.unet, dtype), (comps.text_encoder, dtype), (comps.vae, vae_dtype)):
+            if next(module.parameters()).dtype != wanted:
+                module.to(dtype=wanted)
+        if attention_slicing:
+            comps.unet.set_attention_slice("auto")
+        self.holder = SDX4Modules(comps.unet, comps.vae, comps.text_encoder).eval().requires_grad_(False)
+        self.capabilities = Capabilities(
+            impl="diffusion", native_scales=(sampler.VAE_SCALE,), dtypes=("fp32", "fp16", "bf16"), size_multiple=1,
+            min_size=1, square=False, context=0, tiling="internal",
+            bytes_per_pixel=sampler.unet_bytes_per_pixel(comps, torch.float32, cfg=True),
+            in_channels=3, out_channels=3, takes_prompt=True,
+        )
+
+    @property
+    def scale(self) -> int:
+        return sampler.VAE_SCALE
+
+    def module(self) -> torch.nn.Module:
+        return self.holder
+
+    def _use(self, module: torch.nn.Module, device: torch.device) -> None:
+        """With offload, only the network in use sits on the device."""
+        if self.offload:
+            for m in (self.comps.unet, self.comps.vae, self.comps.text_encoder):
+                if m is not module:
+                    m.to("cpu")
+        module.to(device)
+
+    def upscale_window(self, x: torch.Tensor, prompt: str | None = None, seed: int | None = None,
+                       options: SDX4Options | None = None, hooks: RunHooks | None = None,
+                       report: dict | None = None) -> torch.Tensor:
+        """x: B,3,h,w in 0..1 -> B,3,4h,4w in 0..1 (float32). `report` receives tiles, retries and the seed."""
+        opts = options or SDX4Options()
+        opts.check(self.comps.max_noise_level)
+        hooks = hooks or RunHooks()
+        report = report if report is not None else {}
+        seed = sampler.new_seed() if seed is None else int(seed)
+        report["seed"] = seed
+        device = x.device
+        cfg = opts.guidance > 1.0
+        with torch.inference_mode():
+            self._use(self.comps.text_encoder, device)
+            embeds = sampler.encode_prompt(self.comps, DEFAULT_PROMPT if prompt is None else prompt,
+                                           opts.negative_prompt, x.shape[0], cfg, device).to(self.dtype)
+            self._use(self.comps.unet, device)
+            latents = sampler.denoise(self.comps, x, embeds, opts, seed, device, self.dtype, hooks, report)
+            self._use(self.comps.vae, device)
+            image = sampler.decode(self.comps, latents, opts, device, self.vae_dtype, hooks, report)
+        return image.permute(0, 3, 1, 2)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, dtype: str = "auto", device: torch.device | None = None,
+             tokenizer_dir: str | os.PathLike | None = None, attention_slicing: bool = False,
+             offload: bool = False) -> "SDX4Upscaler":
+        """A diffusers folder or the official single file (.safetensors/.ckpt), offline."""
+        path = Path(path)
+        device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        unet_dtype, vae_dtype = select_dtypes(dtype, device)
+        if path.is_dir():
+            comps = load_diffusers_folder(path, tokenizer_dir)
+            source = ModelSource(path.name, None, "SD x4 upscaler (diffusers folder)", receipt_provenance(path, None))
+        else:
+            sd = read_weights(path)
+            if not is_sdx4_state_dict(sd):
+                raise UpscalerError(
+                    f"{path.name} is not the Stable Diffusion x4 upscaler; impl 'diffusion' needs x4-upscaler-ema"
+                    ".safetensors (models/checkpoints or models/upscale_models) or its diffusers folder (models/diffusers). "
+                    "For a GAN model choose impl 'gan' or 'auto'."
+                )
+            comps = load_single_file(path, tokenizer_dir, sd)
+            del sd
+            sha = sha256_of(path)
+            source = ModelSource(path.name, sha, "SD x4 upscaler (single file)", receipt_provenance(path, sha))
+        return cls(comps, source, unet_dtype, vae_dtype, attention_slicing, offload)
+
+    def describe(self) -> dict:
+        return {**self.source.describe(), "impl": "diffusion", "native_scale": self.scale,
+                "dtype": dtype_name(self.dtype), "vae_dtype": dtype_name(self.vae_dtype)}
+
+
+def is_sdx4_path(path: str | os.PathLike) -> bool:
+    from ..loading import is_sd_x4_upscaler
+
+    path = Path(path)
+    return is_sdx4_folder(path) if path.is_dir() else is_sd_x4_upscaler(path)
