@@ -54,4 +54,4 @@ def test_1024_to_4096_completes_within_a_hard_memory_limit():
     plan = result["receipt"]["tile_plan"]
     assert plan["unet_tiles"]["count"] > 1  # latent tiles chosen from the budget
     assert plan["vae_tiles"]["count"] > 1 and max(plan["vae_tiles"]["window"]) <= 256  # attention: one window
-    assert result["untiled_decode_bytes"] > 10 * budget  # an untiled decode could never have fitted
+    assert result["untiled_decode_bytes"] > 4 * budget  # an untiled decode could never have fitted
