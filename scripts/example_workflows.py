@@ -1,0 +1,291 @@
+"""The pack's example workflows: UI-format files in example_workflows/ (ComfyUI serves them as templates,
+each with a same-named .jpg thumbnail) and their API-format twins in example_workflows/api/.
+
+Shared by scripts/make_workflow_assets.py (which builds the UI files from the twins in the real
+frontend and makes the thumbnails from real runs) and by the tests (tests/test_browser_ui.py,
+tests/test_example_workflows.py).
+
+The workflows load the image `astronaut.png` with core Load Image (a user picks their own); the tests
+and the generator put scikit-image's astronaut photo into the server's input folder under that name.
+The Chain-of-Zoom prompt workflow names `Qwen2.5-VL-3B-Instruct` in models/LLM, a model nobody can
+download here: runs made here swap in a tiny random Qwen2-VL written offline (tests/tiny_vlm.py)
+under TINY_VLM, the only change a run variant makes (see `run_variant`).
+The SD x4 workflow names the diffusers folder a user has, `models/diffusers/stable-diffusion-x4-upscaler`
+(what `scripts/dreamforge_assets.py prefetch` installs); real weights cannot be had here either, so the
+runs made here put a tiny random SD x4 upscaler of the published architecture under that very name
+(tests/tiny_sdx4.py; `install_inputs`): the workflow runs unchanged, and its thumbnail says the
+weights were random.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+UI_DIR = REPO_ROOT / "example_workflows"
+API_DIR = UI_DIR / "api"
+INPUT_IMAGE = "astronaut.png"
+TINY_VLM = "tiny-qwen2-vl"
+SDX4_FOLDER = "stable-diffusion-x4-upscaler"  # in models/diffusers; listed as diffusers/<folder>
+PROMPT_MODEL_LOADER = "DreamForgeLoadPromptModel"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One UI workflow: its file name (without .json, = the API twin's), what it shows the user, and
+    which output becomes the thumbnail."""
+
+    name: str
+    note: str
+    thumbnail_node: str  # id of the SaveImage node whose output makes the .jpg
+    # "compare": the face, left half before (the input, or before_node's image), right half this output;
+    # "grid": the output's first four images (x0..x3 of a zoom loop), 2 x 2
+    thumbnail: str = "compare"
+    before_node: str | None = None
+    label: str = ""  # written on the thumbnail
+    # the generator runs it on the astronaut's face at this size instead of the whole photo (a model
+    # too slow on the CPU for 512 px; the tests run every example on the 128 px face anyway)
+    input_side: int | None = None
+
+    @property
+    def ui_path(self) -> Path:
+        return UI_DIR / f"{self.name}.json"
+
+    @property
+    def api_path(self) -> Path:
+        return API_DIR / f"{self.name}.json"
+
+    @property
+    def thumbnail_path(self) -> Path:
+        return UI_DIR / f"{self.name}.jpg"
+
+    def api(self) -> dict:
+        return json.loads(self.api_path.read_text())
+
+    def ui(self) -> dict:
+        return json.loads(self.ui_path.read_text())
+
+
+_LOAD = ("**Load Image**: pick your picture (the example uses `astronaut.png`; upload yours with the "
+         "node's *choose file to upload*).")
+EXAMPLES = [
+    Example("upscale_bundled_x4", "\n".join([
+        "## GAN x4 with the bundled model",
+        _LOAD,
+        "**Load Upscaler** ships with Real-ESRGAN `realesr-animevideov3` (2.4 MB, BSD-3): no download. Put more "
+        "models (`.pth` / `.safetensors`: Real-ESRGAN x4plus, SwinIR, HAT, DAT...) in `models/upscale_models`.",
+        "**ESRGAN Upscale**: `scale 0` = the model's native 4x; `tile 0` = auto (the largest tile that fits free "
+        "memory, seam-free). **Color Fix** (wavelet) keeps the input's colours. The receipt says what ran.",
+    ]), thumbnail_node="5", label="GAN x4 + Color Fix"),
+    Example("tiled_upscale_2x", "\n".join([
+        "## Tiled Upscale x2 (impl auto)",
+        _LOAD,
+        "**Tiled Upscale** at any scale, exactly round(W·2) × round(H·2). `impl auto` picks a GAN for ~2x: "
+        "RealESRGAN_x2plus when it is in models/upscale_models, else the connected 4x model (here the bundled "
+        "one), one pass, then an exact antialiased resample. `strict_scale` refuses scales that need "
+        "resampling. Tiles are equal, feathered and read with real context: no seams. The receipt says what ran "
+        "and why.",
+    ]), thumbnail_node="4", label="Tiled Upscale x2"),
+    Example("tiled_upscale_4x", "\n".join([
+        "## Tiled Upscale x4 (impl auto)",
+        _LOAD,
+        "**Tiled Upscale** at 4x. `impl auto` runs the Stable Diffusion x4 upscaler when Load Upscaler loaded "
+        "it (prompt, seed, steps... apply), else the connected GAN at its native 4x (no resampling). `tile 0` "
+        "picks the tile from free memory; on out-of-memory the tile is halved and the run restarted (each retry "
+        "is in the receipt).",
+    ]), thumbnail_node="4", label="Tiled Upscale x4"),
+    Example("sdx4_tiled_4x", "\n".join([
+        "## SD x4 tiled 4x with a prompt",
+        _LOAD,
+        "**Load Upscaler**: the Stable Diffusion x4 upscaler (`impl diffusion`). Put the diffusers folder of "
+        "`stabilityai/stable-diffusion-x4-upscaler` in `models/diffusers/stable-diffusion-x4-upscaler` (listed as "
+        "`diffusers/stable-diffusion-x4-upscaler`; `scripts/dreamforge_assets.py prefetch` puts it there), or "
+        "`x4-upscaler-ema.safetensors` in models/checkpoints (listed as `checkpoints/...`). Nothing is downloaded.",
+        "**SDX4 Upscale**: `prompt` describes the photo, `negative_prompt` what to avoid; 20 DDIM steps, guidance "
+        "7.5, noise_level 20 (higher invents more detail, lower stays closer to the input), a fixed seed (same "
+        "seed, same image). `tile 64` / `overlap 16` denoise the latent in equal tiles of at most 64 px, "
+        "blended with a cos² feather: one coherent image, no seams (`tile 0` = auto, from free memory). "
+        "`vae_tile 0` = auto decode tiles. The receipt lists tiles, seed, steps and time.",
+        "*Thumbnail*: a CI run with tiny **random** weights (the noise on the right) under that folder name; "
+        "the real weights give a real 4x image.",
+    ]), thumbnail_node="4", label="SD x4 tiled, tiny random weights (CI)", input_side=128),
+    Example("coz_prompt_loop", "\n".join([
+        "## Chain-of-Zoom Loop, 4 steps, prompts from a prompt model",
+        _LOAD,
+        "**Load Prompt Model** needs a vision-language model folder in `models/LLM/` (e.g. the whole "
+        "`Qwen2.5-VL-3B-Instruct` folder; nothing is downloaded). **Prompt from Image** describes the picture; "
+        "the **Loop** zooms 4x into the centre per step (x0..x4 = 1x..256x) with a prompt per step.",
+        "With the bundled GAN the prompts are recorded but do not steer it; a diffusion 4x upscaler uses them.",
+    ]), thumbnail_node="6", thumbnail="grid", label="Chain-of-Zoom 1x 4x 16x 64x"),
+    Example("coz_upscale_2_5x", "\n".join([
+        "## Chain-of-Zoom Upscale x2.5 (whole image)",
+        _LOAD,
+        "**Chain-of-Zoom Upscale**: ceil(log4 2.5) = 1 pass of the 4x upscaler over the whole image (tiled), "
+        "a colour fix per pass, then one exact resize to round(W·2.5) × round(H·2.5). Connect a prompt model "
+        "for a prompt per tile.",
+    ]), thumbnail_node="4", label="Chain-of-Zoom x2.5"),
+    Example("color_fix_after_gan", "\n".join([
+        "## Color Fix after a GAN upscale",
+        _LOAD,
+        "ComfyUI's own **Load Upscale Model** + **Upscale Image (using Model)** (the bundled model is listed "
+        "there too), then **Color Fix (DreamForge)** against the input: wavelet keeps the GAN's detail and the "
+        "input's low frequencies (colour); adain matches mean/std per channel. Compare before / after.",
+    ]), thumbnail_node="5", before_node="6", label="Color Fix after GAN"),
+]
+BY_NAME = {e.name: e for e in EXAMPLES}
+
+
+def ui_workflow_files() -> list[Path]:
+    """Every UI-format workflow at the top of example_workflows/ (what ComfyUI lists as templates)."""
+    return sorted(UI_DIR.glob("*.json"))
+
+
+def api_twin_files() -> list[Path]:
+    return sorted(API_DIR.glob("*.json"))
+
+
+# ------------------------------------------------------------------------------------- inputs
+def astronaut(size: int | None = None):
+    """scikit-image's astronaut photo (512 x 512 RGB); `size`: its face, cropped square and resized."""
+    from PIL import Image
+    from skimage import data
+
+    img = data.astronaut()
+    if size is None:
+        return img
+    import numpy as np
+
+    face = Image.fromarray(img[16:176, 160:320])  # 160 x 160 around the face
+    return np.asarray(face.resize((size, size), Image.Resampling.LANCZOS))
+
+
+def _tests_on_path() -> None:
+    tests_dir = str(REPO_ROOT / "tests")
+    if tests_dir not in sys.path:
+        sys.path.insert(0, tests_dir)
+
+
+def install_inputs(server, *, image_size: int | None = None, prompt_model: bool = True, sdx4: bool = True) -> None:
+    """Put astronaut.png (full size, or the face at `image_size`) into the server's input folder, the
+    tiny VLM into its models/LLM and a tiny random SD x4 upscaler into models/diffusers/SDX4_FOLDER
+    (before the page's /object_info lists the folders; ComfyUI re-lists them on change)."""
+    server.add_input_image(astronaut(image_size), INPUT_IMAGE)
+    if prompt_model:
+        folder = Path(server.base) / "models" / "LLM" / TINY_VLM
+        if not (folder / "config.json").is_file():
+            _tests_on_path()
+            from tiny_vlm import save_tiny_vlm
+
+            save_tiny_vlm(folder)
+    if sdx4:
+        install_tiny_sdx4(Path(server.base) / "models" / "diffusers" / SDX4_FOLDER)
+
+
+def install_tiny_sdx4(folder: Path) -> Path:
+    """The SD x4 upscaler's diffusers folder, published architecture at tiny widths, random weights
+    (tests/tiny_sdx4.py; ~60 MB, a few seconds). Written beside and renamed into place, so the loader
+    never lists a half-written folder. An existing folder is kept."""
+    if (folder / "model_index.json").is_file():
+        return folder
+    _tests_on_path()
+    import shutil
+    import tempfile
+
+    import tiny_sdx4
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="tiny-sdx4-", dir=folder.parent.parent))  # models/, not diffusers/
+    try:
+        tiny_sdx4.write_diffusers_folder(staging / folder.name, seed=0)
+        (staging / folder.name).rename(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+# ------------------------------------------------------------------------------------- API twins
+def run_variant(api: dict) -> dict:
+    """The API prompt as it runs here: prompt models swapped for the tiny offline VLM. Nothing else changes."""
+    g = copy.deepcopy(api)
+    for node in g.values():
+        if node["class_type"] == PROMPT_MODEL_LOADER:
+            node["inputs"]["model_name"] = TINY_VLM
+    return g
+
+
+def server_inputs(object_info: dict, class_type: str) -> set[str]:
+    spec = object_info[class_type]["input"]
+    return set(spec.get("required", {})) | set(spec.get("optional", {}))
+
+
+def api_differences(made: dict, twin: dict, object_info: dict) -> list[str]:
+    """Where an API prompt made by the frontend differs from the twin file (class, inputs the server
+    declares, titles). Frontend-only widget inputs the server ignores (e.g. PreviewAny's 'preview') are
+    left out. [] when they agree."""
+    problems = []
+    if set(made) != set(twin):
+        problems.append(f"node ids differ: frontend {sorted(made, key=int)} vs twin {sorted(twin, key=int)}")
+    for node_id in sorted(set(made) & set(twin), key=int):
+        a, b = made[node_id], twin[node_id]
+        if a["class_type"] != b["class_type"]:
+            problems.append(f"node {node_id}: class {a['class_type']} vs {b['class_type']}")
+            continue
+        known = server_inputs(object_info, a["class_type"])
+        ia = {k: v for k, v in a["inputs"].items() if k in known}
+        ib = {k: v for k, v in b["inputs"].items() if k in known}
+        for key in sorted(set(ia) | set(ib)):
+            if ia.get(key, "<absent>") != ib.get(key, "<absent>"):
+                problems.append(f"node {node_id} ({a['class_type']}).{key}: frontend {ia.get(key, '<absent>')!r} "
+                                f"vs twin {ib.get(key, '<absent>')!r}")
+        extra = set(b["inputs"]) - known
+        if extra:
+            problems.append(f"node {node_id} ({b['class_type']}): twin has inputs the server does not know: {sorted(extra)}")
+        ta, tb = a.get("_meta", {}).get("title"), b.get("_meta", {}).get("title")
+        if tb and ta != tb:
+            problems.append(f"node {node_id}: title {ta!r} vs twin {tb!r}")
+    return problems
+
+
+def format_api(prompt: dict, object_info: dict | None = None) -> str:
+    """An API prompt as the twins are written: a block per node, short inputs on one line, else one
+    input per line (in the order the server declares them), links inline as ["1", 0]."""
+    def order(node):
+        inputs = node["inputs"]
+        if object_info and node["class_type"] in object_info:
+            spec = object_info[node["class_type"]]["input"]
+            declared = [*spec.get("required", {}), *spec.get("optional", {})]
+            keys = [k for k in declared if k in inputs] + [k for k in inputs if k not in declared]
+            return {k: inputs[k] for k in keys}
+        return inputs
+
+    blocks = []
+    for node_id in sorted(prompt, key=lambda k: (len(k), k)):
+        node = prompt[node_id]
+        inputs = order(node)
+        one_line = json.dumps(inputs, ensure_ascii=False)
+        if len(one_line) <= 90:
+            inputs_text = one_line
+        else:
+            lines = [f"      {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}" for k, v in inputs.items()]
+            inputs_text = "{\n" + ",\n".join(lines) + "\n    }"
+        parts = [f'    "class_type": {json.dumps(node["class_type"])}', f'    "inputs": {inputs_text}']
+        if "_meta" in node:
+            parts.append(f'    "_meta": {json.dumps(node["_meta"], ensure_ascii=False)}')
+        blocks.append(f"  {json.dumps(node_id)}: {{\n" + ",\n".join(parts) + "\n  }")
+    text = "{\n" + ",\n".join(blocks) + "\n}\n"
+    assert json.loads(text) == prompt
+    return text
+
+
+def missing_required_inputs(api: dict, object_info: dict) -> list[str]:
+    """Required inputs of each node that the API prompt leaves out (e.g. a widget added to a node since)."""
+    out = []
+    for node_id, node in api.items():
+        required = object_info[node["class_type"]]["input"].get("required", {})
+        for name in required:
+            if name not in node["inputs"]:
+                out.append(f"node {node_id} ({node['class_type']}).{name}")
+    return out

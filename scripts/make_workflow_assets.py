@@ -1,0 +1,226 @@
+#!/usr/bin/env python
+"""Regenerate the UI-format example workflows and their thumbnails from the API twins, in the real
+ComfyUI frontend against a real headless ComfyUI server (CPU):
+
+    .venv/bin/python scripts/make_workflow_assets.py                 # all (see scripts/example_workflows.py)
+    .venv/bin/python scripts/make_workflow_assets.py --only tiled_upscale_2x
+    .venv/bin/python scripts/make_workflow_assets.py --update-api    # after a node gained an input
+
+For each example: the API twin (example_workflows/api/NAME.json) is built node by node in the page
+with the frontend's own node classes (LiteGraph.createNode, widgets set by name, sockets connected),
+laid out in columns, given a note, and exported with the app's own serializer (app.graphToPrompt(),
+what Export writes) to example_workflows/NAME.json. The API prompt the frontend makes from that graph
+must equal the twin (inputs the server declares, titles): a mismatch stops the script, unless
+--update-api, which rewrites the twin from the frontend's prompt (new inputs get their defaults).
+Then the written file is opened in the UI (Ctrl+O), run from the UI (Run) on scikit-image's
+astronaut photo, and the saved output becomes example_workflows/NAME.jpg (384 px: the face, left
+half the input enlarged bicubic or the image before the colour fix, right half the output; the
+Chain-of-Zoom loop: its states x0..x3, 2 x 2, 512 px). A screenshot of each loaded workflow goes
+to out/workflow_assets/. The prompt-model workflow runs with the tiny offline VLM in place of
+Qwen2.5-VL-3B-Instruct (the only change; see example_workflows.run_variant). The SD x4 workflow runs
+unchanged, with tiny random weights installed under the folder name it loads
+(models/diffusers/stable-diffusion-x4-upscaler), on the 128 px face (Example.input_side); its
+thumbnail is labelled as a run with random weights.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from comfy_browser import ComfyBrowser  # noqa: E402
+from comfy_headless import ComfyServer  # noqa: E402
+from example_workflows import (  # noqa: E402
+    BY_NAME, EXAMPLES, INPUT_IMAGE, PROMPT_MODEL_LOADER, REPO_ROOT, TINY_VLM, Example, api_differences, astronaut,
+    install_inputs, format_api, missing_required_inputs,
+)
+
+THUMB_MAX = 384
+GRID_CELL = 256
+JPEG_QUALITY = 82
+SCREENSHOTS = REPO_ROOT / "out" / "workflow_assets"
+
+
+def twin_from_frontend(made: dict, object_info: dict) -> dict:
+    """An API twin from the frontend's prompt: only inputs the server declares (FLOAT ones as floats:
+    JavaScript has one number type), with titles."""
+    out = {}
+    for node_id in sorted(made, key=int):
+        node = made[node_id]
+        spec = object_info[node["class_type"]]["input"]
+        declared = {**spec.get("required", {}), **spec.get("optional", {})}
+        inputs = {}
+        for key, value in node["inputs"].items():
+            if key not in declared:
+                continue
+            if declared[key][0] == "FLOAT" and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            inputs[key] = value
+        out[node_id] = {"class_type": node["class_type"], "inputs": inputs,
+                        "_meta": {"title": node.get("_meta", {}).get("title", node["class_type"])}}
+    return out
+
+
+def finish_workflow(workflow: dict, example: Example) -> dict:
+    """What a shared file should carry: a stable id, no saved view (ComfyUI fits the view on open)."""
+    workflow = json.loads(json.dumps(workflow))
+    workflow["id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"dreamforge-upscale/example_workflows/{example.name}"))
+    workflow.setdefault("extra", {}).pop("ds", None)
+    return workflow
+
+
+# the astronaut's face, as fractions of the picture (left, top, right, bottom)
+FACE = (0.33, 0.04, 0.63, 0.34)
+
+
+def _crop(im, box=FACE):
+    w, h = im.size
+    return im.crop((round(box[0] * w), round(box[1] * h), round(box[2] * w), round(box[3] * h)))
+
+
+def make_thumbnail(after: list[Path], before: Path | None, mode: str, dest: Path, label: str = "",
+                   box=FACE) -> tuple[int, int]:
+    """grid: the first four images 2 x 2; compare: the face (`box`; the whole picture when the run's input
+    was already the face), left half before, right half after; the label on a dark band at the bottom."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    images = [Image.open(p).convert("RGB") for p in after]
+    if mode == "grid":
+        cells = images[:4]
+        if len(cells) < 4:
+            raise SystemExit(f"{dest.name}: a grid thumbnail needs 4 images, the run saved {len(images)}")
+        thumb = Image.new("RGB", (2 * GRID_CELL, 2 * GRID_CELL))
+        for i, im in enumerate(cells):
+            cell = im.resize((GRID_CELL, GRID_CELL), Image.Resampling.LANCZOS)
+            thumb.paste(cell, ((i % 2) * GRID_CELL, (i // 2) * GRID_CELL))
+    elif mode == "compare":
+        side = THUMB_MAX
+        out = _crop(images[0], box).resize((side, side), Image.Resampling.LANCZOS)
+        with Image.open(before) as b:
+            # the input as it is, enlarged without adding detail (bicubic) to the same view
+            src = _crop(b.convert("RGB"), box).resize((side, side), Image.Resampling.BICUBIC)
+        thumb = out.copy()
+        thumb.paste(src.crop((0, 0, side // 2, side)), (0, 0))
+        ImageDraw.Draw(thumb).line([(side // 2, 0), (side // 2, side)], fill=(255, 255, 255), width=2)
+    else:
+        raise ValueError(mode)
+    if label:
+        draw = ImageDraw.Draw(thumb, "RGBA")
+        font = ImageFont.load_default(size=max(14, thumb.width // 18))
+        box = draw.textbbox((0, 0), label, font=font)
+        band = box[3] - box[1] + 14
+        draw.rectangle([(0, thumb.height - band), (thumb.width, thumb.height)], fill=(0, 0, 0, 170))
+        draw.text((10, thumb.height - band + 7 - box[1]), label, font=font, fill=(255, 255, 255))
+    thumb.save(dest, "JPEG", quality=JPEG_QUALITY, optimize=True, progressive=True)
+    return thumb.size
+
+
+def build_one(ui, server: ComfyServer, example: Example, object_info: dict, update_api: bool,
+              thumbnails: bool, image_size: int | None = None) -> dict:
+    api = example.api()
+    missing = missing_required_inputs(api, object_info)
+    if missing and not update_api:
+        raise SystemExit(f"{example.api_path.name}: inputs the nodes now require are missing: {missing}. "
+                         "Run again with --update-api to take their defaults from the frontend.")
+    built = ui.build_from_api(api, [example.note])
+    made = built["output"]
+    problems = api_differences(made, api, object_info)
+    if update_api:
+        fresh = twin_from_frontend(made, object_info)
+        text = format_api(fresh, object_info)
+        if text != example.api_path.read_text():
+            example.api_path.write_text(text)
+            print(f"  updated {example.api_path.relative_to(REPO_ROOT)} ({len(problems)} differences)")
+        api = fresh
+    elif problems:
+        raise SystemExit(f"{example.name}: the frontend's prompt differs from the twin:\n  " + "\n  ".join(problems))
+    workflow = finish_workflow(built["workflow"], example)
+    example.ui_path.write_text(json.dumps(workflow, indent=2) + "\n")
+    print(f"  wrote {example.ui_path.relative_to(REPO_ROOT)} ({len(workflow['nodes'])} nodes)")
+
+    # open the written file as a user does, check it, and run it from the UI
+    ui.clear_toasts()
+    ui.open_workflow_file(example.ui_path)
+    problems = ui.loaded_differences(workflow)
+    if problems:
+        raise SystemExit(f"{example.name}: the written file does not load as written:\n  " + "\n  ".join(problems))
+    again = api_differences(ui.graph_to_prompt()["output"], api, object_info)
+    if again:
+        raise SystemExit(f"{example.name}: after reopening, the prompt differs from the twin: {again}")
+    for node in workflow["nodes"]:
+        if node["type"] == PROMPT_MODEL_LOADER:
+            ui.set_widget(node["id"], "model_name", TINY_VLM)
+    ui.fit_view()
+    ui.screenshot(SCREENSHOTS / f"{example.name}_loaded.png")
+    result = {"name": example.name}
+    if not thumbnails:
+        return result
+    if example.input_side:  # this example runs on the face at input_side (astronaut.png is put back after)
+        server.add_input_image(astronaut(example.input_side), INPUT_IMAGE)
+    try:
+        started = time.monotonic()
+        prompt_id = ui.queue_from_ui()
+        ui.wait_for_prompt(prompt_id, timeout=900)
+        result["run_seconds"] = round(time.monotonic() - started, 1)
+        entry = server.history(prompt_id)
+        server.raise_for_status(entry)
+
+        def images_of(node_id):
+            return server.output_images({"outputs": {node_id: entry["outputs"][node_id]}})
+
+        before = images_of(example.before_node)[0] if example.before_node else server.input_dir / INPUT_IMAGE
+        size = make_thumbnail(images_of(example.thumbnail_node), before, example.thumbnail, example.thumbnail_path,
+                              example.label, box=(0, 0, 1, 1) if example.input_side else FACE)
+    finally:
+        if example.input_side:
+            server.add_input_image(astronaut(image_size), INPUT_IMAGE)
+    ui.screenshot(SCREENSHOTS / f"{example.name}_ran.png")
+    result.update(thumbnail=size, kb=round(example.thumbnail_path.stat().st_size / 1024, 1))
+    print(f"  ran from the UI in {result['run_seconds']} s; thumbnail {example.thumbnail_path.name} "
+          f"{size[0]}x{size[1]}, {result['kb']} KB")
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", choices=sorted(BY_NAME), help="these examples only")
+    parser.add_argument("--update-api", action="store_true",
+                        help="rewrite the API twins from the frontend's prompt (new inputs take their defaults)")
+    parser.add_argument("--no-thumbnails", action="store_true", help="write the UI files only, do not run them")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="run on the astronaut's face at this size instead of the whole 512 px photo")
+    parser.add_argument("--verbose", action="store_true", help="print the browser console")
+    args = parser.parse_args(argv)
+    examples = [BY_NAME[n] for n in args.only] if args.only else EXAMPLES
+
+    server = ComfyServer()
+    install_inputs(server, image_size=args.image_size)
+    try:
+        server.start(timeout=240)
+        object_info = server.object_info()
+        with ComfyBrowser(viewport=(1600, 1000), log_console=args.verbose) as browser:
+            ui = browser.open(server.url)
+            for example in examples:
+                print(f"{example.name}:")
+                try:
+                    build_one(ui, server, example, object_info, args.update_api, not args.no_thumbnails,
+                              args.image_size)
+                except BaseException:
+                    shot = ui.screenshot(SCREENSHOTS / f"{example.name}_failed.png")
+                    print(f"  failed; screenshot {shot}", file=sys.stderr)
+                    raise
+    except BaseException:
+        print(f"ComfyUI log: {server.log_path}\n{server.log_tail(30)}", file=sys.stderr)
+        raise
+    finally:
+        server.stop()
+    server.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

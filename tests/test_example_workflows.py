@@ -1,0 +1,156 @@
+"""Every API twin in example_workflows/api/ is queued against the real ComfyUI server by some test.
+
+Twins that another test file already queues by name (tests/test_comfyui_zoom.py queues the coz_*.json
+ones with its own small settings) are left to it; this file queues the rest as they are, on the
+astronaut face (128 px) saved as astronaut.png, and checks what they produce. The only change a run
+makes is swapping a prompt model nobody can download here for the tiny offline VLM
+(example_workflows.run_variant). The SD x4 workflow runs as it is: install_inputs puts a tiny random SD x4
+upscaler under the folder name it loads (models/diffusers/stable-diffusion-x4-upscaler), so its picture
+is noise of the right size and its receipt says what ran.
+"""
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from example_workflows import INPUT_IMAGE, SDX4_FOLDER, api_twin_files, install_inputs, run_variant  # noqa: E402
+from workflow_expectations import EXPECTED_OUTPUTS, INPUT_SIDE, RANDOM_WEIGHTS  # noqa: E402
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _queued_elsewhere() -> dict[str, str]:
+    """Twins another test module loads by file name: {twin: test module}."""
+    found = {}
+    names = [p.name for p in api_twin_files()]
+    for module in sorted(TESTS.glob("test_*.py")):
+        if module.name == Path(__file__).name:
+            continue
+        text = module.read_text()
+        for name in names:
+            if re.search(rf"[\"']{re.escape(name)}[\"']", text):
+                found.setdefault(name, module.name)
+    return found
+
+
+ELSEWHERE = _queued_elsewhere()
+HERE = [p for p in api_twin_files() if p.name not in ELSEWHERE]
+
+
+@pytest.fixture(scope="module")
+def server(comfy):
+    install_inputs(comfy, image_size=INPUT_SIDE)
+    return comfy
+
+
+def _images(comfy, entry, node_id) -> list[np.ndarray]:
+    out = []
+    for path in comfy.output_images({"outputs": {node_id: entry["outputs"][node_id]}}):
+        with Image.open(path) as im:
+            out.append(np.asarray(im.convert("RGB"), dtype=np.float64))
+    return out
+
+
+def _input(comfy) -> np.ndarray:
+    with Image.open(comfy.input_dir / INPUT_IMAGE) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.float64)
+
+
+def _down(img: np.ndarray, side: int) -> np.ndarray:
+    """Box-filter down to side x side: what is left of an upscale is the picture's low frequencies."""
+    pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    return np.asarray(pil.resize((side, side), Image.Resampling.BOX), dtype=np.float64)
+
+
+def _receipts(entry) -> dict[str, dict]:
+    """PreviewAny texts that are JSON receipts, by node id."""
+    out = {}
+    for node_id, ui in entry["outputs"].items():
+        for text in ui.get("text", []):
+            try:
+                out[node_id] = json.loads(text)
+            except (TypeError, json.JSONDecodeError):
+                pass
+    return out
+
+
+def test_every_api_twin_is_queued_by_some_test():
+    twins = {p.name for p in api_twin_files()}
+    assert {"upscale_bundled_x4.json", "tiled_upscale_2x.json", "tiled_upscale_4x.json",
+            "coz_prompt_loop.json", "coz_upscale_2_5x.json", "color_fix_after_gan.json", "sdx4_tiled_4x.json"} <= twins
+    assert twins == set(ELSEWHERE) | {p.name for p in HERE}
+    for name, module in ELSEWHERE.items():  # the other module really queues it (loads it as a workflow)
+        assert re.search(rf"workflow\(\s*[\"']{re.escape(name)}[\"']\s*\)", (TESTS / module).read_text()), (name, module)
+
+
+@pytest.mark.parametrize("path", HERE, ids=[p.stem for p in HERE])
+def test_api_twin_runs_as_it_is(server, path):
+    comfy = server
+    prompt = run_variant(json.loads(path.read_text()))
+    tag = uuid.uuid4().hex[:8]
+    for node in prompt.values():  # fresh output names, so each run's files are its own
+        if "filename_prefix" in node["inputs"]:
+            node["inputs"]["filename_prefix"] += f"_{tag}"
+    entry = comfy.run(prompt, timeout=300)
+
+    # a twin without recorded expectations (a new one) still has to produce pictures
+    expected = EXPECTED_OUTPUTS.get(path.stem) or {
+        node_id: None for node_id, node in prompt.items() if node["class_type"] in ("SaveImage", "PreviewImage")}
+    assert expected, f"{path.name} has no image output"
+    src = _input(comfy)
+    for node_id, shape in expected.items():
+        images = _images(comfy, entry, node_id)
+        assert images
+        for img in images:
+            assert img.std() > 10  # a picture, not a flat fill
+        if shape is None:
+            continue
+        count, width, height = shape
+        assert len(images) == count
+        for img in images:
+            assert img.shape == (height, width, 3)
+            if path.stem in RANDOM_WEIGHTS:  # tiny random weights: noise of the right size (receipt below)
+                continue
+            # the same picture, larger: scaled back down it is close to the input
+            assert np.abs(_down(img, INPUT_SIDE) - src).mean() < 8, path.stem
+
+    receipts = _receipts(entry)
+    if path.stem in ("upscale_bundled_x4", "tiled_upscale_2x", "tiled_upscale_4x"):
+        (receipt,) = receipts.values()
+        scale = {"upscale_bundled_x4": 4, "tiled_upscale_2x": 2, "tiled_upscale_4x": 4}[path.stem]
+        assert receipt["impl"] == "gan" and receipt["native_scale"] == 4
+        assert receipt["output_size"] == [INPUT_SIDE * scale] * 2
+        assert receipt["model"]["file"] == "realesr-animevideov3.pth"
+        assert receipt["passes"] == 1
+        assert (receipt["resampled"] is None) == (scale == 4)
+    if path.stem == "sdx4_tiled_4x":
+        (receipt,) = receipts.values()
+        sd = next(n["inputs"] for n in prompt.values() if n["class_type"] == "DreamForgeSDX4Upscale")
+        # the SD x4 model from the folder the workflow names made the picture: no fallback to a GAN or Lanczos
+        assert receipt["impl"] == "diffusion" and receipt["model"]["file"] == SDX4_FOLDER, receipt
+        assert "diffusers folder" in receipt["model"]["architecture"]
+        assert receipt["retries"] == [] and receipt["fallbacks"] == [], receipt
+        assert receipt["output_size"] == [INPUT_SIDE * 4] * 2 and receipt["resampled"] is None
+        # with the workflow's prompt, seed and sampler settings ...
+        assert receipt["prompt"] == sd["prompt"] and receipt["prompt_used"] is True
+        assert receipt["seed"] == sd["seed"] == receipt["tile_plan"]["seed"]
+        options = receipt["tile_plan"]["options"]
+        for key in ("negative_prompt", "steps", "guidance", "noise_level", "tile", "overlap", "vae_tile"):
+            assert options[key] == sd[key], (key, options[key], sd[key])
+        # ... denoised in latent tiles no larger than the workflow's tile (really tiled on the 128 px input)
+        tiles = receipt["tile_plan"]["unet_tiles"]
+        assert tiles["count"] > 1 and tiles["count"] == tiles["grid"][0] * tiles["grid"][1], tiles
+        assert max(tiles["tile"]) <= sd["tile"] and tiles["overlap"] >= sd["overlap"], tiles
+    if path.stem == "color_fix_after_gan":
+        (fixed,), (raw,) = _images(comfy, entry, "5"), _images(comfy, entry, "6")
+        assert not np.array_equal(fixed, raw)  # the colour fix did something
+        # ... and what it did is bring the picture's colours (low frequencies) to the input's
+        err_fixed = np.abs(_down(fixed, INPUT_SIDE // 8) - _down(src, INPUT_SIDE // 8)).mean()
+        err_raw = np.abs(_down(raw, INPUT_SIDE // 8) - _down(src, INPUT_SIDE // 8)).mean()
+        assert err_fixed < 1.5 and err_fixed < err_raw, (err_fixed, err_raw)
