@@ -120,9 +120,9 @@ def _as_handle(model) -> UpscalerHandle:
 
 
 def _run_upscale(handle: UpscalerHandle, image, scale, tile, overlap, resample, strict_scale=False, *,
-                 upscaler: Upscaler | None = None, prompt=None, seed=None, options=None, extra: dict | None = None):
-    """Run `upscaler` (default: the handle's) with ComfyUI's hooks; diffusion runs fall back to a GAN on OOM."""
-    upscaler = upscaler or handle.upscaler
+                 prompt=None, seed=None, options=None, extra: dict | None = None):
+    """Run the handle's upscaler with ComfyUI's hooks; diffusion runs fall back to a GAN on OOM."""
+    upscaler = handle.upscaler
     device = mm.get_torch_device()
     fallback = None
     if upscaler.capabilities.impl == "diffusion":
@@ -132,8 +132,7 @@ def _run_upscale(handle: UpscalerHandle, image, scale, tile, overlap, resample, 
             return gan.upscaler
     out, receipt = upscale(
         upscaler, image, scale, tile=tile, overlap=overlap, strict_scale=strict_scale, resample=resample,
-        device=device, hooks=_hooks(handle.patcher if upscaler is handle.upscaler else _folder_gan_patcher(upscaler),
-                                    offload=getattr(upscaler, "offload", False)),
+        device=device, hooks=_hooks(handle.patcher, offload=getattr(upscaler, "offload", False)),
         prompt=prompt, seed=seed, options=options, fallback=fallback,
     )
     if extra:
@@ -157,13 +156,6 @@ def _folder_gan(native: int) -> UpscalerHandle:
         _GANS.clear()
         _GANS[key] = _load(path, "gan", "auto")
     return _GANS[key]
-
-
-def _folder_gan_patcher(upscaler: Upscaler):
-    for handle in _GANS.values():
-        if handle.upscaler is upscaler:
-            return handle.patcher
-    raise RuntimeError("internal: an upscaler without a memory-manager registration")
 
 
 def _tiling_inputs() -> dict:
@@ -358,13 +350,12 @@ class TiledUpscale:
         choice = choose_run(impl, scale, handle.upscaler.capabilities.impl)
         if strict_scale and (error := strict_scale_error(choice.impl, scale)):
             raise UpscalerError(error)
-        chosen = handle.upscaler if choice.use_loaded else _folder_gan(choice.gan_scale).upscaler
+        chosen = handle if choice.use_loaded else _folder_gan(choice.gan_scale)
         policy = {"policy": {"impl": impl, "ran": choice.impl, "reason": choice.reason}}
         if choice.impl == "diffusion":
-            return _run_upscale(handle, image, scale, tile, overlap, resample, strict_scale, upscaler=chosen,
-                                prompt=prompt, seed=seed, extra=policy,
-                                options=_sdx4_options(steps, guidance, noise_level, negative_prompt))
-        return _run_upscale(handle, image, scale, tile, overlap, resample, strict_scale, upscaler=chosen, extra=policy)
+            return _run_upscale(chosen, image, scale, tile, overlap, resample, strict_scale, prompt=prompt, seed=seed,
+                                extra=policy, options=_sdx4_options(steps, guidance, noise_level, negative_prompt))
+        return _run_upscale(chosen, image, scale, tile, overlap, resample, strict_scale, extra=policy)
 
 
 class SDX4Upscale:

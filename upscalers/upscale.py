@@ -83,9 +83,7 @@ def _generative_pass(upscaler: Upscaler, rgb: torch.Tensor, device: torch.device
                      prompt: Prompt, seed: int | None, options) -> tuple[torch.Tensor, dict]:
     """Backends that take a prompt tile internally (latent tiles, tiled decode): one call per pass."""
     batch, height, width, _ = rgb.shape
-    if hooks.prepare:
-        hooks.prepare(int(min(height * width, PREPARE_PIXELS) * batch * upscaler.capabilities.bytes_per_pixel
-                          * torch.finfo(upscaler.dtype).bits / 32))
+    _prepare(upscaler, hooks, batch, height, width)
     text = prompt((0, 0, width, height)) if callable(prompt) else prompt
     report: dict = {}
     x = rgb.permute(0, 3, 1, 2).to(device=device, dtype=torch.float32)
@@ -96,13 +94,23 @@ def _generative_pass(upscaler: Upscaler, rgb: torch.Tensor, device: torch.device
     return y.permute(0, 2, 3, 1).to(device=rgb.device, dtype=torch.float32), report
 
 
+def _bytes_per_pixel(upscaler: Upscaler) -> float:
+    """Working memory per input pixel of one image in the upscaler's compute dtype."""
+    return upscaler.capabilities.bytes_per_pixel * torch.finfo(upscaler.dtype).bits / 32
+
+
+def _prepare(upscaler: Upscaler, hooks: RunHooks, batch: int, height: int, width: int) -> None:
+    """Let the host load the model with room for (at most PREPARE_PIXELS of) activations."""
+    if hooks.prepare:
+        hooks.prepare(int(min(height * width, PREPARE_PIXELS) * batch * _bytes_per_pixel(upscaler)))
+
+
 def _one_pass(upscaler: Upscaler, rgb: torch.Tensor, tile: int, overlap: int, device: torch.device,
               hooks: RunHooks, fn):
     caps = upscaler.capabilities
     batch, height, width, _ = rgb.shape
-    per_px = caps.bytes_per_pixel * torch.finfo(upscaler.dtype).bits / 32
-    if hooks.prepare:
-        hooks.prepare(int(min(height * width, PREPARE_PIXELS) * batch * per_px))
+    per_px = _bytes_per_pixel(upscaler)
+    _prepare(upscaler, hooks, batch, height, width)
     if tile <= 0:
         if caps.tiling == "internal":
             tile = 0  # the model tiles itself; outer tiling would only add seams
