@@ -1,4 +1,4 @@
-"""`python -m <pack folder> assets prefetch|verify|list ...` (see upscalers/assets_cli.py)."""
-from .upscalers.assets_cli import main
+"""`python -m <pack folder> upscale|zoom|assets ...` (see cli/); `dreamforge-upscale` after pip install."""
+from .cli import main
 
-raise SystemExit(main())
+raise SystemExit(main(prog=f"python -m {__package__}"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,7 +81,8 @@ def _patcher_for(module: torch.nn.Module) -> comfy.model_patcher.ModelPatcher:
     )
 
 
-def _hooks(patcher: comfy.model_patcher.ModelPatcher, offload: bool = False) -> RunHooks:
+def _hooks(handle: "UpscalerHandle | None" = None) -> RunHooks:
+    """ComfyUI's progress bar, interrupt, memory manager and offload device as backend callbacks."""
     bars: dict[int, comfy.utils.ProgressBar] = {}
 
     def progress(done: int, total: int) -> None:
@@ -88,7 +90,8 @@ def _hooks(patcher: comfy.model_patcher.ModelPatcher, offload: bool = False) -> 
         bar.update_absolute(done, total)  # also a cancel point under the server
 
     def prepare(activation_bytes: int) -> None:
-        if offload:  # the backend moves one network at a time; make room for the largest plus activations
+        patcher = handle.patcher
+        if handle.upscaler.offload:  # the backend moves one network at a time; room for the largest + activations
             largest = max(mm.module_size(m) for m in patcher.model.children())
             mm.free_memory(activation_bytes + largest, mm.get_torch_device())
             return
@@ -101,18 +104,27 @@ def _hooks(patcher: comfy.model_patcher.ModelPatcher, offload: bool = False) -> 
         check_interrupt=mm.throw_exception_if_processing_interrupted,
         oom_errors=(oom,) if oom else (),
         free_bytes=lambda device: int(mm.get_free_memory(device)),
-        prepare=prepare,
+        prepare=prepare if handle is not None else None,
+        offload_device=mm.unet_offload_device(),
     )
 
 
+# ComfyUI 0.3.x's own loader attaches no patcher to its UPSCALE_MODEL: one per model, kept beside it
+# (never written onto the user's object), so the memory manager sees the same model every run.
+_CORE_PATCHERS: "weakref.WeakKeyDictionary[torch.nn.Module, comfy.model_patcher.ModelPatcher]" = weakref.WeakKeyDictionary()
+
+
 def _as_handle(model) -> UpscalerHandle:
-    """Accept our UPSCALER or ComfyUI's UPSCALE_MODEL (a spandrel descriptor)."""
+    """Accept our UPSCALER or ComfyUI's UPSCALE_MODEL (a spandrel descriptor, used as it is: not copied,
+    not changed)."""
     if isinstance(model, UpscalerHandle):
         return model
     if isinstance(model, ImageModelDescriptor):
-        patcher = getattr(model, "patcher", None)
-        if patcher is None:  # ComfyUI 0.3.x loaders attach none; newer ones do
-            patcher = model.patcher = _patcher_for(model.model)
+        patcher = getattr(model, "patcher", None)  # newer ComfyUI loaders attach one
+        if patcher is None:
+            patcher = _CORE_PATCHERS.get(model.model)
+            if patcher is None:
+                patcher = _CORE_PATCHERS[model.model] = _patcher_for(model.model)
         return UpscalerHandle(GANUpscaler.from_descriptor(model), patcher)
     raise UpscalerError(
         f"upscale_model must come from 'Load Upscaler (DreamForge)' or ComfyUI's 'Load Upscale Model'; got {type(model).__name__}"
@@ -120,25 +132,31 @@ def _as_handle(model) -> UpscalerHandle:
 
 
 def _run_upscale(handle: UpscalerHandle, image, scale, tile, overlap, resample, strict_scale=False, *,
-                 prompt=None, seed=None, options=None, extra: dict | None = None):
-    """Run the handle's upscaler with ComfyUI's hooks; diffusion runs fall back to a GAN on OOM."""
+                 prompt=None, seed=None, options=None, extra: dict | None = None, fallbacks: bool = False):
+    """Run the handle's upscaler with ComfyUI's hooks. `fallbacks`: on out-of-memory at the smallest
+    tiles a diffusion run may fall back to a GAN, then to Lanczos (never under strict_scale); the node
+    then also reports the degraded result to the UI / API client besides the receipt and the log."""
     upscaler = handle.upscaler
     device = mm.get_torch_device()
     fallback = None
-    if upscaler.capabilities.impl == "diffusion":
+    if fallbacks and upscaler.capabilities.impl == "diffusion":
         def fallback() -> Upscaler:
             gan = _folder_gan(4)
             mm.load_models_gpu([gan.patcher], force_full_load=True)  # unloads the diffusion model if needed
             return gan.upscaler
     out, receipt = upscale(
         upscaler, image, scale, tile=tile, overlap=overlap, strict_scale=strict_scale, resample=resample,
-        device=device, hooks=_hooks(handle.patcher, offload=getattr(upscaler, "offload", False)),
-        prompt=prompt, seed=seed, options=options, fallback=fallback,
+        device=device, hooks=_hooks(handle), prompt=prompt, seed=seed, options=options, fallback=fallback,
+        resample_fallback=fallbacks,
     )
     if extra:
         receipt.update(extra)
-    out = out.to(mm.intermediate_device())
-    return out, json.dumps(receipt, indent=1)
+        if "policy" in extra and receipt.get("degraded"):
+            receipt["policy"] = {**extra["policy"], "ran": receipt["impl"]}  # what really made the image
+    result = (out.to(mm.intermediate_device()), json.dumps(receipt, indent=1))
+    if receipt.get("degraded"):
+        return {"ui": {"dreamforge_degraded": [receipt["degraded"]]}, "result": result}
+    return result
 
 
 _GANS: dict[tuple[str, int], UpscalerHandle] = {}  # the GAN that auto/gan/fallback runs load from the folders
@@ -156,6 +174,30 @@ def _folder_gan(native: int) -> UpscalerHandle:
         _GANS.clear()
         _GANS[key] = _load(path, "gan", "auto")
     return _GANS[key]
+
+
+def declared_input_errors(node_cls, values: dict) -> str | None:
+    """ComfyUI's own min/max/choice checks for the given widget values (None: linked, checked at run time),
+    for a VALIDATE_INPUTS that names those inputs and so switches ComfyUI's checks off for them."""
+    declared = node_cls.INPUT_TYPES()
+    specs = {**declared.get("required", {}), **declared.get("optional", {})}
+    for name, value in values.items():
+        if value is None or name not in specs:
+            continue
+        kind, options = specs[name][0], (specs[name][1] if len(specs[name]) > 1 else {})
+        if isinstance(kind, list):
+            if value not in kind:
+                return f"{name}: {value!r} is not one of {', '.join(map(str, kind))}"
+            continue
+        if kind in ("INT", "FLOAT") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"{name}: expected a number, got {value!r}"
+        if kind == "BOOLEAN" and not isinstance(value, bool):
+            return f"{name}: expected true or false, got {value!r}"
+        if "min" in options and value < options["min"]:
+            return f"{name}: {value} is smaller than the minimum {options['min']}"
+        if "max" in options and value > options["max"]:
+            return f"{name}: {value} is bigger than the maximum {options['max']}"
+    return None
 
 
 def _tiling_inputs() -> dict:
@@ -339,7 +381,11 @@ class TiledUpscale:
 
     @classmethod
     def VALIDATE_INPUTS(cls, impl=None, scale=None, strict_scale=None):
-        # Queue-time check (ComfyUI answers /prompt with a validation error): only what widgets decide.
+        # Queue-time check (ComfyUI answers /prompt with a validation error). ComfyUI skips its own
+        # range and choice checks for every input named here, so they are repeated first.
+        values = {"impl": impl, "scale": scale, "strict_scale": strict_scale}
+        if problem := declared_input_errors(cls, values):
+            return problem
         if strict_scale and impl is not None and scale is not None:
             return strict_scale_error(impl, scale) or True
         return True
@@ -353,9 +399,12 @@ class TiledUpscale:
         chosen = handle if choice.use_loaded else _folder_gan(choice.gan_scale)
         policy = {"policy": {"impl": impl, "ran": choice.impl, "reason": choice.reason}}
         if choice.impl == "diffusion":
+            # the latent is the input's size, so the user's tile and overlap are the UNet's latent tiles
+            options = _sdx4_options(steps, guidance, noise_level, negative_prompt, tile=tile, overlap=overlap)
             return _run_upscale(chosen, image, scale, tile, overlap, resample, strict_scale, prompt=prompt, seed=seed,
-                                extra=policy, options=_sdx4_options(steps, guidance, noise_level, negative_prompt))
-        return _run_upscale(chosen, image, scale, tile, overlap, resample, strict_scale, extra=policy)
+                                extra=policy, options=options, fallbacks=not strict_scale)
+        return _run_upscale(chosen, image, scale, tile, overlap, resample, strict_scale, extra=policy,
+                            fallbacks=not strict_scale)
 
 
 class SDX4Upscale:
@@ -392,7 +441,7 @@ class SDX4Upscale:
                 f"({handle.upscaler.source.file}); load x4-upscaler-ema.safetensors or its diffusers folder with "
                 "'Load Upscaler' (impl diffusion), or use 'ESRGAN Upscale' / 'Tiled Upscale' for GANs."
             )
-        return _run_upscale(handle, image, 4, 0, 0, "lanczos", prompt=prompt, seed=seed,
+        return _run_upscale(handle, image, 4, 0, 0, "lanczos", prompt=prompt, seed=seed, fallbacks=True,
                             options=_sdx4_options(steps, guidance, noise_level, negative_prompt, tile, overlap, vae_tile))
 
 
@@ -543,7 +592,7 @@ def _zoom_inputs() -> dict:
 
 def _settings(handle: UpscalerHandle | None, mode, process_size, prompt, color_fix, seed, tile, prompt_model,
               progress: bool = False) -> ZoomSettings:
-    hooks = _hooks(handle.patcher) if handle else RunHooks(check_interrupt=mm.throw_exception_if_processing_interrupted)
+    hooks = _hooks(handle)
     if not progress:
         hooks = dataclasses.replace(hooks, progress=None)  # the node reports per step instead of per tile
     return ZoomSettings(mode=mode, process_size=process_size, user_prompt=prompt, provider=_as_prompt_model(prompt_model),
@@ -680,7 +729,7 @@ class ChainOfZoomUpscale:
         out, receipt = zoom_upscale(
             handle.upscaler, image, scale, user_prompt=prompt, provider=_as_prompt_model(prompt_model),
             tile_prompts=tile_prompts, color_fix=color_fix, seed=seed, tile=tile, overlap=overlap, resample=resample,
-            max_side=max_side, device=mm.get_torch_device(), hooks=_hooks(handle.patcher), on_pass=on_pass,
+            max_side=max_side, device=mm.get_torch_device(), hooks=_hooks(handle), on_pass=on_pass,
         )
         return (out.to(mm.intermediate_device()), json.dumps(receipt, indent=1))
 

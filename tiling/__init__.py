@@ -2,9 +2,10 @@
 from .memory import choose_tile, free_bytes
 from .plan import AxisPlan, TilePlan, plan_tiles
 from .resample import resize, target_size
-from .runner import RunHooks, TiledResult, TileOOMError, is_out_of_memory, run_tiled
+from .retry import TileOOMError, is_out_of_memory, shrink_on_oom
+from .runner import RunHooks, TiledResult, run_tiled
 
 __all__ = [
     "AxisPlan", "TilePlan", "plan_tiles", "choose_tile", "free_bytes", "resize", "target_size",
-    "RunHooks", "TiledResult", "TileOOMError", "is_out_of_memory", "run_tiled",
+    "RunHooks", "TiledResult", "TileOOMError", "is_out_of_memory", "shrink_on_oom", "run_tiled",
 ]

@@ -37,6 +37,7 @@ def choose_tile(
     per_image_px = max(1.0, bytes_per_pixel * batch)
     if height * width * per_image_px <= budget:
         return 0
-    side = int((budget / per_image_px) ** 0.5) - 2 * context
+    # No budget left (the canvas alone fills it): the smallest tile; out-of-memory retries take it from there.
+    side = int((max(0, budget) / per_image_px) ** 0.5) - 2 * context
     side = (side // TILE_STEP) * TILE_STEP
     return max(TILE_STEP, side)

@@ -44,11 +44,13 @@ class AxisPlan:
         idx = torch.arange(self.window_starts[i], self.window_starts[i] + self.window)
         return reflect_indices(idx, self.length)
 
-    def feather(self, i: int, scale: int) -> torch.Tensor:
-        """Normalised 1-D blend weights of tile i's core at output resolution (float64)."""
-        norm = self.weight_sum(scale)
-        start = self.starts[i] * scale
-        return self._raw_feather(i, scale) / norm[start : start + self.tile * scale]
+    def feathers(self, scale: int) -> list[torch.Tensor]:
+        """Normalised 1-D blend weights of every tile's core at output resolution (float64)."""
+        raw = [self._raw_feather(i, scale) for i in range(self.count)]
+        norm = torch.zeros(self.length * scale, dtype=torch.float64)
+        for s, w in zip(self.starts, raw):
+            norm[s * scale : (s + self.tile) * scale] += w
+        return [w / norm[s * scale : (s + self.tile) * scale] for s, w in zip(self.starts, raw)]
 
     def _raw_feather(self, i: int, scale: int) -> torch.Tensor:
         """cos^2 (Hann) ramps over the overlap with each neighbour, 1 elsewhere."""
@@ -64,12 +66,6 @@ class AxisPlan:
             if ramp > 0:
                 w = torch.minimum(w, torch.sin(0.5 * math.pi * ((n - pos) / ramp).clamp(max=1.0)) ** 2)
         return w
-
-    def weight_sum(self, scale: int) -> torch.Tensor:
-        total = torch.zeros(self.length * scale, dtype=torch.float64)
-        for i, s in enumerate(self.starts):
-            total[s * scale : (s + self.tile) * scale] += self._raw_feather(i, scale)
-        return total
 
 
 def reflect_indices(idx: torch.Tensor, length: int) -> torch.Tensor:
@@ -146,10 +142,7 @@ class TilePlan:
         The grid is separable, so normalising each axis makes the 2-D weights sum to exactly 1 at
         every output pixel without keeping a full-size weight map.
         """
-        return (
-            [self.rows.feather(i, scale) for i in range(self.rows.count)],
-            [self.cols.feather(i, scale) for i in range(self.cols.count)],
-        )
+        return self.rows.feathers(scale), self.cols.feathers(scale)
 
 
 def plan_tiles(

@@ -6,19 +6,17 @@ output is returned as it is, with no canvas at all.
 """
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from .plan import TilePlan, plan_tiles
+from .retry import shrink_on_oom
 
 TileFn = Callable[[torch.Tensor], torch.Tensor]  # BCHW window on the device -> BCHW at `scale`
-
-
-class TileOOMError(RuntimeError):
-    """Out of memory even at the smallest tile size."""
+# (plan, row, col) -> the function for that tile (e.g. one conditioned on that tile's own prompt)
+PerTileFn = Callable[[TilePlan, int, int], TileFn]
 
 
 @dataclass
@@ -30,7 +28,7 @@ class RunHooks:
     oom_errors: tuple[type[BaseException], ...] = ()  # extra exception types meaning out-of-memory
     free_bytes: Callable[[torch.device], int] | None = None  # free memory as the host manager sees it
     prepare: Callable[[int], None] | None = None  # make room for N bytes of activations (load the model)
-    tile_start: Callable[[TilePlan, int, int], None] | None = None  # (plan, row, col) before each tile runs
+    offload_device: torch.device | None = None  # where networks not in use wait (host's choice; default CPU)
 
 
 @dataclass
@@ -38,13 +36,6 @@ class TiledResult:
     image: torch.Tensor  # B,H,W,C float32
     plan: TilePlan
     retries: list[dict] = field(default_factory=list)
-
-
-def is_out_of_memory(exc: BaseException, extra: tuple[type[BaseException], ...] = ()) -> bool:
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError) + tuple(extra)):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 def _window(image: torch.Tensor, plan: TilePlan, r: int, c: int) -> torch.Tensor:
@@ -59,9 +50,11 @@ def _window(image: torch.Tensor, plan: TilePlan, r: int, c: int) -> torch.Tensor
     return out
 
 
-def run_plan(image: torch.Tensor, fn: TileFn, scale: int, plan: TilePlan, device: torch.device,
-             dtype: torch.dtype, hooks: RunHooks) -> torch.Tensor:
-    """image: B,H,W,C float (CPU). Returns B,H*scale,W*scale,C_out float32 on the image's device."""
+def run_plan(image: torch.Tensor, fn: TileFn | None, scale: int, plan: TilePlan, device: torch.device,
+             dtype: torch.dtype, hooks: RunHooks, per_tile: PerTileFn | None = None) -> torch.Tensor:
+    """image: B,H,W,C float (CPU). Returns B,H*scale,W*scale,C_out float32 on the image's device.
+
+    Each tile runs `fn`, or `per_tile(plan, row, col)` when given."""
     batch, height, width, _ = image.shape
     total = plan.count
     canvas = None
@@ -69,11 +62,10 @@ def run_plan(image: torch.Tensor, fn: TileFn, scale: int, plan: TilePlan, device
     for done, (r, c) in enumerate(plan.tiles()):
         if hooks.check_interrupt:
             hooks.check_interrupt()
-        if hooks.tile_start:
-            hooks.tile_start(plan, r, c)
+        tile_fn = per_tile(plan, r, c) if per_tile else fn
         window = _window(image, plan, r, c).permute(0, 3, 1, 2)  # BCHW view, channels_last strides
         x = window.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
-        y = fn(x)
+        y = tile_fn(x)
         expected = (plan.rows.window * scale, plan.cols.window * scale)
         if tuple(y.shape[-2:]) != expected:
             raise RuntimeError(
@@ -104,7 +96,7 @@ def run_plan(image: torch.Tensor, fn: TileFn, scale: int, plan: TilePlan, device
 
 def run_tiled(
     image: torch.Tensor,
-    fn: TileFn,
+    fn: TileFn | None,
     scale: int,
     *,
     tile: int,
@@ -116,29 +108,27 @@ def run_tiled(
     minimum: int = 0,
     square: bool = False,
     floor: int = 64,
+    stage: str = "tiles",
     hooks: RunHooks | None = None,
+    per_tile: PerTileFn | None = None,
 ) -> TiledResult:
-    """Tile, run and blend; on out-of-memory halve the tile and start again, down to `floor`."""
+    """Tile, run and blend; on out-of-memory retry with smaller tiles while the windows shrink, down to
+    `floor` (tiling/retry.py)."""
     hooks = hooks or RunHooks()
     retries: list[dict] = []
     _, height, width, _ = image.shape
-    while True:
-        plan = plan_tiles(height, width, tile, overlap, context, multiple, minimum, square)
-        try:
-            return TiledResult(run_plan(image, fn, scale, plan, device, dtype, hooks), plan, retries)
-        except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
-            if not is_out_of_memory(exc, hooks.oom_errors):
-                raise
-            current = max(plan.rows.tile, plan.cols.tile)
-            smaller = current // 2
-            del exc
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            if smaller < floor:
-                raise TileOOMError(
-                    f"out of memory even with {current}px tiles (retries: {len(retries)}). Fix: lower "
-                    f"'tile', choose dtype fp16/bf16, free memory used by other models, or use a smaller image."
-                ) from None
-            retries.append({"event": "out_of_memory", "tile": current, "retry_tile": smaller})
-            tile = smaller
+
+    def plan_for(size: int) -> TilePlan:
+        return plan_tiles(height, width, size, overlap, context, multiple, minimum, square)
+
+    def attempt(size: int) -> TiledResult:
+        plan = plan_for(size)
+        return TiledResult(run_plan(image, fn, scale, plan, device, dtype, hooks, per_tile), plan, retries)
+
+    def window_pixels(size: int) -> int:
+        plan = plan_for(size)
+        return plan.rows.window * plan.cols.window
+
+    start = min(tile, max(height, width)) if tile > 0 else max(height, width)  # tile 0: one tile
+    return shrink_on_oom(attempt, start, cost=window_pixels, floor=min(floor, start), stage=stage, device=device,
+                         retries=retries, oom_errors=hooks.oom_errors)

@@ -2,69 +2,86 @@
 
 A decoder's GroupNorms normalise with statistics of whatever they see; a tile alone would get its
 own and drift in tone from its neighbours. Here one statistics pass runs the decoder over the whole
-latent (downsampled to `stats_side` when it is larger: the caller sizes that pass to its memory
-budget, so it is exact whenever it fits) and records each GroupNorm's mean/variance per image and
-group; every tile is then decoded with those statistics. Tiles overlap, read `pad` latent
-pixels of real context and are blended with cos^2 weights (tiling/runner.py). The decoder's middle
-self-attention therefore only ever sees one window, never the full latent.
+latent and records each GroupNorm's mean/variance per image and group; every tile is then decoded
+with those statistics. The statistics are exact (the whole latent) whenever that pass fits the
+caller's memory budget; only when it does not (or runs out of memory) is it run on a downsampled
+latent, and the result says which. Tiles overlap, read `pad` latent pixels of real context and are
+blended with cos^2 weights (tiling/runner.py).
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 
-from .runner import RunHooks, TiledResult, run_tiled
+from .retry import shrink_on_oom
+from .plan import TilePlan
+from .runner import RunHooks, run_tiled
 
 
 class SharedGroupNorm:
-    """Swaps the forward of the given GroupNorm modules for the duration of a decode.
+    """Swaps the forward of the given GroupNorm modules for the duration of one decode.
 
     The swap is an instance attribute set and removed inside one call (the modules are shared by
-    every graph, so nothing stays behind); `stats` belongs to the call that created this object.
+    every graph, so nothing stays behind). `record` returns a complete list of statistics or raises:
+    a pass that fails half way (out of memory) leaves nothing behind that a retry could mistake for
+    finished statistics.
     """
 
     def __init__(self, norms: Iterable[torch.nn.GroupNorm]):
         self.norms = list(norms)
-        self.stats: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._mode = "record"
-        self._index = 0
 
     @contextlib.contextmanager
-    def mode(self, mode: str):
-        self._mode, self._index = mode, 0
-        if mode == "record":
-            self.stats.clear()
+    def _swapped(self, forward):
         for norm in self.norms:
-            norm.forward = functools.partial(self._forward, norm)
+            norm.forward = functools.partial(forward, norm)
         try:
-            yield self
+            yield
         finally:
             for norm in self.norms:
                 del norm.forward
-        if mode == "apply" and self._index != len(self.stats):
-            raise RuntimeError(f"decoder used {self._index} GroupNorms but {len(self.stats)} were recorded")
 
-    def _forward(self, norm: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-        b, g = x.shape[0], norm.num_groups
-        xf = x.float().reshape(b, g, -1)
-        if self._mode == "record":
+    def record(self, run: Callable[[], object]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        stats: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def forward(norm, x):
+            xf = x.float().reshape(x.shape[0], norm.num_groups, -1)
             var, mean = torch.var_mean(xf, dim=2, unbiased=False)
-            self.stats.append((mean, var))
-        else:
-            if self._index >= len(self.stats):
-                raise RuntimeError("decoder used more GroupNorms than the statistics pass recorded")
-            mean, var = self.stats[self._index]
-            self._index += 1
-        y = ((xf - mean[..., None]) * torch.rsqrt(var[..., None] + norm.eps)).reshape(x.shape)
-        if norm.affine:
-            shape = (1, -1) + (1,) * (x.ndim - 2)
-            y = y * norm.weight.float().reshape(shape) + norm.bias.float().reshape(shape)
-        return y.to(x.dtype)
+            stats.append((mean, var))
+            return _normalise(norm, x, xf, mean, var)
+
+        with self._swapped(forward):
+            run()
+        return stats
+
+    def apply(self, stats: list[tuple[torch.Tensor, torch.Tensor]], run: Callable[[], torch.Tensor]) -> torch.Tensor:
+        used = iter(stats)
+
+        def forward(norm, x):
+            xf = x.float().reshape(x.shape[0], norm.num_groups, -1)
+            mean, var = next(used, (None, None))
+            if mean is None:
+                raise RuntimeError(f"the decoder used more GroupNorms than the {len(stats)} the statistics pass recorded")
+            return _normalise(norm, x, xf, mean, var)
+
+        with self._swapped(forward):
+            out = run()
+        if next(used, None) is not None:
+            raise RuntimeError(f"the decoder used fewer GroupNorms than the {len(stats)} the statistics pass recorded")
+        return out
+
+
+def _normalise(norm: torch.nn.GroupNorm, x: torch.Tensor, xf: torch.Tensor, mean: torch.Tensor,
+               var: torch.Tensor) -> torch.Tensor:
+    y = ((xf - mean[..., None]) * torch.rsqrt(var[..., None] + norm.eps)).reshape(x.shape)
+    if norm.affine:
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        y = y * norm.weight.float().reshape(shape) + norm.bias.float().reshape(shape)
+    return y.to(x.dtype)
 
 
 def _stats_latent(latents: torch.Tensor, side: int) -> torch.Tensor:
@@ -74,6 +91,14 @@ def _stats_latent(latents: torch.Tensor, side: int) -> torch.Tensor:
         return latents
     size = (max(1, round(h * f)), max(1, round(w * f)))
     return F.interpolate(latents.float(), size=size, mode="area").to(latents.dtype)
+
+
+@dataclass
+class DecodeResult:
+    image: torch.Tensor  # B,H,W,C float32
+    plan: TilePlan
+    retries: list[dict]
+    statistics: dict | None  # {"side": latent side of the statistics pass, "exact": whole latent} when tiled
 
 
 def decode_tiled(
@@ -89,34 +114,37 @@ def decode_tiled(
     dtype: torch.dtype,
     hooks: RunHooks | None = None,
     stats_side: int = 0,
-) -> TiledResult:
+    floor: int = 16,
+) -> DecodeResult:
     """latents: B,C,h,w -> image B,h*scale,w*scale,C float32 (what `decode` returns per window, blended).
 
     `decode` maps a B,C,h',w' latent window to B,3,h'*scale,w'*scale. One tile (tile 0 or a tile
     covering the latent) is a plain decode. `stats_side`: the largest latent side the statistics pass
-    may decode (0: one window's side). On out-of-memory the tile is halved (run_tiled).
+    may decode (0: the whole latent, i.e. exact statistics). On out-of-memory the decode tiles shrink,
+    and so does the statistics pass (then approximate: a downsampled latent), each through
+    tiling/retry.py; the result's `retries` lists both.
     """
     hooks = hooks or RunHooks()
     shared = SharedGroupNorm(norms)
-    tiled = {"on": False}
-    outer = hooks.tile_start
+    full = tuple(latents.shape[-2:])
+    retries: list[dict] = []
+    memo: list[tuple[int, list]] = []  # this call's (side, statistics), made once by the first tiled window
 
-    def tile_start(plan, r, c):
-        tiled["on"] = not plan.untiled
-        if outer:
-            outer(plan, r, c)
+    def record(side: int) -> tuple[int, list]:
+        small = _stats_latent(latents, side).to(device=device, dtype=dtype)
+        return side, shared.record(lambda: decode(small))
 
     def fn(window: torch.Tensor) -> torch.Tensor:
-        if not tiled["on"]:
+        if tuple(window.shape[-2:]) == full:  # one tile: the decoder's own statistics are exact
             return decode(window)
-        if not shared.stats:
-            with shared.mode("record"):
-                side = max(stats_side, *window.shape[-2:])
-                decode(_stats_latent(latents, side).to(device=device, dtype=dtype))
-        with shared.mode("apply"):
-            return decode(window)
+        if not memo:
+            side = min(stats_side or max(full), max(full))
+            memo.append(shrink_on_oom(record, side, cost=lambda s: s * s, floor=min(floor, side), stage="vae_stats",
+                                      device=device, retries=retries, oom_errors=hooks.oom_errors))
+        return shared.apply(memo[0][1], lambda: decode(window))
 
-    return run_tiled(
-        latents.permute(0, 2, 3, 1), fn, scale, tile=tile, overlap=overlap, context=pad, device=device,
-        dtype=dtype, floor=16, hooks=dataclasses.replace(hooks, tile_start=tile_start),
-    )
+    tiled = run_tiled(latents.permute(0, 2, 3, 1), fn, scale, tile=tile, overlap=overlap, context=pad,
+                      device=device, dtype=dtype, floor=floor, stage="vae_decode", hooks=hooks)
+    side = memo[0][0] if memo else None
+    return DecodeResult(tiled.image, tiled.plan, retries + tiled.retries,
+                        None if side is None else {"side": side, "exact": side >= max(full)})

@@ -11,6 +11,12 @@ class UpscalerError(ValueError):
     """A problem the user can fix; the message names the input and what was expected."""
 
 
+def error_text(exc: BaseException, limit: int = 200) -> str:
+    """'Type: first line of the message' for an error message of our own; safe for empty messages."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0][:limit]}" if lines else type(exc).__name__
+
+
 class AssetError(UpscalerError):
     """A model asset problem (missing, unreachable, corrupted, bad manifest); the message names the fix."""
 
@@ -59,6 +65,7 @@ class Upscaler(Protocol):
     capabilities: Capabilities
     source: ModelSource
     dtype: torch.dtype  # compute dtype
+    offload: bool  # the backend moves its networks to the device one at a time (the caller must not move all)
 
     @property
     def scale(self) -> int: ...

@@ -31,6 +31,7 @@ from .assets import BUNDLED_DIR, BUNDLED_SHA256, bundled_model_path
 from .base import AssetError
 from .catalog import FOLDERS, AssetSpec, catalogue_file
 from .download import copy_verified, fetch_snapshot, fetch_url, tree_sha256
+from .file_lock import install_lock
 from .loading import WEIGHT_EXTENSIONS, sha256_of
 from .provenance import read_sidecar, sidecar_path, utc_now, write_sidecar
 
@@ -302,6 +303,12 @@ def install(spec: AssetSpec, locations: Locations, *, progress: bool = True, tim
     Writes the provenance sidecar. Returns where it is and where it came from.
     """
     target = locations.install_dir(spec.folder) / spec.filename
+    with install_lock(target):  # a concurrent install of the same target waits, then finds it installed
+        return _install(spec, target, locations, progress=progress, timeout=timeout, retries=retries)
+
+
+def _install(spec: AssetSpec, target: Path, locations: Locations, *, progress: bool, timeout: float,
+             retries: int) -> Resolved:
     present = target.is_file() if spec.is_file else _is_snapshot_dir(target)
     if present:
         _check_candidate(spec, target, "installed")

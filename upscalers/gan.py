@@ -11,7 +11,7 @@ from spandrel import (
     canonicalize_state_dict,
 )
 
-from .base import Capabilities, ModelSource, UpscalerError
+from .base import Capabilities, ModelSource, UpscalerError, error_text
 from .dtypes import DTYPE_NAMES, dtype_name, select_dtype
 from .loading import SD_X4_MESSAGE, looks_like_sd_x4_state_dict, read_state_dict, sha256_of
 from .provenance import receipt_provenance
@@ -78,7 +78,11 @@ def register_sd_x4_refusal() -> None:
 
 
 def _meta_copy(model: torch.nn.Module) -> torch.nn.Module:
-    return copy.deepcopy(model).to("meta").eval()
+    """The module's structure with shape-only (meta) tensors: the weights themselves are never copied."""
+    memo = {id(t): torch.nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=False)
+            for t in model.parameters()}
+    memo.update({id(t): torch.empty_like(t, device="meta") for t in model.buffers()})
+    return copy.deepcopy(model, memo).eval()
 
 
 def capabilities_of(descriptor: ImageModelDescriptor) -> Capabilities:
@@ -108,7 +112,9 @@ def capabilities_of(descriptor: ImageModelDescriptor) -> Capabilities:
 class GANUpscaler:
     """A spandrel model with its load-time dtype; per-call state is passed to `upscale_window`."""
 
-    def __init__(self, descriptor: ImageModelDescriptor, source: ModelSource, dtype: torch.dtype):
+    offload = False  # one network: the host loads it whole
+
+    def __init__(self, descriptor: ImageModelDescriptor, source: ModelSource, dtype: torch.dtype, owned: bool = True):
         if not isinstance(descriptor, ImageModelDescriptor):
             raise UpscalerError(
                 f"{source.file} is a {type(descriptor).__name__} ({descriptor.architecture.name}, e.g. inpainting): "
@@ -118,11 +124,12 @@ class GANUpscaler:
         self.source = source
         self.dtype = dtype
         self.capabilities = capabilities_of(descriptor)
-        descriptor.model.eval().requires_grad_(False)
-        # Weights stay as loaded (fp32) and fp16/bf16 run under autocast: the same module can then
-        # also be handed to ComfyUI's own upscale node, which feeds it fp32 images.
-        # channels_last: 1.1-1.4x faster convolutions on CPU and tensor cores, same results.
-        descriptor.model.to(memory_format=torch.channels_last)
+        if owned:  # a model someone else loaded (ComfyUI's loader) is used as it is, never changed
+            descriptor.model.eval().requires_grad_(False)
+            # Weights stay as loaded (fp32) and fp16/bf16 run under autocast: the same module can then
+            # also be handed to ComfyUI's own upscale node, which feeds it fp32 images.
+            # channels_last: 1.1-1.4x faster convolutions on CPU and tensor cores, same results.
+            descriptor.model.to(memory_format=torch.channels_last)
 
     @property
     def scale(self) -> int:
@@ -140,7 +147,7 @@ class GANUpscaler:
     def from_descriptor(cls, descriptor, label: str = "UPSCALE_MODEL (ComfyUI loader)") -> "GANUpscaler":
         """Wrap a model someone else loaded (ComfyUI's UpscaleModelLoader) in its current dtype."""
         dtype = next(descriptor.model.parameters()).dtype
-        return cls(descriptor, ModelSource(label, None, descriptor.architecture.name), dtype)
+        return cls(descriptor, ModelSource(label, None, descriptor.architecture.name), dtype, owned=False)
 
     @classmethod
     def load(cls, path: str | os.PathLike, dtype: str = "auto", device: torch.device | None = None) -> "GANUpscaler":
@@ -162,7 +169,7 @@ class GANUpscaler:
         except Exception as exc:  # noqa: BLE001 - a recognised architecture with inconsistent tensors
             raise UpscalerError(
                 f"{path.name} looks like a known architecture but its weights do not fit it "
-                f"({type(exc).__name__}: {str(exc)[:200]}); the file is damaged or incomplete: re-download it."
+                f"({error_text(exc)}); the file is damaged or incomplete: re-download it."
             ) from None
         device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         chosen = select_dtype(dtype, device, descriptor.supports_half, descriptor.supports_bfloat16)

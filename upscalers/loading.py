@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from .base import UpscalerError
+from .base import UpscalerError, error_text
 
 WEIGHT_EXTENSIONS = (".pth", ".pt", ".ckpt", ".bin", ".safetensors")
 
@@ -54,6 +54,9 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     ext = path.suffix.lower()
     if ext not in WEIGHT_EXTENSIONS:
         raise UpscalerError(f"{path.name}: unsupported model file type {ext!r}; expected one of {', '.join(WEIGHT_EXTENSIONS)}")
+    if path.stat().st_size == 0:
+        raise UpscalerError(f"{path.name} is empty (0 bytes): a download or copy did not finish. Re-download the file "
+                            "or copy it again, then refresh.")
     try:
         if ext == ".safetensors":
             sd = load_file(str(path), device="cpu")
@@ -61,7 +64,7 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - the weights-only unpickler raises many types on bad files
         raise UpscalerError(
-            f"{path.name} could not be read as model weights ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
+            f"{path.name} could not be read as model weights ({error_text(exc)}). "
             "Only plain weight files are loaded (no pickled code): re-download the file or convert it to .safetensors."
         ) from None
     if not isinstance(sd, dict) or not sd:
@@ -70,10 +73,22 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def is_sd_x4_upscaler(path: str | os.PathLike) -> bool:
-    """True for the SD x4 upscaler: a UNet whose first conv takes 7 channels (4 latent + 3 image)."""
+    """True for the SD x4 upscaler: a UNet whose first conv takes 7 channels (4 latent + 3 image).
+
+    Reads only the header (.safetensors) or the memory-mapped index of a torch zip file (.ckpt/.pth:
+    weights-only, the tensor data is not read), so a folder of models is checked in moments."""
     path = Path(path)
-    if path.suffix.lower() != ".safetensors":
-        return False  # the official file is .safetensors; pickles are checked after a safe load
+    ext = path.suffix.lower()
+    if ext in WEIGHT_EXTENSIONS and ext != ".safetensors":
+        try:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - not a zip-format weights file: the real load reports it
+            return False
+        if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+            sd = sd["state_dict"]
+        return isinstance(sd, dict) and looks_like_sd_x4_state_dict(sd)
+    if ext != ".safetensors":
+        return False
     try:
         with safe_open(str(path), framework="pt", device="cpu") as fh:
             for key in _SD_X4_UNET_IN:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from pathlib import Path
 
 from .base import AssetError
@@ -30,9 +31,12 @@ def write_sidecar(path: str | os.PathLike, record: dict) -> Path:
     side = sidecar_path(path)
     body = {"dreamforge_provenance": FORMAT, "file": Path(path).name, **record}
     body.setdefault("date", utc_now())
-    tmp = side.with_name(side.name + ".tmp")
-    tmp.write_text(json.dumps(body, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, side)
+    tmp = side.with_name(f"{side.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # unique: writers never collide
+    try:
+        tmp.write_text(json.dumps(body, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, side)
+    finally:
+        tmp.unlink(missing_ok=True)
     return side
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from typing import Callable, Union
 
@@ -12,6 +13,9 @@ from ..tiling.memory import BUDGET_FRACTION, canvas_bytes
 from .base import Upscaler, UpscalerError
 from .dtypes import cpu_bf16_accelerated, dtype_name
 from .registry import plan_scale
+from .size_guard import check_sizes, max_side_limit
+
+log = logging.getLogger("dreamforge_upscale")
 
 DEFAULT_OVERLAP = 16  # input px of feathered overlap; the model's context comes on top of it
 # A prompt for the upscaler: one text for the whole image, or a function of a tile's window box
@@ -45,33 +49,32 @@ def _device_of(module: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _prompted(upscaler: Upscaler, prompt: Prompt, seed: int | None, hooks: RunHooks, record: list):
-    """The tile function and hooks that hand the prompt (fixed, or per tile) and the seed to the upscaler.
+def _prompted(upscaler: Upscaler, prompt: Prompt, seed: int | None, record: list):
+    """(fn, per_tile) for the runner: hand the prompt (fixed, or per tile) and the seed to the upscaler.
 
-    Upscalers without `capabilities.takes_prompt` (GANs) get x only; per-tile prompts are still made
-    and recorded (the receipt says the model ignored them).
+    Upscalers without `capabilities.takes_prompt` (GANs) get x only, and per-tile prompts are not
+    made for them at all (a prompt model call per tile would buy nothing); the receipt says so.
     """
-    current = {"prompt": prompt if isinstance(prompt, str) else None}
-    if callable(prompt):
-        outer = hooks.tile_start
+    if not upscaler.capabilities.takes_prompt:
+        return upscaler.upscale_window, None
 
-        def tile_start(plan, r, c):
-            if outer:
-                outer(plan, r, c)
-            if (r, c) == (0, 0):
-                record.clear()  # a new plan (first attempt, or a retry after out-of-memory)
-            x0, y0 = plan.cols.window_starts[c], plan.rows.window_starts[r]
-            box = (x0, y0, min(x0 + plan.cols.window, plan.cols.length), min(y0 + plan.rows.window, plan.rows.length))
-            current["prompt"] = text = prompt(box)
-            record.append({"tile": [r, c], "window": list(box), "prompt": text})
+    def fn(x, text=prompt if isinstance(prompt, str) else None):
+        return upscaler.upscale_window(x, prompt=text, seed=seed)
 
-        hooks = dataclasses.replace(hooks, tile_start=tile_start)
-    if getattr(upscaler.capabilities, "takes_prompt", False):
-        def fn(x):
-            return upscaler.upscale_window(x, prompt=current["prompt"], seed=seed)
-    else:
-        fn = upscaler.upscale_window
-    return fn, hooks
+    if not callable(prompt):
+        return fn, None
+
+    def per_tile(plan, r, c):
+        """The window box of tile (r, c) and its prompt, made when the runner reaches the tile."""
+        x0, y0 = plan.cols.window_starts[c], plan.rows.window_starts[r]
+        box = (x0, y0, min(x0 + plan.cols.window, plan.cols.length), min(y0 + plan.rows.window, plan.rows.length))
+        text = prompt(box)
+        if (r, c) == (0, 0):
+            record.clear()  # a new plan (first attempt, or a retry after out-of-memory)
+        record.append({"tile": [r, c], "window": list(box), "prompt": text})
+        return lambda x: fn(x, text)
+
+    return None, per_tile
 
 
 def tiles_internally(caps) -> bool:
@@ -106,7 +109,7 @@ def _prepare(upscaler: Upscaler, hooks: RunHooks, batch: int, height: int, width
 
 
 def _one_pass(upscaler: Upscaler, rgb: torch.Tensor, tile: int, overlap: int, device: torch.device,
-              hooks: RunHooks, fn):
+              hooks: RunHooks, fn, per_tile):
     caps = upscaler.capabilities
     batch, height, width, _ = rgb.shape
     per_px = _bytes_per_pixel(upscaler)
@@ -116,7 +119,7 @@ def _one_pass(upscaler: Upscaler, rgb: torch.Tensor, tile: int, overlap: int, de
             tile = 0  # the model tiles itself; outer tiling would only add seams
         else:
             budget = (hooks.free_bytes or free_bytes)(device) * BUDGET_FRACTION
-            if device.type == "cpu":
+            if device.type == "cpu":  # the output canvas shares the CPU's memory with the activations
                 budget -= canvas_bytes(batch, height, width, caps.out_channels, upscaler.scale)
             tile = choose_tile(height, width, batch, per_px, int(budget), caps.context)
     return run_tiled(
@@ -132,6 +135,7 @@ def _one_pass(upscaler: Upscaler, rgb: torch.Tensor, tile: int, overlap: int, de
         minimum=caps.min_size,
         square=caps.square,
         hooks=hooks,
+        per_tile=per_tile,
     )
 
 
@@ -150,6 +154,8 @@ def upscale(
     seed: int | None = None,
     options=None,
     fallback: Callable[[], Upscaler] | None = None,
+    resample_fallback: bool = False,
+    max_side: int | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Upscale a ComfyUI IMAGE (B,H,W,C float) by `scale` (None/0 = native). Returns (image, receipt).
 
@@ -158,18 +164,25 @@ def upscale(
     `prompt` (text, or a function of a tile's window box giving that tile's text) and `seed` go to
     upscalers that take them (`capabilities.takes_prompt`, with their per-call `options`) and are
     recorded in the receipt either way.
-    Out of memory after the tile retries: unless `strict_scale`, fall back to `fallback()` (a GAN,
-    offered for diffusion upscalers; the factory loads it where it runs), then to a plain Lanczos resize; the receipt's "fallbacks" lists
-    each step. The input image is never modified.
+
+    Before any work every intermediate and the output are checked against `max_side` (default:
+    DREAMFORGE_MAX_SIDE) and the free memory. Out of memory: tiles shrink (tiling/retry.py); at the
+    floor a batch is split into single images; then, unless `strict_scale`, `fallback()` (a GAN,
+    offered for diffusion upscalers; the factory loads it where it runs) and, only when
+    `resample_fallback`, a plain resize. Every fallback is logged, listed in the receipt's
+    "fallbacks" and flagged in its "degraded"; without an allowed fallback the out-of-memory error is
+    raised. The input image is never modified.
     """
     hooks = hooks or RunHooks()
     check_image(image)
-    kw = dict(tile=tile, overlap=overlap, strict_scale=strict_scale, resample=resample, device=device, hooks=hooks,
+    splan = plan_scale(upscaler.capabilities, scale, strict_scale, upscaler.source.file)
+    _check_sizes(image, splan, upscaler, max_side, hooks)
+    kw = dict(tile=tile, overlap=overlap, strict_scale=strict_scale, resample=resample, device=device,
               prompt=prompt, seed=seed, options=options)
     started = time.perf_counter()
     chain: list[dict] = []
     candidates: list[Callable[[], Upscaler]] = [lambda: upscaler]
-    if fallback is not None and upscaler.capabilities.impl != "gan":
+    if fallback is not None and upscaler.capabilities.impl != "gan" and not strict_scale:
         candidates.append(fallback)
     for i, candidate in enumerate(candidates):
         current = None
@@ -177,7 +190,7 @@ def upscale(
             current = candidate()
             # a fallback factory makes room for its own model: the hooks must not reload the first one
             run_hooks = hooks if i == 0 else dataclasses.replace(hooks, prepare=None)
-            out, receipt = _upscale_once(current, image, scale, **{**kw, "hooks": run_hooks})
+            out, receipt = _upscale_batch(current, image, scale, hooks=run_hooks, **kw)
         except Exception as exc:  # noqa: BLE001 - only out-of-memory falls back; the rest is re-raised
             if not (isinstance(exc, TileOOMError) or is_out_of_memory(exc, hooks.oom_errors)):
                 raise
@@ -187,21 +200,49 @@ def upscale(
                 raise UpscalerError(
                     f"out of memory running impl {impl} ({label}) even with the smallest tiles, and strict_scale "
                     "forbids falling back to another method. Fix: free memory (other models), lower 'tile', use a "
-                    "smaller image, or untick strict_scale to allow the GAN / Lanczos fallbacks."
+                    f"smaller image, or untick strict_scale to allow the fallbacks. ({exc})"
                 ) from None
-            chain.append({"impl": impl, "model": label, "result": "out of memory", "detail": str(exc)[:200]})
+            chain.append({"impl": impl, "model": label, "result": "out of memory", "detail": str(exc)[:300]})
+            last = exc
             del exc
             continue
         if chain:
-            receipt["fallbacks"] = chain + [{"impl": receipt["impl"], "model": receipt["model"]["file"], "result": "ok"}]
-            receipt["seconds"] = round(time.perf_counter() - started, 3)
+            chain.append({"impl": receipt["impl"], "model": receipt["model"]["file"], "result": "ok"})
+            _degrade(receipt, chain, started)
         return out, receipt
-    return _lanczos_fallback(image, scale, upscaler, resample, chain, started)
+    if not resample_fallback:
+        raise last
+    out, receipt = _resample_fallback(image, splan.requested, resample, chain)
+    _degrade(receipt, chain, started)
+    return out, receipt
 
 
-def _lanczos_fallback(image, scale, upscaler, resample, chain, started) -> tuple[torch.Tensor, dict]:
-    """Last resort: an antialiased resize to the requested size (no model); alpha is kept."""
-    factor = float(scale) if scale else float(max(upscaler.capabilities.native_scales))
+def _check_sizes(image: torch.Tensor, splan, upscaler: Upscaler, max_side: int | None, hooks: RunHooks) -> None:
+    """Every pass's output and the final image, against the max side and the free memory (tiling runs on
+    the compute device, but the canvases live in system memory)."""
+    batch, height, width, channels = image.shape
+    stages = [(f"pass {k} of {splan.passes} (x{splan.native**k})", width * splan.native**k, height * splan.native**k)
+              for k in range(1, splan.passes + 1)]
+    out_h, out_w = target_size(height, width, splan.requested)
+    if (out_w, out_h) != stages[-1][1:]:
+        stages.append(("the output", out_w, out_h))
+    cpu = torch.device("cpu")
+    check_sizes(stages, batch, max(3, channels), max_side=max_side or max_side_limit(),
+                free=(hooks.free_bytes or free_bytes)(cpu))
+
+
+def _degrade(receipt: dict, chain: list[dict], started: float) -> None:
+    """A fallback ran: say so in the log and the receipt, never silently."""
+    receipt["fallbacks"] = chain
+    receipt["degraded"] = {"ran": receipt["impl"], "instead_of": chain[0]["impl"],
+                           "reason": f"out of memory: {chain[0]['detail'][:200]}"}
+    receipt["seconds"] = round(time.perf_counter() - started, 3)
+    log.warning("DreamForge: %s (%s) ran out of memory; the result was made by %s instead",
+                chain[0]["impl"], chain[0]["model"], receipt["impl"])
+
+
+def _resample_fallback(image, factor, resample, chain) -> tuple[torch.Tensor, dict]:
+    """Last resort, only where allowed: an antialiased resize to the requested size (no model); alpha kept."""
     _, height, width, channels = image.shape
     out_h, out_w = target_size(height, width, factor)
     out = resize(image if channels != 1 else image.expand(-1, -1, -1, 3), out_h, out_w, resample)
@@ -211,8 +252,27 @@ def _lanczos_fallback(image, scale, upscaler, resample, chain, started) -> tuple
         "resampled": {"from_scale": 1, "method": resample}, "input_size": [width, height],
         "output_size": [out_w, out_h], "batch": image.shape[0], "alpha": "resampled" if channels == 4 else None,
         "dtype": "fp32", "device": "cpu", "tile_plan": None, "retries": [], "fallbacks": chain,
-        "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def _upscale_batch(upscaler: Upscaler, image: torch.Tensor, scale, **kw) -> tuple[torch.Tensor, dict]:
+    """The whole batch at once; at the out-of-memory floor, one image at a time (less activation memory)."""
+    try:
+        return _upscale_once(upscaler, image, scale, **kw)
+    except TileOOMError as exc:
+        if image.shape[0] == 1:
+            raise
+        note = {"event": "split_batch", "batch": image.shape[0], "reason": exc.allocator or str(exc)[:200]}
+    outs, receipts = [], []
+    for i in range(image.shape[0]):
+        out, receipt = _upscale_once(upscaler, image[i : i + 1], scale, **kw)
+        outs.append(out)
+        receipts.append(receipt)
+    receipt = receipts[0]
+    receipt["retries"] = [note] + [r for rec in receipts for r in rec["retries"]]
+    receipt["batch"] = image.shape[0]
+    receipt["seconds"] = round(sum(r["seconds"] for r in receipts), 3)
+    return torch.cat(outs, dim=0), receipt
 
 
 def _upscale_once(
@@ -237,8 +297,8 @@ def _upscale_once(
     splan = plan_scale(caps, scale, strict_scale, upscaler.source.file)
     module = upscaler.module()
     device = device or _device_of(module)
-    if _device_of(module) != device:
-        module.to(device)
+    if not getattr(upscaler, "offload", False) and any(p.device != device for p in module.parameters()):
+        module.to(device)  # with offload the backend moves one network at a time itself
 
     batch, height, width, channels = image.shape
     alpha = image[..., 3:] if channels == 4 else None
@@ -257,8 +317,8 @@ def _upscale_once(
             passes.append(report)
             continue
         record: list = []
-        fn, pass_hooks = _prompted(upscaler, prompt, seed, hooks, record)
-        result = _one_pass(upscaler, out, tile, overlap, device, pass_hooks, fn)
+        fn, per_tile = _prompted(upscaler, prompt, seed, record)
+        result = _one_pass(upscaler, out, tile, overlap, device, hooks, fn, per_tile)
         tile_prompts.append(record)
         out = result.image
         passes.append(result.plan.describe())
@@ -289,13 +349,16 @@ def _upscale_once(
         "seconds": round(time.perf_counter() - started, 3),
     }
     if prompt is not None or seed is not None:
-        if callable(prompt) and not tiles_internally(caps):
+        if not caps.takes_prompt:
+            receipt["prompt"] = prompt if isinstance(prompt, str) else {
+                "per_tile": [], "skipped": "the model takes no prompt: no prompt was made for its tiles"}
+        elif callable(prompt) and not tiles_internally(caps):
             receipt["prompt"] = {"per_tile": tile_prompts[0] if len(tile_prompts) == 1 else tile_prompts}
         elif callable(prompt):
             receipt["prompt"] = [p.get("prompt") for p in passes]
         else:
             receipt["prompt"] = prompt
-        receipt["prompt_used"] = bool(getattr(caps, "takes_prompt", False))
+        receipt["prompt_used"] = bool(caps.takes_prompt)
         receipt["seed"] = seed
     if tiles_internally(caps):  # the seed drawn when none was given, so the image can be reproduced
         receipt["seed"] = passes[0].get("seed", seed)

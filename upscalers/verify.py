@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .assets import BUNDLED_DIR
-from .base import AssetError, UpscalerError
+from .base import AssetError, UpscalerError, error_text
 from .catalog import AssetSpec, catalogue_file
 from .discovery import Installed, Locations, list_installed, reference_sha256
 from .download import tree_sha256
@@ -117,7 +117,7 @@ def check_diffusers_folder(path: Path) -> list[str]:
                         _weights_in(sub)
             # other libraries: present, not load-checked
         except Exception as exc:  # noqa: BLE001 - every failure of a component is reported, by name
-            problems.append(f"{name} ({library}.{cls}): {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+            problems.append(f"{name} ({library}.{cls}): {error_text(exc, 300)}")
     return problems
 
 
@@ -146,7 +146,7 @@ def load_check(kind: str, path: Path) -> str | None:
     except UpscalerError as exc:
         return str(exc)
     except Exception as exc:  # noqa: BLE001 - a load check reports every failure, it does not raise
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        return error_text(exc, 300)
 
 
 # ------------------------------------------------------------------------------------- hash checks

@@ -55,7 +55,9 @@ def wavelet_fix(content: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 def adain_fix(content: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     def mean_std(x):
         flat = x.flatten(2)
-        return flat.mean(dim=2)[..., None, None], (flat.var(dim=2) + ADAIN_EPS).sqrt()[..., None, None]
+        # unbiased as published; a single pixel has no spread (unbiased would divide by zero: NaN)
+        var = flat.var(dim=2, unbiased=flat.shape[2] > 1)
+        return flat.mean(dim=2)[..., None, None], (var + ADAIN_EPS).sqrt()[..., None, None]
 
     c_mean, c_std = mean_std(content)
     r_mean, r_std = mean_std(reference)

@@ -4,7 +4,8 @@ n x m -> round(n*S) x round(m*S): ceil(log4 S) 4x passes of the tiled upscaler, 
 (the user's; or, with a prompt model, one per tile from two images - the whole pass input and the
 tile's window - with the published multi-scale instruction, or one per pass from the whole image),
 a colour fix per pass against that pass's input (resized bicubic), then one exact resize to the
-target. A max-side guard refuses a target over `max_side` before any work.
+target. A guard refuses a target or an intermediate over `max_side`, or canvases larger than the free
+memory, before any work.
 """
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from typing import Callable
 
 import torch
 
-from ..tiling import RunHooks, resize, target_size
+from ..tiling import RunHooks, free_bytes, resize, target_size
 from ..tiling.resample import METHODS as RESAMPLE_METHODS
 from ..upscalers.base import Upscaler, UpscalerError
+from ..upscalers.size_guard import check_sizes
 from ..upscalers.upscale import DEFAULT_OVERLAP, check_image, upscale
 from .chain import check_color_fix, check_zoom_upscaler, derive_seed
 from .color_fix import color_fix as apply_color_fix
@@ -85,6 +87,10 @@ def zoom_upscale(
             f"lower the scale to at most {max_side / max(height, width):.4g}, use a smaller image, or raise max_side"
         )
     passes = passes_for(scale)
+    # Every 4x intermediate too (a 4.1x request builds a 16x one), before any work; one image at a time.
+    stages = [(f"pass {p} of {passes} (x{ZOOM**p})", width * ZOOM**p, height * ZOOM**p) for p in range(1, passes + 1)]
+    check_sizes(stages + [("the output", out_w, out_h)], 1, 3, max_side=max_side,
+                free=(hooks.free_bytes or free_bytes)(torch.device("cpu")))
     alpha = image[..., 3:] if channels == 4 else None
     rgb = image[..., :3] if channels >= 3 else image.expand(-1, -1, -1, 3)
 

@@ -5,11 +5,13 @@ instructions are the VLM's system message; the user turn holds only the image(s)
 
 - `NullProvider`: no model; the prompt is the user's text alone (the published `null`).
 - `zoom.vlm.VLMPromptProvider`: a transformers image-text-to-text model (Qwen2.5-VL, Qwen2-VL).
-- A tagger (Recognize-Anything / DAPE, published `dape`) fits the same protocol: it ignores the
-  instruction, tags the last image (the view being enlarged) and joins its tags with " | ".
+- `zoom.tagger.TaggerProvider`: Recognize-Anything / DAPE tags (the published `dape`, the reference's
+  default). It ignores the instruction, tags only the last image (the view being enlarged, also in
+  recursive_multiscale) and joins the firing tags with ", " in tag-list order (`join_tags`).
 
 The final prompt is the published f"{generated}, {user_prompt}," (the generated text alone when the
-user prompt is empty, as the reference code does).
+user prompt is empty, as the reference code does). A tagger with no tag firing generates "": the
+prompt is then "" or ", {user_prompt},", exactly as the reference formats it.
 """
 from __future__ import annotations
 
@@ -28,6 +30,14 @@ def instruction_for(image_count: int) -> str:
     if image_count == 2:
         return TWO_IMAGE_INSTRUCTION
     raise ValueError(f"a prompt is made from 1 image (a view) or 2 (context, then its zoom-in); got {image_count}")
+
+
+TAG_SEPARATOR = ", "  # the published dape format (RAM's own generate_tag joins with " | ")
+
+
+def join_tags(tags: Sequence[str]) -> str:
+    """A tagger's text: its tags (already in tag-list order) joined with ", "; "" for none."""
+    return TAG_SEPARATOR.join(tags)
 
 
 def build_messages(instruction: str, image_count: int) -> list[dict]:

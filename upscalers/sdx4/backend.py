@@ -76,12 +76,14 @@ class SDX4Upscaler:
     def module(self) -> torch.nn.Module:
         return self.holder
 
-    def _use(self, module: torch.nn.Module, device: torch.device) -> None:
-        """With offload, only the network in use sits on the device."""
+    def _use(self, module: torch.nn.Module, device: torch.device, hooks: RunHooks) -> None:
+        """With offload, only the network in use sits on the device; the others wait where the host
+        keeps offloaded weights (ComfyUI's offload device), else in system memory."""
         if self.offload:
+            parked = hooks.offload_device or torch.device("cpu")
             for m in (self.comps.unet, self.comps.vae, self.comps.text_encoder):
                 if m is not module:
-                    m.to("cpu")
+                    m.to(parked)
         module.to(device)
 
     def upscale_window(self, x: torch.Tensor, prompt: str | None = None, seed: int | None = None,
@@ -97,12 +99,12 @@ class SDX4Upscaler:
         device = x.device
         cfg = opts.guidance > 1.0
         with torch.inference_mode():
-            self._use(self.comps.text_encoder, device)
+            self._use(self.comps.text_encoder, device, hooks)
             embeds = sampler.encode_prompt(self.comps, DEFAULT_PROMPT if prompt is None else prompt,
                                            opts.negative_prompt, x.shape[0], cfg, device).to(self.dtype)
-            self._use(self.comps.unet, device)
+            self._use(self.comps.unet, device, hooks)
             latents = sampler.denoise(self.comps, x, embeds, opts, seed, device, self.dtype, hooks, report)
-            self._use(self.comps.vae, device)
+            self._use(self.comps.vae, device, hooks)
             image = sampler.decode(self.comps, latents, opts, device, self.vae_dtype, hooks, report)
         return image.permute(0, 3, 1, 2)
 

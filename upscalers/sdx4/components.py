@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..base import UpscalerError
+from ..base import UpscalerError, error_text
 from . import configs
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
@@ -91,7 +91,7 @@ def load_diffusers_folder(path: str | os.PathLike, tokenizer_dir: str | os.PathL
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **common)
         text = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True, dtype=torch.float32)
     except (OSError, ValueError, RuntimeError) as exc:
-        raise UpscalerError(f"{path.name}: could not load the diffusers components ({str(exc).splitlines()[0][:300]})") from None
+        raise UpscalerError(f"{path.name}: could not load the diffusers components ({error_text(exc, 300)})") from None
     own_tokenizer = path / "tokenizer"
     tokenizer = clip_tokenizer(own_tokenizer if has_tokenizer(own_tokenizer) else tokenizer_dir)
     if unet.config.in_channels != 7:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...tiling import RunHooks, choose_tile, free_bytes, is_out_of_memory
+from ...tiling import RunHooks, choose_tile, free_bytes, shrink_on_oom
 from ...tiling.latent_denoise import plan_latent, predict_tiled, step_hooks
 from ...tiling.memory import BUDGET_FRACTION
 from ...tiling.vae_decode import decode_tiled
@@ -21,7 +21,6 @@ from .components import SDX4Components
 
 VAE_SCALE = 4  # latent = input size, output = 4x
 VAE_MAX_WINDOW = 256  # latent px: the decoder's middle self-attention never sees more than 256x256 tokens
-VAE_MAX_STATS = 256  # latent px: the GroupNorm statistics pass decodes at most 256x256 (downsampled beyond)
 VAE_PAD = 16  # latent px of real context around a decode tile
 VAE_OVERLAP = 8  # latent px of cos^2 blend between decode tiles
 MIN_LATENT_TILE = 32
@@ -121,32 +120,30 @@ def denoise(comps: SDX4Components, image: torch.Tensor, embeds: torch.Tensor, op
     tile = _latent_tile(comps, opts, height, width, batch, dtype, cfg, device, hooks)
     retries = report.setdefault("retries", [])
     steps = len(scheduler.timesteps)
-    plan = None
+
+    def tile_pixels(size: int) -> int:
+        plan = plan_latent(height, width, size, opts.overlap)
+        return plan.rows.window * plan.cols.window
+
+    tile = min(tile, max(height, width)) if tile > 0 else max(height, width)  # tile 0: one tile
     for i, t in enumerate(scheduler.timesteps):
         model_in = torch.cat([latents] * copies)
         model_in = torch.cat([scheduler.scale_model_input(model_in, t), low], dim=1)
-        while True:
-            plan = plan_latent(height, width, tile, opts.overlap)
-            try:
-                pred = predict_tiled(model_in, lambda w: predict(w, t), plan, dtype,
-                                     step_hooks(hooks, i, steps, plan.count))
-                break
-            except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled
-                if not is_out_of_memory(exc, hooks.oom_errors):
-                    raise
-                current = max(plan.rows.tile, plan.cols.tile)
-                if current // 2 < MIN_LATENT_TILE:
-                    raise
-                tile = current // 2
-                retries.append({"event": "out_of_memory", "stage": "unet", "step": i, "tile": current, "retry_tile": tile})
-                del exc
-                _empty_cache(device)
+
+        def attempt(size: int, i=i, t=t, model_in=model_in):
+            plan = plan_latent(height, width, size, opts.overlap)
+            pred = predict_tiled(model_in, lambda w: predict(w, t), plan, dtype, step_hooks(hooks, i, steps, plan.count))
+            return pred, size
+
+        # A retry repeats only this step with smaller tiles: the steps already taken are kept.
+        pred, tile = shrink_on_oom(attempt, tile, cost=tile_pixels, floor=min(MIN_LATENT_TILE, tile), stage="unet",
+                                   device=device, retries=retries, oom_errors=hooks.oom_errors, record={"step": i})
         pred = pred.to(dtype)
         if cfg:
             uncond, text = pred.chunk(2)
             pred = uncond + opts.guidance * (text - uncond)
         latents = scheduler.step(pred, t, latents, eta=opts.eta, generator=generator, return_dict=False)[0]
-    report["unet_tiles"] = plan.describe() if plan else None
+    report["unet_tiles"] = plan_latent(height, width, tile, opts.overlap).describe()
     return latents
 
 
@@ -163,8 +160,9 @@ def decode(comps: SDX4Components, latents: torch.Tensor, opts: SDX4Options, devi
         tile = choose_tile(height, width, 1, per_px, int(budget), VAE_PAD)
         if max(height, width) > VAE_MAX_WINDOW:
             tile = min(tile or VAE_MAX_WINDOW, VAE_MAX_WINDOW - 2 * VAE_PAD)
-    # The statistics pass runs alone, so it may use the whole budget: exact statistics whenever they fit.
-    stats_side = min(VAE_MAX_STATS, int((budget / per_px) ** 0.5))
+    # The statistics pass runs alone, so it may use the whole budget: exact statistics whenever they fit
+    # (the decoder's attention is SDPA: memory linear in the latent's pixels).
+    stats_side = max(1, int((budget / per_px) ** 0.5))
 
     def run(window: torch.Tensor) -> torch.Tensor:
         return (vae.decode(window, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
@@ -173,18 +171,10 @@ def decode(comps: SDX4Components, latents: torch.Tensor, opts: SDX4Options, devi
     result = decode_tiled(run, norms, z, scale=VAE_SCALE, tile=tile, overlap=VAE_OVERLAP, pad=VAE_PAD,
                           device=device, dtype=dtype, hooks=dataclasses.replace(hooks, progress=None),
                           stats_side=stats_side)
-    report["vae_tiles"] = result.plan.describe()
-    report.setdefault("retries", []).extend({**r, "stage": "vae"} for r in result.retries)
+    report["vae_tiles"] = {**result.plan.describe(), "statistics": result.statistics}
+    report.setdefault("retries", []).extend(result.retries)
     return result.image
 
 
 def new_seed() -> int:
     return secrets.randbits(63)
-
-
-def _empty_cache(device: torch.device) -> None:
-    import gc
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()

@@ -1,0 +1,155 @@
+"""`upscale INPUT... --scale S`: every image of files, folders and globs, with a receipt beside each.
+
+One image at a time through `process_one` (the Ray workers run the same function), so a local run
+and a cluster run write the same bytes. A bad image is reported and the rest go on.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..api import ModelPlaces, folder_gan, select_upscaler, upscale_image
+from ..upscalers.assets import BUNDLED_MODEL
+from ..upscalers.base import Upscaler, UpscalerError
+from ..upscalers.sdx4 import SDX4Options
+from ..upscalers.upscale import DEFAULT_OVERLAP
+from .images import Job, encode_png, plan_jobs, read_image, sha256_bytes, unfinished_reason, write_atomic
+from .progress import Outcome, Progress, summarize
+
+TOOL = "dreamforge-upscale"
+
+
+@dataclass(frozen=True)
+class UpscaleConfig:
+    """Everything a worker needs to make an output: picklable, so it travels to Ray actors as is."""
+
+    scale: float = 4.0
+    model: str | None = None
+    impl: str = "auto"
+    dtype: str = "auto"
+    device: str = "auto"
+    tile: int = 0
+    overlap: int = DEFAULT_OVERLAP
+    resample: str = "lanczos"
+    prompt: str | None = None
+    negative_prompt: str = ""
+    seed: int | None = None
+    steps: int = 50
+    guidance: float = 7.5
+    noise_level: int = 20
+    models_root: str | None = None
+    comfyui_root: str | None = None
+    mirror: str | None = None
+    clip_tokenizer: str | None = None
+    skip_existing: bool = False
+
+    def places(self) -> ModelPlaces:
+        return ModelPlaces(self.models_root, self.comfyui_root, self.mirror)
+
+    def settings(self) -> dict:
+        """What decides an output's pixels: a resumed run skips an output only when these match its receipt."""
+        keys = ("scale", "impl", "dtype", "tile", "overlap", "resample", "prompt", "negative_prompt", "seed", "steps",
+                "guidance", "noise_level")
+        return {"model": self.model or BUNDLED_MODEL, **{k: getattr(self, k) for k in keys}}
+
+    def sdx4(self) -> SDX4Options:
+        return SDX4Options(steps=self.steps, guidance=self.guidance, noise_level=self.noise_level,
+                           negative_prompt=self.negative_prompt)
+
+    def load(self) -> tuple[Upscaler, dict]:
+        return select_upscaler(self.scale, self.model, impl=self.impl, dtype=self.dtype, device=self.device,
+                               places=self.places(), tokenizer_dir=self.clip_tokenizer)
+
+
+def process_one(upscaler: Upscaler, policy: dict, job: Job, cfg: UpscaleConfig, data: bytes | None = None,
+                progress=None) -> Outcome:
+    """Read, upscale, write the image, then its receipt. Never raises for a bad image: it is an Outcome."""
+    started = time.perf_counter()
+    try:
+        raw = data if data is not None else job.source.read_bytes()
+        image = read_image(raw, label=str(job.source))
+        fallback = None
+        if upscaler.capabilities.impl == "diffusion":
+            def fallback():  # SD x4 out of memory even with the smallest tiles: a GAN, then Lanczos
+                return folder_gan(4, dtype=cfg.dtype, device=cfg.device, places=cfg.places())
+        result = upscale_image(upscaler, image, cfg.scale, tile=cfg.tile, overlap=cfg.overlap, resample=cfg.resample,
+                               prompt=cfg.prompt, seed=cfg.seed, sdx4=cfg.sdx4(), device=cfg.device,
+                               progress=progress, fallback=fallback)
+        png = encode_png(result.image)
+        receipt = {**result.receipt, "policy": policy, "cli": {
+            "tool": TOOL, "input": str(job.source), "input_sha256": sha256_bytes(raw), "output": job.output.name,
+            "output_sha256": sha256_bytes(png), "settings": cfg.settings(),
+        }}
+        write_atomic(job.output, png)  # image first, receipt last: the receipt says the output is complete
+        write_atomic(job.receipt, json.dumps(receipt, indent=1).encode())
+    except Exception as exc:  # noqa: BLE001 - one bad image must not stop a folder of thousands
+        reason = str(exc) if isinstance(exc, (UpscalerError, OSError)) else f"{type(exc).__name__}: {exc}"
+        reason = reason.removeprefix(f"{job.source}: ")  # the summary names the file already
+        return Outcome(str(job.source), None, "failed", reason[:500], time.perf_counter() - started)
+    return Outcome(str(job.source), str(job.output), "done", seconds=time.perf_counter() - started)
+
+
+def split_finished(jobs: list[Job], cfg: UpscaleConfig, progress: Progress) -> tuple[list[Job], list[Outcome]]:
+    """With --skip-existing: the jobs still to run, and an Outcome for each one finished by an earlier run."""
+    if not cfg.skip_existing:
+        return jobs, []
+    pending, skipped = [], []
+    settings = cfg.settings()
+    for job in jobs:
+        reason = unfinished_reason(job, settings)
+        if reason is None:
+            outcome = Outcome(str(job.source), str(job.output), "skipped", "already done")
+            skipped.append(outcome)
+            progress.finished(outcome)
+        else:
+            pending.append(job)
+    return pending, skipped
+
+
+def run_local(jobs: list[Job], cfg: UpscaleConfig, progress: Progress, outcomes: list[Outcome]) -> None:
+    """Run `jobs` here, one at a time, appending an Outcome per image to `outcomes`."""
+    upscaler = policy = None  # loaded on the first image that needs it: a finished folder loads nothing
+    for job in jobs:
+        if upscaler is None:
+            upscaler, policy = cfg.load()
+        progress.start(job.source.name)
+        outcome = process_one(upscaler, policy, job, cfg, progress=progress.tile)
+        outcomes.append(outcome)
+        progress.finished(outcome)
+
+
+def config_from_args(args) -> UpscaleConfig:
+    return UpscaleConfig(**{k: getattr(args, k) for k in asdict(UpscaleConfig()) if hasattr(args, k)})
+
+
+def cmd_upscale(args) -> int:
+    cfg = config_from_args(args)
+    if not (cfg.scale > 0):
+        raise UpscalerError(f"--scale must be a positive number; got {cfg.scale}")
+    jobs, unmatched = plan_jobs(args.inputs, args.out, cfg.scale)
+    outcomes = [Outcome(u.input, None, "failed", u.reason) for u in unmatched]
+    progress = Progress(len(jobs) + len(unmatched))
+    for outcome in outcomes:
+        progress.finished(outcome)
+    pending, skipped = split_finished(jobs, cfg, progress)
+    outcomes += skipped
+    try:
+        if args.ray is not None and pending:
+            from .ray_batch import run_on_ray
+
+            run_on_ray(pending, cfg, address=args.ray, actors=args.actors, progress=progress, outcomes=outcomes)
+        else:
+            run_local(pending, cfg, progress, outcomes)
+    except KeyboardInterrupt:
+        progress.close()
+        summarize(outcomes)
+        print(f"interrupted after {len(outcomes)} of {len(jobs) + len(unmatched)}: rerun with --skip-existing to "
+              "resume", flush=True)
+        return 130
+    order = {str(j.source): i for i, j in enumerate(jobs)}
+    outcomes.sort(key=lambda o: order.get(o.source, -1))  # the summary in input order, whatever finished first
+    progress.close()
+    print(f"outputs in {Path(args.out).expanduser().resolve()}")
+    return summarize(outcomes)

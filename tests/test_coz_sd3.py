@@ -1,0 +1,280 @@
+"""Chain-of-Zoom's SD3 super-resolver (upscalers/coz_sd3) on tiny random SD3 components, outside ComfyUI.
+
+The reference below is written from the published formulas with the LoRA left UNMERGED (peft for the
+VAE encoder, explicit up @ down on the AdaLayerNormZero linears) and diffusers' own SD3 prompt encoding.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import tiny_sd3
+from dreamforge_upscale.upscalers.base import UpscalerError
+from dreamforge_upscale.upscalers.coz_sd3 import CoZOptions, CoZSD3Upscaler, TokenizerDirs, select_dtypes
+from dreamforge_upscale.upscalers.coz_sd3.backend import NO_T5_NOTE
+from dreamforge_upscale.upscalers.coz_sd3.lora import merge_transformer_lora, merge_vae_encoder_lora
+from dreamforge_upscale.upscalers.upscale import upscale
+
+CPU = torch.device("cpu")
+PROMPT = "a red fox in the snow, detailed fur"
+SEED = 7
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coz-sd3")
+    return {"folder": tiny_sd3.write_diffusers_folder(root / "sd3-medium"),
+            **tiny_sd3.write_single_files(root / "single"), "lora": tiny_sd3.write_lora_files(root / "lora"),
+            "root": root}
+
+
+def dirs() -> TokenizerDirs:
+    return TokenizerDirs(tiny_sd3.clip_tokenizer_dir(), tiny_sd3.t5_tokenizer_dir())
+
+
+def load(files, base=None, transformer_lora=None, vae_lora=None, **kw) -> CoZSD3Upscaler:
+    return CoZSD3Upscaler.load(base or files["folder"], transformer_lora or files["lora"]["transformer"],
+                               vae_lora or files["lora"]["vae"], tokenizer_dirs=dirs(), device=CPU, **kw)
+
+
+@pytest.fixture(scope="module")
+def model(files):
+    return load(files)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Tiny SD3 with the LoRA unmerged: peft-wrapped encoder from the file, hooks adding up @ down."""
+    comps = tiny_sd3.build_components(0)
+    return comps
+
+
+def low_res(seed: int = 0, size=(16, 16)) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.rand(1, 3, *size, generator=gen) * 255).round() / 255  # 8-bit values, like a real crop
+
+
+def pil_bicubic_4x(x: torch.Tensor) -> torch.Tensor:
+    planes = [np.asarray(Image.fromarray(x[0, c].numpy(), mode="F").resize((x.shape[3] * 4, x.shape[2] * 4),
+                                                                               Image.Resampling.BICUBIC))
+              for c in range(3)]
+    return torch.from_numpy(np.stack(planes))[None]
+
+
+def unmerged(files):
+    comps = tiny_sd3.build_components(0)
+    vae = copy.deepcopy(comps["vae"])
+    encoder = tiny_sd3.peft_encoder(vae)
+    encoder.load_state_dict({k: v.float() for k, v in torch.load(files["lora"]["vae"], weights_only=True).items()})
+    vae.encoder = encoder
+    transformer = copy.deepcopy(comps["transformer"])
+    pairs = torch.load(files["lora"]["transformer"], weights_only=True)
+    from diffusers.models.normalization import AdaLayerNormZero
+
+    k = 0
+    for block in transformer.transformer_blocks:
+        for attr in ("norm1", "norm1_context"):
+            norm = getattr(block, attr)
+            if isinstance(norm, AdaLayerNormZero):
+                up, down = pairs[2 * k], pairs[2 * k + 1]
+                norm.linear.register_forward_hook(lambda m, inp, out, up=up, down=down: out + inp[0] @ down.T @ up.T)
+                k += 1
+    return comps, vae, transformer
+
+
+@torch.no_grad()
+def reference_step(files, x_lr: torch.Tensor, prompt: str, seed: int) -> torch.Tensor:
+    comps, vae, transformer = unmerged(files)
+    seq, _, pooled, _ = tiny_sd3.pipeline(comps).encode_prompt(
+        prompt, prompt, prompt, device=CPU, do_classifier_free_guidance=False, max_sequence_length=512)
+    x = pil_bicubic_4x(x_lr) * 2 - 1
+    z = vae.encode(x).latent_dist.sample(generator=torch.Generator().manual_seed(seed)) * 1.5305
+    v = transformer(hidden_states=z, timestep=torch.tensor([1000.0]), encoder_hidden_states=seq,
+                    pooled_projections=pooled).sample
+    return (vae.decode((z - v) / 1.5305 + 0.0609).sample.clamp(-1, 1) * 0.5 + 0.5)
+
+
+# ------------------------------------------------------------------------------ layouts and parity
+def test_lora_files_are_in_the_published_layouts(files, model):
+    pairs = torch.load(files["lora"]["transformer"], weights_only=True)
+    assert isinstance(pairs, list) and len(pairs) == 2 * (2 * tiny_sd3.LAYERS - 1)  # 24 layers: 94
+    assert pairs[0].shape == (6 * tiny_sd3.WIDTH, 4) and pairs[1].shape == (4, tiny_sd3.WIDTH)
+    enc = torch.load(files["lora"]["vae"], weights_only=True)
+    assert len(enc) == 168 and sum(".lora_" in k for k in enc) == 62 and sum(".base_layer." in k for k in enc) == 62
+    assert all(v.dtype == torch.float16 for v in enc.values())
+    lora_files = [f for f in model.files if "LoRA" in f["part"]]
+    assert [f["targets"] for f in lora_files if "targets" in f] == [3] and lora_files[1]["wrapped_modules"] == 31
+    assert all(len(f["sha256"]) == 64 for f in lora_files)
+
+
+def test_one_step_matches_the_unmerged_reference(files, model):
+    x = low_res(1)
+    ours = model.upscale_window(x, prompt=PROMPT, seed=SEED)
+    ref = reference_step(files, x, PROMPT, SEED)
+    assert ours.shape == ref.shape == (1, 3, 64, 64) and ref.std() > 0.02
+    assert (ours - ref).abs().max() <= 1e-4
+
+
+def test_merged_equals_unmerged_per_network(files, model):
+    _, vae, transformer = unmerged(files)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(1, 3, 32, 32, generator=gen) * 2 - 1
+    with torch.no_grad():
+        assert (model.comps.vae.encoder(x) - vae.encoder(x)).abs().max() <= 1e-5
+        z = torch.randn(1, 16, 8, 8, generator=gen)
+        seq, pooled = torch.randn(1, 20, tiny_sd3.JOINT, generator=gen), torch.randn(1, 80, generator=gen)
+        kw = dict(timestep=torch.tensor([1000.0]), encoder_hidden_states=seq, pooled_projections=pooled)
+        merged = model.comps.transformer(hidden_states=z, **kw).sample
+        assert (merged - transformer(hidden_states=z, **kw).sample).abs().max() <= 1e-5
+        base = tiny_sd3.build_components(0)["transformer"](hidden_states=z, **kw).sample
+        assert (merged - base).abs().max() > 1e-3  # the LoRA changed something
+
+
+@pytest.mark.parametrize("with_t5", [True, False])
+def test_prompt_embeddings_equal_diffusers_encode_prompt(files, model, with_t5):
+    upscaler = model if with_t5 else load(files, use_t5=False)
+    pipe = tiny_sd3.pipeline(tiny_sd3.build_components(0), with_t5=with_t5)
+    for prompt in (PROMPT, ""):
+        seq, _, pooled, _ = pipe.encode_prompt(prompt, prompt, prompt, device=CPU, do_classifier_free_guidance=False,
+                                               max_sequence_length=512)
+        ours_seq, ours_pooled, _ = upscaler.prompt_embeddings(prompt, CPU)
+        assert ours_seq.shape == seq.shape == (1, 77 + 512, tiny_sd3.JOINT)
+        assert (ours_seq - seq).abs().max() <= 1e-5 and (ours_pooled - pooled).abs().max() <= 1e-5  # fp32 kernel noise
+
+
+def test_single_files_load_the_same_model(files, model):
+    single = load(files, base=files["checkpoint"], text_files={r: files[r] for r in ("clip_l", "clip_g", "t5")})
+    x = low_res(2)
+    a, b = model.upscale_window(x, prompt=PROMPT, seed=SEED), single.upscale_window(x, prompt=PROMPT, seed=SEED)
+    assert (a - b).abs().max() <= 1e-5
+    assert [f["part"] for f in single.files] == ["checkpoint", "clip_l", "clip_g", "t5", "transformer LoRA",
+                                                 "VAE encoder LoRA"]
+    assert single.source.sha256 == single.files[0]["sha256"]
+
+
+def test_checkpoint_with_clips_inside_and_no_t5(files, model):
+    inside = tiny_sd3.write_single_files(files["root"] / "incl", include_clips=True,
+                                         name="sd3_medium_incl_clips.safetensors")
+    no_t5 = load(files, base=inside["checkpoint"])  # no T5 in the file and none given: optional
+    report = {}
+    y = no_t5.upscale_window(low_res(2), prompt=PROMPT, seed=SEED, report=report)
+    assert NO_T5_NOTE in report["notes"] and report["networks"]["t5"] is None
+    assert [f["part"] for f in no_t5.files][0] == "checkpoint" and len(no_t5.files) == 3
+    with_t5 = model.upscale_window(low_res(2), prompt=PROMPT, seed=SEED)
+    assert (y - with_t5).abs().max() > 1e-4  # T5 matters
+
+
+# ------------------------------------------------------------------------------ seeds and sampling
+def test_same_seed_same_bits_and_the_posterior_mean(model):
+    x = low_res(4)
+    a, b = model.upscale_window(x, prompt=PROMPT, seed=11), model.upscale_window(x, prompt=PROMPT, seed=11)
+    c = model.upscale_window(x, prompt=PROMPT, seed=12)
+    assert torch.equal(a, b) and (a - c).abs().max() > 1e-4
+    mean = CoZOptions(sampling="mean")
+    m1 = model.upscale_window(x, prompt=PROMPT, seed=1, options=mean)
+    assert torch.equal(m1, model.upscale_window(x, prompt=PROMPT, seed=2, options=mean))
+    report = {}
+    model.upscale_window(x, prompt=PROMPT, seed=None, report=report)
+    assert isinstance(report["seed"], int) and report["prompt_embedding"] == "cached"
+
+
+def test_large_inputs_tile_the_latent_and_the_vae(model):
+    x = low_res(5, (40, 28))  # -> 160x112: latent 20x14
+    report = {}
+    tiled = model.upscale_window(x, prompt=PROMPT, seed=3, options=CoZOptions(tile=8, overlap=2, vae_tile=2),
+                                 report=report)
+    assert tiled.shape == (1, 3, 160, 112) and torch.isfinite(tiled).all()
+    assert report["transformer_tiles"]["grid"] == [3, 2] and report["vae_decode_tiles"]["count"] > 1
+    assert report["vae_encode_tiles"]["count"] > 1
+    whole = model.upscale_window(x, prompt=PROMPT, seed=3, options=CoZOptions(tile=0, vae_tile=0))
+    assert (tiled - whole).abs().mean() < 0.1  # the same picture; blended tiles differ only near their borders
+    # past the position grid (32 latent px for the tiny model) auto tiling is forced
+    report = {}
+    big = model.upscale_window(low_res(6, (68, 8)), prompt=PROMPT, seed=3, report=report)
+    assert big.shape == (1, 3, 272, 32) and report["transformer_tiles"]["grid"][0] > 1
+
+
+def test_the_pack_upscale_path_records_tiled_upscale_options(model):
+    from dreamforge_upscale.upscalers.sdx4 import SDX4Options
+
+    image = low_res(8, (18, 14)).permute(0, 2, 3, 1)
+    out, receipt = upscale(model, image, 4, prompt=PROMPT, seed=5, options=SDX4Options(tile=16, overlap=8))
+    assert out.shape == (1, 72, 56, 3) and receipt["impl"] == "diffusion" and receipt["seed"] == 5
+    plan = receipt["tile_plan"]
+    assert plan["transformer_tiles"]["tile"][0] <= 8 and any("steps, guidance" in n for n in plan["notes"])
+    assert plan["sr_input_size"] == [64, 80]  # 56x72 padded to multiples of 16
+
+
+# ------------------------------------------------------------------------------ safety and errors
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['COZ_MARKER']}",))
+
+
+def merge_into_copy(model, transformer_lora=None, vae_lora=None) -> None:
+    """The loader's LoRA step on copies of the loaded networks (the base load itself is tested above)."""
+    if transformer_lora:
+        merge_transformer_lora(copy.deepcopy(model.comps.transformer), transformer_lora)
+    if vae_lora:
+        merge_vae_encoder_lora(copy.deepcopy(model.comps.vae), vae_lora)
+
+
+@pytest.mark.parametrize("which", ["transformer_lora", "vae_lora"])
+def test_a_lora_with_pickled_code_is_refused_and_never_runs(model, tmp_path, monkeypatch, which):
+    marker = tmp_path / "ran"
+    monkeypatch.setenv("COZ_MARKER", str(marker))
+    evil = tmp_path / "evil.pkl"
+    torch.save([_Evil()], evil)
+    with pytest.raises(UpscalerError, match="refused: it is not a plain weights file"):
+        merge_into_copy(model, **{which: evil})
+    assert not marker.exists()
+
+
+def test_transformer_lora_mismatches_name_count_and_tensor(files, model, tmp_path):
+    pairs = torch.load(files["lora"]["transformer"], weights_only=True)
+    short, bad = tmp_path / "short.pkl", tmp_path / "bad.pkl"
+    torch.save(pairs[:4], short)
+    torch.save(pairs[:3] + [torch.zeros(4, tiny_sd3.WIDTH + 1)] + pairs[4:], bad)
+    with pytest.raises(UpscalerError, match=r"expected 6 tensors \(3 up/down pairs .* 2-layer SD3 transformer\); got 4"):
+        merge_into_copy(model, transformer_lora=short)
+    with pytest.raises(UpscalerError, match=r"tensor 3 \(transformer_blocks.0.norm1_context.linear down\) has shape "
+                                            r"\(4, 129\), expected \(4, 128\)"):
+        merge_into_copy(model, transformer_lora=bad)
+    as_dict = tmp_path / "dict.pkl"
+    torch.save({"a": pairs[0]}, as_dict)
+    with pytest.raises(UpscalerError, match="expected the transformer LoRA as a list"):
+        merge_into_copy(model, transformer_lora=as_dict)
+
+
+def test_vae_lora_mismatches_name_the_key(files, model, tmp_path):
+    sd = torch.load(files["lora"]["vae"], weights_only=True)
+    cases = {
+        "missing_base": ({k: v for k, v in sd.items() if k != "conv_out.base_layer.weight"}, "lacks 1 base tensors, e.g. conv_out.weight"),
+        "missing_b": ({k: v for k, v in sd.items() if k != "conv_in.lora_B.default_encoder.weight"}, "conv_in.lora_B is missing"),
+        "bad_shape": ({**sd, "conv_in.lora_A.default_encoder.weight": torch.zeros(4, 3, 1, 1)}, r"conv_in lora_A \(4, 3, 1, 1\)"),
+    }
+    for name, (state, message) in cases.items():
+        path = tmp_path / f"{name}.pt"
+        torch.save(state, path)
+        with pytest.raises(UpscalerError, match=message):
+            merge_into_copy(model, vae_lora=path)
+
+
+def test_base_model_errors(files, model, tmp_path):
+    with pytest.raises(UpscalerError, match="not a Stable Diffusion 3 checkpoint"):
+        load(files, base=files["clip_g"])
+    with pytest.raises(UpscalerError, match="has no CLIP-L text encoder: put clip_l.safetensors"):
+        load(files, base=files["checkpoint"], text_files={"clip_g": files["clip_g"]})
+    with pytest.raises(UpscalerError, match="SD3 base model not found"):
+        load(files, base=tmp_path / "nothing.safetensors")
+    with pytest.raises(UpscalerError, match="file not found"):
+        merge_into_copy(model, vae_lora=tmp_path / "vae_encoder_20001.pt")
+    with pytest.raises(UpscalerError, match="dtype fp16 is not supported on the CPU"):
+        select_dtypes("fp16", CPU)
+    with pytest.raises(UpscalerError, match="sampling must be one of sample, mean"):
+        CoZOptions(sampling="mode").check()

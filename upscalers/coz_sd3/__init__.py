@@ -1,0 +1,8 @@
+"""Chain-of-Zoom's own super-resolver: one-step SD3 medium with the authors' LoRA (impl "diffusion")."""
+from .backend import CoZSD3Upscaler, Residency, is_coz_base, select_dtypes
+from .components import TokenizerDirs
+from .lora import LORA_FOLDER, TRANSFORMER_LORA, VAE_ENCODER_LORA
+from .step import CoZOptions
+
+__all__ = ["CoZOptions", "CoZSD3Upscaler", "LORA_FOLDER", "Residency", "TRANSFORMER_LORA", "TokenizerDirs",
+           "VAE_ENCODER_LORA", "is_coz_base", "select_dtypes"]

@@ -1,0 +1,198 @@
+"""Chain-of-Zoom's own super-resolver behind the Upscaler protocol: SD3 medium + the authors' LoRA, one step.
+
+As a 4x upscaler of x: PIL-bicubic 4x, then the one SR step at that size (the model restores at a
+fixed size; Chain-of-Zoom feeds it the bicubic view). impl "diffusion", tiling "internal".
+"""
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ...tiling import RunHooks
+from ..base import Capabilities, ModelSource, UpscalerError
+from ..dtypes import DTYPE_NAMES, DTYPES, dtype_name
+from . import step
+from .components import CoZComponents, TokenizerDirs, is_sd3_folder, load_diffusers_folder
+from .lora import merge_transformer_lora, merge_vae_encoder_lora
+from .prompt import PromptMemo, encode_prompt
+from .single_file import load_single_files
+
+ZOOM_PX = step.ZOOM**2  # output px per input px (the memory estimate per input pixel scales by it)
+ARCHITECTURE = "Chain-of-Zoom SR (SD3 medium + CoZ LoRA, one step)"
+NO_T5_NOTE = ("no T5 text encoder: its 512 tokens are zeros (as diffusers does without T5), so the prompt "
+              "embedding differs from the paper's; add t5xxl_fp16.safetensors for the published conditioning")
+FP16_MODULATION_NOTE = ("the transformer LoRA is merged into the weights; the authors' layer rounds the "
+                        "modulation to fp16, which this merge does not (differences ~1e-3 relative)")
+
+
+class CoZModules(torch.nn.Module):
+    """Plain holders for memory managers (ComfyUI's ModelPatcher sets `.device`, read-only on diffusers models)."""
+
+    def __init__(self, **modules: torch.nn.Module):
+        super().__init__()
+        for name, module in modules.items():
+            setattr(self, name, module)
+
+
+@dataclass(frozen=True)
+class Residency:
+    """How networks get onto the device before use (load-time choice; ComfyUI's memory manager supplies one).
+
+    text(bytes) runs before the text encoders encode, main(bytes) before the transformer and VAE run;
+    the default moves them with .to() and sends the text encoders back to the CPU after use on a GPU.
+    """
+
+    text: Callable[[int], None] | None = None
+    main: Callable[[int], None] | None = None
+    release_text: Callable[[], None] | None = None
+
+
+def select_dtypes(requested: str, device: torch.device) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
+    """(transformer, VAE, text encoders). auto on CUDA: bf16 transformer (fp16 where bf16 is missing), fp32 VAE,
+    fp16 text encoders (the reference's); fp32 everywhere on the CPU. The VAE is never fp16."""
+    if requested not in ("auto",) + DTYPE_NAMES:
+        raise UpscalerError(f"dtype must be one of auto, {', '.join(DTYPE_NAMES)}; got {requested!r}")
+    if device.type != "cuda":
+        if requested == "fp16":
+            raise UpscalerError("dtype fp16 is not supported on the CPU; choose bf16 or fp32 (or auto)")
+        main = DTYPES.get(requested, torch.float32)
+        return main, torch.float32, torch.float32
+    if requested == "auto":
+        main = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        main = DTYPES[requested]
+    return main, (torch.bfloat16 if main == torch.bfloat16 else torch.float32), (
+        torch.float32 if main == torch.float32 else torch.float16)
+
+
+class CoZSD3Upscaler:
+    """Load-time choices (weights, dtypes, residency) live here; per-call settings go to upscale_window."""
+
+    def __init__(self, comps: CoZComponents, source: ModelSource, files: list[dict], dtype=torch.float32,
+                 vae_dtype=torch.float32, text_dtype=torch.float32, residency: Residency | None = None):
+        if vae_dtype == torch.float16:
+            raise UpscalerError("the SD3 VAE is kept in fp32 or bf16 (fp16 overflows in its decoder)")
+        self.comps, self.source, self.files = comps, source, files
+        self.dtype, self.vae_dtype, self.text_dtype = dtype, vae_dtype, text_dtype
+        self.residency = residency or Residency()
+        self.offload = False  # the text encoders and the main networks move through `residency` instead
+        for module, wanted in ((comps.transformer, dtype), (comps.vae, vae_dtype),
+                               *((enc, text_dtype) for enc in self.text_encoders())):
+            if next(module.parameters()).dtype != wanted:
+                module.to(dtype=wanted)
+        self.holder = CoZModules(transformer=comps.transformer, vae=comps.vae).eval().requires_grad_(False)
+        self.text_holder = CoZModules(**{k: getattr(comps, k) for k in ("clip_l", "clip_g", "t5")
+                                         if getattr(comps, k) is not None}).eval().requires_grad_(False)
+        self.memo = PromptMemo()
+        per_input_px = ZOOM_PX * step.transformer_bytes_per_latent_px(comps.transformer, torch.float32) / 4
+        self.capabilities = Capabilities(
+            impl="diffusion", native_scales=(step.ZOOM,), dtypes=("fp32", "fp16", "bf16"), size_multiple=1,
+            min_size=1, square=False, context=0, tiling="internal", bytes_per_pixel=per_input_px,
+            in_channels=3, out_channels=3, takes_prompt=True,
+        )
+
+    @property
+    def scale(self) -> int:
+        return step.ZOOM
+
+    def module(self) -> torch.nn.Module:
+        return self.holder
+
+    def text_module(self) -> torch.nn.Module:
+        return self.text_holder
+
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [m for m in (self.comps.clip_l, self.comps.clip_g, self.comps.t5) if m is not None]
+
+    def prompt_embeddings(self, text: str, device: torch.device, hooks: RunHooks | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(seq, pooled, cached): encoders run only for a prompt not seen recently."""
+        hit = self.memo.get(text)
+        if hit is not None:
+            return hit[0], hit[1], True
+        r = self.residency
+        if r.text:
+            r.text(0)
+        else:
+            self.text_holder.to(device)
+        with torch.inference_mode():
+            seq, pooled = encode_prompt(self.comps, text, device, self.comps.transformer.config.joint_attention_dim)
+        self.memo.put(text, (seq, pooled))
+        if r.release_text:
+            r.release_text()
+        elif device.type != "cpu":
+            # the transformer needs the room more than the encoders
+            self.text_holder.to((hooks.offload_device if hooks else None) or torch.device("cpu"))
+        return seq, pooled, False
+
+    def upscale_window(self, x: torch.Tensor, prompt: str | None = None, seed: int | None = None, options=None,
+                       hooks: RunHooks | None = None, report: dict | None = None) -> torch.Tensor:
+        """x: B,3,h,w in 0..1 -> B,3,4h,4w in 0..1 (float32); `report` gets seed, prompt state, tiles, notes."""
+        opts, note = step.CoZOptions.from_any(options)
+        opts.check()
+        hooks = hooks or RunHooks()
+        report = report if report is not None else {}
+        seed = secrets.randbits(63) if seed is None else int(seed)
+        text = "" if prompt is None else str(prompt)
+        device = x.device
+        seq, pooled, cached = self.prompt_embeddings(text, device, hooks)
+        h, w = x.shape[-2:]
+        big = step.pil_bicubic(x, step.ZOOM)
+        padded = step.pad_to_multiple(big)
+        if self.residency.main:
+            self.residency.main(int(padded.shape[-2] * padded.shape[-1] / 64 * step.transformer_bytes_per_latent_px(
+                self.comps.transformer, self.dtype)))
+        else:
+            self.holder.to(device)
+        with torch.inference_mode():
+            y = step.sr_step(self.comps, padded, seq, pooled, opts, seed, device, self.dtype, self.vae_dtype, hooks, report)
+        notes = [FP16_MODULATION_NOTE] + ([NO_T5_NOTE] if self.comps.t5 is None else []) + ([note] if note else [])
+        report.update(seed=seed, sampling=opts.sampling, prompt_embedding="cached" if cached else "encoded",
+                      sr_input_size=[padded.shape[-1], padded.shape[-2]], notes=notes, networks=self.networks())
+        return y[..., : h * step.ZOOM, : w * step.ZOOM]
+
+    def networks(self) -> dict:
+        return {"transformer": dtype_name(self.dtype), "vae": dtype_name(self.vae_dtype),
+                "clip_l": dtype_name(self.text_dtype), "clip_g": dtype_name(self.text_dtype),
+                "t5": dtype_name(self.text_dtype) if self.comps.t5 is not None else None}
+
+    def describe(self) -> dict:
+        return {**self.source.describe(), "impl": "diffusion", "native_scale": self.scale, "files": self.files,
+                "dtypes": self.networks()}
+
+    @classmethod
+    def load(cls, base: str | os.PathLike, transformer_lora: str | os.PathLike, vae_lora: str | os.PathLike, *,
+             text_files: dict | None = None, tokenizer_dirs: TokenizerDirs = TokenizerDirs(), use_t5: bool = True,
+             dtype: str = "auto", device: torch.device | None = None, residency: Residency | None = None
+             ) -> "CoZSD3Upscaler":
+        """SD3 medium (diffusers folder, or sd3_medium*.safetensors + text encoder files) + the two LoRA files."""
+        base = Path(base)
+        device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        main_dtype, vae_dtype, text_dtype = select_dtypes(dtype, device)
+        if base.is_dir():
+            comps = load_diffusers_folder(base, tokenizer_dirs, use_t5)
+        elif base.is_file():
+            comps = load_single_files(base, text_files or {}, tokenizer_dirs, use_t5)
+        else:
+            raise UpscalerError(f"SD3 base model not found: {base}. Put sd3_medium*.safetensors in models/checkpoints "
+                                "or the stable-diffusion-3-medium-diffusers folder in models/diffusers")
+        for m in (comps.transformer, comps.vae, comps.clip_l, comps.clip_g, comps.t5):
+            if m is not None:
+                m.float().eval().requires_grad_(False)
+        files = comps.files + [merge_transformer_lora(comps.transformer, transformer_lora),
+                               merge_vae_encoder_lora(comps.vae, vae_lora)]
+        source = ModelSource(base.name, files[0]["sha256"], ARCHITECTURE)
+        return cls(comps, source, files, main_dtype, vae_dtype, text_dtype, residency)
+
+
+
+def is_coz_base(path: str | os.PathLike) -> bool:
+    from .single_file import is_sd3_checkpoint
+
+    path = Path(path)
+    return is_sd3_folder(path) if path.is_dir() else is_sd3_checkpoint(path)

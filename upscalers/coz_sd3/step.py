@@ -1,0 +1,217 @@
+"""The published one-step SR, with seeded sampling and tiling the authors lack.
+
+  x  = 2 * image - 1                       (image: the low-res input bicubic-enlarged 4x, sides padded to 16)
+  z  = posterior(vae.encode(x)).sample() * 1.5305     (no shift subtracted, as the inference path does)
+  v  = transformer(z, t=1000, pooled, seq)             (sigma = 1)
+  z0 = z - v
+  y  = clamp(vae.decode(z0 / 1.5305 + 0.0609), -1, 1) * 0.5 + 0.5
+
+The posterior noise is drawn on the CPU from the seed (the same image on every device) for the whole
+latent at once, so tiling does not change it. Large inputs: the encoder and decoder run on overlapping
+windows with GroupNorm statistics shared across windows (tiling/vae_decode.py), the transformer on
+latent tiles blended with cos^2 weights (one step: the tiles are independent predictions of v).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ...tiling import RunHooks, choose_tile, free_bytes, shrink_on_oom
+from ...tiling.latent_denoise import predict_tiled
+from ...tiling.memory import BUDGET_FRACTION
+from ...tiling.plan import plan_tiles
+from ...tiling.vae_decode import decode_tiled
+from ..base import UpscalerError
+from . import configs
+
+ZOOM = 4
+SIDE_MULTIPLE = 16  # VAE factor 8 x patch 2
+SAMPLING = ("sample", "mean")
+VAE_MAX_WINDOW = 128  # latent px: the VAE's middle self-attention never sees more than 128x128 tokens
+VAE_PAD = 8  # latent px of real context around a VAE window
+VAE_OVERLAP = 4  # latent px of cos^2 blend between VAE windows
+MIN_LATENT_TILE = 16
+# Working memory estimates (activations per latent pixel, elements per channel of width; rounded up
+# from CPU measurements of the tiny model, not yet measured on a GPU).
+TRANSFORMER_ELEMENTS_PER_CHANNEL = 24  # per latent pixel x transformer width
+VAE_ELEMENTS_PER_CHANNEL = 16 * configs.VAE_FACTOR**2  # per latent pixel x first VAE width
+
+
+@dataclass(frozen=True)
+class CoZOptions:
+    """Per-call settings of the one-step SR (latent px = output px / 8)."""
+
+    tile: int = 0  # transformer latent tile side; 0 = auto (untiled when it fits memory and the position grid)
+    overlap: int = 16  # latent px of cos^2 blend between transformer tiles (the authors' full-image script: 16)
+    vae_tile: int = 0  # VAE window side in latent px; 0 = auto (at most VAE_MAX_WINDOW with its padding)
+    sampling: str = "sample"  # "sample": the published posterior sample (seeded); "mean": the posterior mean
+
+    def check(self) -> None:
+        if self.tile < 0 or self.overlap < 0 or self.vae_tile < 0:
+            raise UpscalerError(f"tile, overlap and vae_tile must be >= 0 (0 = auto); got {self.tile}, "
+                                f"{self.overlap}, {self.vae_tile}")
+        if self.sampling not in SAMPLING:
+            raise UpscalerError(f"sampling must be one of {', '.join(SAMPLING)}; got {self.sampling!r}")
+
+    @classmethod
+    def from_any(cls, options) -> tuple["CoZOptions", str | None]:
+        """Ours, or the SD x4 options Tiled Upscale sends (its tiles are in input px = 2 latent px here)."""
+        if options is None or isinstance(options, cls):
+            return options or cls(), None
+        tile, overlap, vae_tile = (getattr(options, k, 0) for k in ("tile", "overlap", "vae_tile"))
+        note = (f"{type(options).__name__}: tile/overlap/vae_tile used (halved: input px -> latent px); "
+                "steps, guidance and noise_level do not apply to the one-step model")
+        return cls(tile=tile // 2, overlap=(overlap // 2) if overlap else cls.overlap, vae_tile=vae_tile // 2), note
+
+
+def pil_bicubic(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """B,C,h,w float -> B,C,h*f,w*f with PIL's BICUBIC (what the published pipeline feeds the model)."""
+    planes = x.detach().float().cpu().numpy()
+    b, c, h, w = planes.shape
+    out = np.empty((b, c, h * factor, w * factor), dtype=np.float32)
+    for i in range(b):
+        for ch in range(c):
+            plane = Image.fromarray(np.ascontiguousarray(planes[i, ch]), mode="F")
+            out[i, ch] = np.asarray(plane.resize((w * factor, h * factor), Image.Resampling.BICUBIC))
+    return torch.from_numpy(out).to(x.device)
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int = SIDE_MULTIPLE) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    ph, pw = -h % multiple, -w % multiple
+    if not (ph or pw):
+        return x
+    mode = "reflect" if ph < h and pw < w else "replicate"
+    return F.pad(x, (0, pw, 0, ph), mode=mode)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
+def _budget(hooks: RunHooks, device: torch.device) -> int:
+    return int((hooks.free_bytes or free_bytes)(device) * BUDGET_FRACTION)
+
+
+def transformer_bytes_per_latent_px(transformer, dtype: torch.dtype) -> float:
+    width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    return TRANSFORMER_ELEMENTS_PER_CHANNEL * width * _itemsize(dtype)
+
+
+def vae_bytes_per_latent_px(vae, dtype: torch.dtype) -> float:
+    return VAE_ELEMENTS_PER_CHANNEL * vae.config.block_out_channels[0] * _itemsize(dtype)
+
+
+def max_latent_side(transformer) -> int:
+    return transformer.config.pos_embed_max_size * transformer.config.patch_size
+
+
+def _vae_tile(opts: CoZOptions, height: int, width: int, per_px: float, budget: int) -> tuple[int, int]:
+    """(window tile, statistics side) in latent px for a VAE pass over an h x w latent."""
+    tile = opts.vae_tile
+    if not tile:
+        tile = choose_tile(height, width, 1, per_px, budget, VAE_PAD)
+        if max(height, width) > VAE_MAX_WINDOW:
+            tile = min(tile or VAE_MAX_WINDOW, VAE_MAX_WINDOW - 2 * VAE_PAD)
+    # The statistics pass runs alone, so it may use the whole budget: exact statistics whenever they fit.
+    return tile, min(VAE_MAX_WINDOW * 2, max(16, int((budget / per_px) ** 0.5)))
+
+
+def encode(vae, x: torch.Tensor, opts: CoZOptions, seed: int, device, dtype, hooks: RunHooks, report: dict) -> torch.Tensor:
+    """x: B,3,H,W in [-1,1] -> z = posterior sample (or mean) x 1.5305, float32 B,16,H/8,W/8."""
+    f = configs.VAE_FACTOR
+    blocks = F.pixel_unshuffle(x, f)  # B,3*64,h,w: a latent-grid view of the image, so windows align with latents
+    height, width = blocks.shape[-2:]
+    per_px = vae_bytes_per_latent_px(vae, dtype) * x.shape[0]
+    tile, stats_side = _vae_tile(opts, height, width, per_px, _budget(hooks, device))
+
+    def moments(window: torch.Tensor) -> torch.Tensor:
+        h = vae.encoder(F.pixel_shuffle(window, f))
+        if vae.quant_conv is not None:
+            h = vae.quant_conv(h)
+        return h.float()
+
+    norms = [m for m in vae.encoder.modules() if isinstance(m, torch.nn.GroupNorm)]
+    result = decode_tiled(moments, norms, blocks, scale=1, tile=tile, overlap=VAE_OVERLAP, pad=VAE_PAD,
+                          device=device, dtype=dtype, hooks=dataclasses.replace(hooks, progress=None),
+                          stats_side=stats_side)
+    report["vae_encode_tiles"] = result.plan.describe()
+    report.setdefault("retries", []).extend({**r, "stage": "vae encode"} for r in result.retries)
+    mean, logvar = result.image.permute(0, 3, 1, 2).to(device).chunk(2, dim=1)
+    if opts.sampling == "mean":
+        z = mean
+    else:
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        noise = torch.randn(mean.shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+        z = mean + std * noise.to(device)
+    return z * configs.SCALING_FACTOR
+
+
+def predict_v(transformer, z: torch.Tensor, seq: torch.Tensor, pooled: torch.Tensor, opts: CoZOptions, device,
+              dtype, hooks: RunHooks, report: dict) -> torch.Tensor:
+    """v over latent tiles (cos^2-blended), float32; tiles halve on out-of-memory down to MIN_LATENT_TILE."""
+    batch, _, height, width = z.shape
+    patch, limit = transformer.config.patch_size, max_latent_side(transformer)
+    seq, pooled = seq.to(device, dtype).expand(batch, -1, -1), pooled.to(device, dtype).expand(batch, -1)
+    t = torch.full((batch,), configs.TIMESTEP, device=device, dtype=dtype)
+    tile = opts.tile
+    if not tile:
+        per_px = transformer_bytes_per_latent_px(transformer, dtype) * batch
+        tile = choose_tile(height, width, 1, per_px, _budget(hooks, device), 0)
+    if max(height, width) > limit:
+        tile = min(tile or limit, limit)  # the position-embedding grid caps one call at `limit` latent px
+    tile = min(tile, limit) if tile else 0
+
+    def predict(window: torch.Tensor) -> torch.Tensor:
+        return transformer(hidden_states=window, timestep=t, encoder_hidden_states=seq, pooled_projections=pooled,
+                           return_dict=False)[0]
+
+    def plan_for(size: int):
+        return plan_tiles(height, width, size, opts.overlap, context=0, multiple=patch)
+
+    def attempt(size: int):
+        return predict_tiled(z, predict, plan_for(size), dtype, hooks), size
+
+    def window_pixels(size: int) -> int:
+        plan = plan_for(size)
+        return plan.rows.window * plan.cols.window
+
+    tile = tile or max(height, width)  # 0: one tile
+    v, tile = shrink_on_oom(attempt, tile, cost=window_pixels, floor=min(MIN_LATENT_TILE, tile), stage="transformer",
+                            device=device, retries=report.setdefault("retries", []), oom_errors=hooks.oom_errors)
+    report["transformer_tiles"] = plan_for(tile).describe()
+    return v
+
+
+def decode(vae, z0: torch.Tensor, opts: CoZOptions, device, dtype, hooks: RunHooks, report: dict) -> torch.Tensor:
+    """z0 (scaled latent) -> B,3,8h,8w float32 in 0..1."""
+    latents = (z0 / configs.SCALING_FACTOR + configs.SHIFT_FACTOR).to(dtype)
+    height, width = latents.shape[-2:]
+    per_px = vae_bytes_per_latent_px(vae, dtype) * z0.shape[0]
+    tile, stats_side = _vae_tile(opts, height, width, per_px, _budget(hooks, device))
+
+    def run(window: torch.Tensor) -> torch.Tensor:
+        return (vae.decode(window, return_dict=False)[0].float().clamp(-1, 1) * 0.5 + 0.5)
+
+    norms = [m for m in vae.decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
+    result = decode_tiled(run, norms, latents, scale=configs.VAE_FACTOR, tile=tile, overlap=VAE_OVERLAP, pad=VAE_PAD,
+                          device=device, dtype=dtype, hooks=dataclasses.replace(hooks, progress=None),
+                          stats_side=stats_side)
+    report["vae_decode_tiles"] = result.plan.describe()
+    report.setdefault("retries", []).extend({**r, "stage": "vae decode"} for r in result.retries)
+    return result.image.permute(0, 3, 1, 2)
+
+
+def sr_step(comps, image: torch.Tensor, seq: torch.Tensor, pooled: torch.Tensor, opts: CoZOptions, seed: int,
+            device, dtype: torch.dtype, vae_dtype: torch.dtype, hooks: RunHooks, report: dict) -> torch.Tensor:
+    """image: B,3,H,W in 0..1 with H, W multiples of 16 (already at output size) -> B,3,H,W in 0..1."""
+    x = (image.float() * 2 - 1).to(device)
+    z = encode(comps.vae, x, opts, seed, device, vae_dtype, hooks, report)
+    v = predict_v(comps.transformer, z, seq, pooled, opts, device, dtype, hooks, report)
+    return decode(comps.vae, z - v, opts, device, vae_dtype, hooks, report)
+
