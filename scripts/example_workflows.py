@@ -15,6 +15,11 @@ The SD x4 workflow names the diffusers folder a user has, `models/diffusers/stab
 runs made here put a tiny random SD x4 upscaler of the published architecture under that very name
 (tests/tiny_sdx4.py; `install_inputs`): the workflow runs unchanged, and its thumbnail says the
 weights were random.
+The Chain-of-Zoom-with-its-own-model workflow names SD3 medium's diffusers folder
+(`models/diffusers/stable-diffusion-3-medium-diffusers`) and the authors' two LoRA files in
+`models/loras/chain-of-zoom/`; runs made here put a tiny random SD3 of the published architecture and
+LoRA files in the published layouts under those very names (tests/tiny_sd3.py; `install_inputs`), and its
+thumbnail is a diagram of what the workflow does and needs, not a picture from random weights.
 """
 from __future__ import annotations
 
@@ -31,6 +36,8 @@ INPUT_IMAGE = "astronaut.png"
 TINY_VLM = "tiny-qwen2-vl"
 SDX4_FOLDER = "stable-diffusion-x4-upscaler"  # in models/diffusers; listed as diffusers/<folder>
 PROMPT_MODEL_LOADER = "DreamForgeLoadPromptModel"
+COZ_SD3_FOLDER = "stable-diffusion-3-medium-diffusers"  # in models/diffusers; listed as diffusers/<folder>
+COZ_LORA_FOLDER = "chain-of-zoom"  # in models/loras (upscalers/coz_sd3/lora.py LORA_FOLDER)
 
 
 @dataclass(frozen=True)
@@ -42,13 +49,16 @@ class Example:
     note: str
     thumbnail_node: str  # id of the SaveImage node whose output makes the .jpg
     # "compare": the face, left half before (the input, or before_node's image), right half this output;
-    # "grid": the output's first four images (x0..x3 of a zoom loop), 2 x 2
+    # "grid": the output's first four images (x0..x3 of a zoom loop), 2 x 2;
+    # "zoom_diagram": the input with the nested regions a zoom loop enlarges and `caption` (no output pixels:
+    # for runs made here on random weights)
     thumbnail: str = "compare"
     before_node: str | None = None
     label: str = ""  # written on the thumbnail
     # the generator runs it on the astronaut's face at this size instead of the whole photo (a model
     # too slow on the CPU for 512 px; the tests run every example on the 128 px face anyway)
     input_side: int | None = None
+    caption: tuple[str, ...] = ()  # lines written on a zoom_diagram thumbnail
 
     @property
     def ui_path(self) -> Path:
@@ -120,6 +130,27 @@ EXAMPLES = [
         "the **Loop** zooms 4x into the centre per step (x0..x4 = 1x..256x) with a prompt per step.",
         "With the bundled GAN the prompts are recorded but do not steer it; a diffusion 4x upscaler uses them.",
     ]), thumbnail_node="6", thumbnail="grid", label="Chain-of-Zoom 1x 4x 16x 64x"),
+    Example("coz_own_model", "\n\n".join([
+        "## Chain-of-Zoom with its own model (SD3 medium + the authors' LoRA)",
+        _LOAD,
+        "**Load Chain-of-Zoom Model** loads the model the paper's results come from; nothing is downloaded. Put:",
+        "1. **Stable Diffusion 3 medium** (gated: accept its licence on Hugging Face first), either the whole "
+        "`stabilityai/stable-diffusion-3-medium-diffusers` folder as `models/diffusers/" + COZ_SD3_FOLDER + "` "
+        "(listed as `diffusers/" + COZ_SD3_FOLDER + "`; it has the text encoders), or a single file from "
+        "`stabilityai/stable-diffusion-3-medium` in `models/checkpoints` (listed as `checkpoints/...`): "
+        "`sd3_medium_incl_clips_t5xxlfp16.safetensors` has everything; with `sd3_medium.safetensors` also put "
+        "`clip_l.safetensors`, `clip_g.safetensors` and `t5xxl_fp16.safetensors` in `models/text_encoders` "
+        "(or `models/clip`) and pick them in clip_l / clip_g / t5xxl.",
+        "2. **The Chain-of-Zoom LoRA** from github.com/bryanswkim/Chain-of-Zoom: `ckpt/SR_LoRA/model_20001.pkl` "
+        "(~8 MB) and `ckpt/SR_VAE/vae_encoder_20001.pt` (~69 MB), both in `models/loras/" + COZ_LORA_FOLDER + "/`. "
+        "They are loaded as weights only and merged at load.",
+        "`t5xxl none` loads ~9 GB less (the receipt notes the prompt then differs from the paper's). `dtype auto`: "
+        "bf16 transformer on a GPU, fp32 (the paper's) on the CPU.",
+        "**Chain-of-Zoom Loop**: 4 steps of 4x into the centre (x0..x4 = 1x..256x) at 512 px, the paper's "
+        "recursive_multiscale mode; describe your picture in `prompt` (or connect a Load Prompt Model). Same "
+        "seed, same images. The receipt lists files, hashes, dtypes, seeds and tiles.",
+    ]), thumbnail_node="4", thumbnail="zoom_diagram", label="Chain-of-Zoom, own SD3 model",
+        caption=("needs: SD3 medium", "+ Chain-of-Zoom LoRA", "(see the note)")),
     Example("coz_upscale_2_5x", "\n".join([
         "## Chain-of-Zoom Upscale x2.5 (whole image)",
         _LOAD,
@@ -168,10 +199,12 @@ def _tests_on_path() -> None:
         sys.path.insert(0, tests_dir)
 
 
-def install_inputs(server, *, image_size: int | None = None, prompt_model: bool = True, sdx4: bool = True) -> None:
+def install_inputs(server, *, image_size: int | None = None, prompt_model: bool = True, sdx4: bool = True,
+                   coz_sd3: bool = True) -> None:
     """Put astronaut.png (full size, or the face at `image_size`) into the server's input folder, the
-    tiny VLM into its models/LLM and a tiny random SD x4 upscaler into models/diffusers/SDX4_FOLDER
-    (before the page's /object_info lists the folders; ComfyUI re-lists them on change)."""
+    tiny VLM into its models/LLM, a tiny random SD x4 upscaler into models/diffusers/SDX4_FOLDER and a
+    tiny random SD3 + Chain-of-Zoom LoRA under the names coz_own_model loads (before the page's
+    /object_info lists the folders; ComfyUI re-lists them on change)."""
     server.add_input_image(astronaut(image_size), INPUT_IMAGE)
     if prompt_model:
         folder = Path(server.base) / "models" / "LLM" / TINY_VLM
@@ -182,28 +215,46 @@ def install_inputs(server, *, image_size: int | None = None, prompt_model: bool 
             save_tiny_vlm(folder)
     if sdx4:
         install_tiny_sdx4(Path(server.base) / "models" / "diffusers" / SDX4_FOLDER)
+    if coz_sd3:
+        install_tiny_coz_sd3(Path(server.base) / "models")
 
 
-def install_tiny_sdx4(folder: Path) -> Path:
-    """The SD x4 upscaler's diffusers folder, published architecture at tiny widths, random weights
-    (tests/tiny_sdx4.py; ~60 MB, a few seconds). Written beside and renamed into place, so the loader
-    never lists a half-written folder. An existing folder is kept."""
-    if (folder / "model_index.json").is_file():
+def _install_folder(folder: Path, write) -> Path:
+    """`write(path)` makes the folder beside and it is renamed into place, so a loader never lists a
+    half-written folder. An existing folder is kept."""
+    if folder.is_dir():
         return folder
-    _tests_on_path()
     import shutil
     import tempfile
 
-    import tiny_sdx4
-
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix="tiny-sdx4-", dir=folder.parent.parent))  # models/, not diffusers/
+    staging = Path(tempfile.mkdtemp(prefix=f"tiny-{folder.name}-", dir=folder.parent.parent))  # not in the listed one
     try:
-        tiny_sdx4.write_diffusers_folder(staging / folder.name, seed=0)
+        write(staging / folder.name)
         (staging / folder.name).rename(folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def install_tiny_sdx4(folder: Path) -> Path:
+    """The SD x4 upscaler's diffusers folder, published architecture at tiny widths, random weights
+    (tests/tiny_sdx4.py; ~60 MB, a few seconds)."""
+    _tests_on_path()
+    import tiny_sdx4
+
+    return _install_folder(folder, lambda path: tiny_sdx4.write_diffusers_folder(path, seed=0))
+
+
+def install_tiny_coz_sd3(models: Path) -> dict[str, Path]:
+    """SD3 medium's diffusers folder and the two Chain-of-Zoom LoRA files, published architecture and
+    layouts at tiny widths, random weights (tests/tiny_sd3.py; a few MB, seconds), under the names
+    coz_own_model loads."""
+    _tests_on_path()
+    import tiny_sd3
+
+    return {"base": _install_folder(models / "diffusers" / COZ_SD3_FOLDER, tiny_sd3.write_diffusers_folder),
+            "loras": _install_folder(models / "loras" / COZ_LORA_FOLDER, tiny_sd3.write_lora_files)}
 
 
 # ------------------------------------------------------------------------------------- API twins

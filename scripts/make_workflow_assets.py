@@ -15,7 +15,9 @@ must equal the twin (inputs the server declares, titles): a mismatch stops the s
 Then the written file is opened in the UI (Ctrl+O), run from the UI (Run) on scikit-image's
 astronaut photo, and the saved output becomes example_workflows/NAME.jpg (384 px: the face, left
 half the input enlarged bicubic or the image before the colour fix, right half the output; the
-Chain-of-Zoom loop: its states x0..x3, 2 x 2, 512 px). A screenshot of each loaded workflow goes
+Chain-of-Zoom loop: its states x0..x3, 2 x 2, 512 px; the Chain-of-Zoom loop with its own model, run
+here on tiny random weights: a diagram, the input with the regions the loop enlarges and the files it
+needs, no output pixels). A screenshot of each loaded workflow goes
 to out/workflow_assets/. The prompt-model workflow runs with the tiny offline VLM in place of
 Qwen2.5-VL-3B-Instruct (the only change; see example_workflows.run_variant). The SD x4 workflow runs
 unchanged, with tiny random weights installed under the folder name it loads
@@ -82,10 +84,46 @@ def _crop(im, box=FACE):
     return im.crop((round(box[0] * w), round(box[1] * h), round(box[2] * w), round(box[3] * h)))
 
 
+ZOOM_COLOURS = ((255, 214, 10), (255, 120, 40), (240, 40, 90), (170, 60, 255))
+
+
+def _zoom_diagram(before: Path, steps: int, caption: tuple[str, ...]):
+    """The input as the loop's x0 (centre square) with the region each step enlarges outlined (step n: the
+    centre 1/4**n of the side) and the caption in a box: what the workflow does and needs, no output pixels."""
+    from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+    side = THUMB_MAX
+    with Image.open(before) as b:
+        thumb = ImageOps.fit(b.convert("RGB"), (side, side), Image.Resampling.LANCZOS)
+    draw = ImageDraw.Draw(thumb, "RGBA")
+    font = ImageFont.load_default(size=max(12, side // 22))
+    for n in range(1, steps + 1):
+        half = side / 4**n / 2
+        if half < 1:
+            break
+        colour = ZOOM_COLOURS[(n - 1) % len(ZOOM_COLOURS)]
+        c = side / 2
+        draw.rectangle([(c - half, c - half), (c + half, c + half)], outline=colour, width=2)
+        if half >= 10:  # room for its zoom factor beside it
+            draw.text((c + half + 4, c - half - 2), f"{4**n}x", font=font, fill=colour, stroke_width=2,
+                      stroke_fill=(0, 0, 0))
+    if caption:
+        lines = [draw.textbbox((0, 0), line, font=font) for line in caption]
+        height = sum(bb[3] - bb[1] + 6 for bb in lines) + 10
+        width = max(bb[2] - bb[0] for bb in lines) + 20
+        draw.rectangle([(0, 0), (width, height)], fill=(0, 0, 0, 175))
+        y = 8
+        for line, bb in zip(caption, lines):
+            draw.text((10, y - bb[1]), line, font=font, fill=(255, 255, 255))
+            y += bb[3] - bb[1] + 6
+    return thumb
+
+
 def make_thumbnail(after: list[Path], before: Path | None, mode: str, dest: Path, label: str = "",
-                   box=FACE) -> tuple[int, int]:
+                   box=FACE, steps: int = 0, caption: tuple[str, ...] = ()) -> tuple[int, int]:
     """grid: the first four images 2 x 2; compare: the face (`box`; the whole picture when the run's input
-    was already the face), left half before, right half after; the label on a dark band at the bottom."""
+    was already the face), left half before, right half after; zoom_diagram: the input with the regions
+    `steps` zoom steps enlarge and `caption`; the label on a dark band at the bottom."""
     from PIL import Image, ImageDraw, ImageFont
 
     images = [Image.open(p).convert("RGB") for p in after]
@@ -106,6 +144,8 @@ def make_thumbnail(after: list[Path], before: Path | None, mode: str, dest: Path
         thumb = out.copy()
         thumb.paste(src.crop((0, 0, side // 2, side)), (0, 0))
         ImageDraw.Draw(thumb).line([(side // 2, 0), (side // 2, side)], fill=(255, 255, 255), width=2)
+    elif mode == "zoom_diagram":
+        thumb = _zoom_diagram(before, steps, caption)
     else:
         raise ValueError(mode)
     if label:
@@ -173,8 +213,10 @@ def build_one(ui, server: ComfyServer, example: Example, object_info: dict, upda
             return server.output_images({"outputs": {node_id: entry["outputs"][node_id]}})
 
         before = images_of(example.before_node)[0] if example.before_node else server.input_dir / INPUT_IMAGE
+        steps = next((n["inputs"]["steps"] for n in api.values() if n["class_type"] == "DreamForgeCoZLoop"), 0)
         size = make_thumbnail(images_of(example.thumbnail_node), before, example.thumbnail, example.thumbnail_path,
-                              example.label, box=(0, 0, 1, 1) if example.input_side else FACE)
+                              example.label, box=(0, 0, 1, 1) if example.input_side else FACE, steps=steps,
+                              caption=example.caption)
     finally:
         if example.input_side:
             server.add_input_image(astronaut(image_size), INPUT_IMAGE)

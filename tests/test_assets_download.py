@@ -304,3 +304,33 @@ def test_list_finds_each_folder_layout_and_skips_partial_downloads(tmp_path):
                    ("diffusers", "sd-x4", True), ("LLM", "tiny-lm", True), ("LLM", "single.gguf.safetensors", False)}
     a = next(i for i in items if i.name == "sub/a.safetensors")
     assert a.sha256 == sha256(b"a") and a.size == 1 and a.source == "-"
+
+
+def test_two_prefetches_of_one_model_at_once_both_succeed_and_download_once(server, tmp_path):
+    """The second install waits on the first (a file lock), then finds the model installed and verified."""
+    import threading
+
+    data = blob(9, 3_000_000)
+    url = server.add("/rel/shared.pth", data)
+    spec = AssetSpec("shared", "registry_model", "upscale_models", "shared.pth", url=url, sha256=sha256(data))
+    locations = Locations.standalone(tmp_path / "root", use_cache=False)
+    start, results, errors = threading.Barrier(2), [], []
+
+    def prefetch():
+        start.wait()
+        try:
+            results.append(install(spec, locations, progress=False))
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=prefetch) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == [] and len(results) == 2
+    assert sorted(r.origin for r in results) == ["download", "installed"]
+    target = tmp_path / "root" / "upscale_models" / "shared.pth"
+    assert target.read_bytes() == data and read_sidecar(target)["sha256"] == sha256(data)
+    assert len(server.requests("/rel/shared.pth")) == 1
+    assert leftovers(target.parent) == sorted(["shared.pth", sidecar_path(target).name])  # no .part, .tmp, .lock

@@ -14,7 +14,9 @@ folder. The prompt-model workflow names Qwen2.5-VL-3B-Instruct, which cannot be 
 load checks, its Load Prompt Model is switched in the page to a tiny random Qwen2-VL (tests/tiny_vlm.py),
 the only change made before running (example_workflows.run_variant). The SD x4 workflow names
 models/diffusers/stable-diffusion-x4-upscaler, where the set-up puts a tiny random SD x4 upscaler
-(tests/tiny_sdx4.py): it runs unchanged and its output is noise of the right size.
+(tests/tiny_sdx4.py): it runs unchanged and its output is noise of the right size. Likewise the
+Chain-of-Zoom-with-its-own-model workflow runs unchanged on a tiny random SD3 and LoRA files
+(tests/tiny_sd3.py) under SD3 medium's folder name and models/loras/chain-of-zoom.
 
 Chromium comes from scripts/setup_browser.sh (called by scripts/setup_env.sh); without it the tests skip,
 except under CI, where they fail.
@@ -40,6 +42,8 @@ pytestmark = pytest.mark.browser
 ARTIFACTS = REPO_ROOT / "out" / "browser"
 PACK_FOLDER = "dreamforge-upscale-test"  # the pack's folder name under custom_nodes (tests/conftest.py)
 IMAGE_NODES = ("SaveImage", "PreviewImage")
+LOADER_FILES = {"DreamForgeLoadUpscaler": ("model_name",),  # loader -> its widgets that name model files
+                "DreamForgeLoadCoZModel": ("base_model", "transformer_lora", "vae_lora")}
 WORKFLOWS = ui_workflow_files()
 
 
@@ -59,7 +63,7 @@ def _need_browser():
 
 @pytest.fixture(scope="module")
 def server(comfy):
-    install_inputs(comfy, image_size=INPUT_SIDE)  # astronaut.png, the tiny VLM, the tiny SD x4 folder
+    install_inputs(comfy, image_size=INPUT_SIDE)  # astronaut.png, the tiny VLM, tiny SD x4 and SD3 models
     return comfy
 
 
@@ -135,9 +139,9 @@ def test_workflow_opens_runs_and_shows_its_output(fresh, server, path):
     assert INPUT_IMAGE in ui.combo_values(next(n["id"] for n in workflow["nodes"] if n["type"] == "LoadImage"),
                                           "image")
     for node in workflow["nodes"]:  # the model each loader names is one the page offers (e.g. the SD x4 folder)
-        if node["type"] == "DreamForgeLoadUpscaler":
-            name = made[str(node["id"])]["inputs"]["model_name"]
-            assert name in ui.combo_values(node["id"], "model_name"), (path.name, name)
+        for widget in LOADER_FILES.get(node["type"], ()):
+            name = made[str(node["id"])]["inputs"][widget]
+            assert name in ui.combo_values(node["id"], widget), (path.name, widget, name)
 
     prompt_id = ui.queue_from_ui()
     events = ui.wait_for_prompt(prompt_id, timeout=240)

@@ -61,3 +61,9 @@ def test_large_images_run_plane_by_plane_with_the_same_result(monkeypatch):
     monkeypatch.setattr(module, "PLANE_WISE_ABOVE", 0)  # force the memory-saving path
     planes = color_fix(image.repeat(2, 1, 1, 1), ref, "wavelet")
     assert torch.allclose(whole, planes, atol=1e-6)
+
+
+def test_adain_on_a_single_pixel_is_finite():
+    image, reference = torch.full((1, 1, 1, 3), 0.25), torch.full((1, 1, 1, 3), 0.75)
+    out = color_fix(image, reference, "adain")
+    assert torch.isfinite(out).all() and torch.allclose(out, reference)

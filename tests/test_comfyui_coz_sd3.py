@@ -1,6 +1,7 @@
 """Load Chain-of-Zoom Model inside a real ComfyUI (CPU) over HTTP, with the tiny random SD3 + LoRA files
 installed where users put them (models/diffusers, models/checkpoints + models/text_encoders,
-models/loras/chain-of-zoom)."""
+models/loras/chain-of-zoom), and the example workflow example_workflows/api/coz_own_model.json queued
+with a smaller loop (the browser test runs the UI file as it is)."""
 from __future__ import annotations
 
 import json
@@ -15,22 +16,23 @@ from comfy_headless import ComfyServer
 from dreamforge_upscale.upscalers.coz_sd3 import CoZSD3Upscaler, TokenizerDirs
 from dreamforge_upscale.upscalers.coz_sd3.backend import NO_T5_NOTE
 from dreamforge_upscale.zoom import ZoomSettings, zoom_loop
+from example_workflows import BY_NAME, COZ_LORA_FOLDER, COZ_SD3_FOLDER, install_tiny_coz_sd3
 from test_comfyui_integration import Graph, out, unique
-from test_comfyui_zoom import as_tensor, input_pil, saved, text_of
+from test_comfyui_zoom import as_tensor, input_pil, saved, text_of, workflow
 
 FOLDER = "tiny-sd3-medium"
-LORA = "chain-of-zoom"
+LORA = COZ_LORA_FOLDER
 
 
 @pytest.fixture(scope="module")
 def coz(comfy):
     models = comfy.base / "models"
+    install_tiny_coz_sd3(models)  # the example workflow's names: SD3's diffusers folder, models/loras/chain-of-zoom
     if not (models / "diffusers" / FOLDER).exists():
         tiny_sd3.write_diffusers_folder(models / "diffusers" / FOLDER)
         (models / "checkpoints").mkdir(parents=True, exist_ok=True)
         single = tiny_sd3.write_single_files(models / "text_encoders")  # clip_l, clip_g, t5xxl_fp16 stay there
         single["checkpoint"].rename(models / "checkpoints" / "sd3_medium.safetensors")
-        tiny_sd3.write_lora_files(models / "loras" / LORA)
     return {"folder": f"diffusers/{FOLDER}", "single": "checkpoints/sd3_medium.safetensors", "models": models}
 
 
@@ -130,3 +132,33 @@ def test_interrupt_mid_loop_and_the_server_keeps_serving(comfy, coz):
     s = g.add("SaveImage", images=out(loop_node(g, out(img), out(load_node(g, coz["folder"])), steps=1, seed=4)),
               filename_prefix=unique("coz_sd3_after"))
     assert len(saved(comfy, comfy.run(g.nodes, timeout=300), s)) == 2
+
+
+def test_example_workflow_loads_the_files_its_note_names_and_runs(comfy, coz):
+    """coz_own_model.json as it is but for a smaller loop (2 steps at 128 px on a 64 px photo)."""
+    g = workflow("coz_own_model.json")
+    load = g["2"]["inputs"]
+    note = BY_NAME["coz_own_model"].note
+    # the note says where each file the loader names goes
+    assert load["base_model"] == f"diffusers/{COZ_SD3_FOLDER}" and f"models/diffusers/{COZ_SD3_FOLDER}" in note
+    for key in ("transformer_lora", "vae_lora"):
+        folder, name = load[key].split("/")
+        assert f"models/loras/{folder}/" in note and name in note, (key, load[key])
+    for name in ("sd3_medium.safetensors", "clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors"):
+        assert name in note
+    g["1"]["inputs"]["image"] = "coffee_64.png"
+    g["3"]["inputs"].update(steps=2, process_size=128)
+    g["4"]["inputs"]["filename_prefix"] = unique("coz_own_model")
+    entry = comfy.run(g, timeout=300)
+    states = saved(comfy, entry, "4")
+    assert len(states) == 3 and all(x.shape == (128, 128, 3) for x in states)
+    receipt = json.loads(text_of(entry, "5"))
+    model = receipt["upscaler"]["model"]
+    assert model["architecture"].startswith("Chain-of-Zoom SR") and model["file"] == COZ_SD3_FOLDER, model
+    steps = receipt["step_receipts"]
+    parts = {f["part"]: f for f in steps[0]["upscale"]["tile_plan"]["model_files"]}  # each step quotes its files
+    assert parts["diffusers folder"]["file"] == COZ_SD3_FOLDER
+    for part, name in (("transformer LoRA", "model_20001.pkl"), ("VAE encoder LoRA", "vae_encoder_20001.pt")):
+        assert parts[part]["file"] == name and len(parts[part]["sha256"]) == 64, parts[part]
+    assert [s_["upscale"]["tile_plan"]["prompt_embedding"] for s_ in steps] == ["encoded", "cached"]
+    assert all(s_["upscale"]["tile_plan"]["sr_input_size"] == [128, 128] for s_ in steps)

@@ -117,6 +117,49 @@ def test_tiled_upscale_impl_policy(comfy, sdx4, impl, scale, strict, expect):
         assert receipt["model"]["file"] != SINGLE  # a GAN from models/upscale_models ran instead
 
 
+def test_tiled_upscale_tile_and_overlap_reach_the_unet(comfy, sdx4):
+    """The user's lever against out-of-memory: Tiled Upscale's tile/overlap are SD x4's latent tiles."""
+    g = Graph()
+    tiled = g.add("DreamForgeTiledUpscale", image=crop(g), upscaler=out(loader(g, model=sdx4["single"])),
+                  impl="diffusion", scale=4.0, strict_scale=True, tile=8, overlap=4, resample="lanczos",
+                  prompt="coffee", negative_prompt="", seed=3, steps=1, guidance=1.0, noise_level=20)
+    save(g, out(tiled), unique("tiled_unet"))
+    t = save_text(g, out(tiled, 1), unique("tiled_unet_receipt"))
+    entry = comfy.run(g.nodes, timeout=300)
+    receipt = receipt_of(comfy, entry, t)
+    tiles = receipt["tile_plan"]["unet_tiles"]
+    assert tiles["count"] > 1 and max(tiles["tile"]) <= 8 and tiles["overlap"] >= 4, tiles
+    assert receipt["tile_plan"]["options"]["tile"] == 8 and receipt["tile_plan"]["options"]["overlap"] == 4
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_out_of_memory_falls_back_loudly_or_fails_under_strict_scale(comfy, sdx4, strict):
+    """SD x4 out of memory at every size: a GAN makes the image, and the receipt (fallbacks, degraded,
+    policy.ran) and the node's UI message say so; strict_scale refuses instead."""
+    g = Graph()
+    faulty = g.add("DreamForgeTestOutOfMemory", upscaler=out(loader(g, model=sdx4["single"])))
+    tiled = g.add("DreamForgeTiledUpscale", image=crop(g), upscaler=out(faulty), impl="diffusion", scale=4.0,
+                  strict_scale=strict, tile=0, overlap=16, resample="lanczos", prompt="coffee", negative_prompt="",
+                  seed=3, steps=1, guidance=1.0, noise_level=20)
+    s = save(g, out(tiled), unique("oom_fallback"))
+    t = save_text(g, out(tiled, 1), unique("oom_fallback_receipt"))
+    entry = comfy.wait(comfy.queue(g.nodes), timeout=300)
+    if strict:
+        err = ComfyServer.execution_error(entry)
+        assert err["node_id"] == tiled and "strict_scale forbids falling back" in err["exception_message"], err
+        assert "4.00 GiB" in err["exception_message"]
+        return
+    assert ComfyServer.outcome(entry) == "success", ComfyServer.messages(entry)
+    arr, _ = read_png(images_of(comfy, entry, s)[0])
+    assert arr.shape == (64, 64, 3)
+    receipt = receipt_of(comfy, entry, t)
+    assert receipt["impl"] == "gan" and receipt["policy"]["ran"] == "gan"
+    assert [f["impl"] for f in receipt["fallbacks"]] == ["diffusion", "gan"]
+    assert receipt["degraded"]["instead_of"] == "diffusion" and "4.00 GiB" in receipt["degraded"]["reason"]
+    assert entry["outputs"][tiled]["dreamforge_degraded"][0]["ran"] == "gan"  # what the UI / API client sees
+    assert "ran out of memory; the result was made by gan instead" in comfy.log_text()
+
+
 def test_gan_nodes_refuse_the_diffusion_model_with_directions(comfy, sdx4):
     g = Graph()
     img = g.add("LoadImage", image=IMAGE)

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import tiny_sd3
+from dreamforge_upscale.tiling import RunHooks
 from dreamforge_upscale.upscalers.base import UpscalerError
 from dreamforge_upscale.upscalers.coz_sd3 import CoZOptions, CoZSD3Upscaler, TokenizerDirs, select_dtypes
 from dreamforge_upscale.upscalers.coz_sd3.backend import NO_T5_NOTE
@@ -185,18 +186,72 @@ def test_same_seed_same_bits_and_the_posterior_mean(model):
 
 def test_large_inputs_tile_the_latent_and_the_vae(model):
     x = low_res(5, (40, 28))  # -> 160x112: latent 20x14
+    # 4 MiB free: a whole tiny-VAE pass over 20x14 latent px (~9 MB) does not fit, so the VAE runs in windows
+    short = RunHooks(free_bytes=lambda device: 4 * 2**20)
     report = {}
     tiled = model.upscale_window(x, prompt=PROMPT, seed=3, options=CoZOptions(tile=8, overlap=2, vae_tile=2),
-                                 report=report)
+                                 hooks=short, report=report)
     assert tiled.shape == (1, 3, 160, 112) and torch.isfinite(tiled).all()
     assert report["transformer_tiles"]["grid"] == [3, 2] and report["vae_decode_tiles"]["count"] > 1
     assert report["vae_encode_tiles"]["count"] > 1
+    for stage in ("vae_encode_tiles", "vae_decode_tiles"):  # downsampled statistics, and the receipt says so
+        assert report[stage]["statistics"] == {"side": 16, "exact": False}
     whole = model.upscale_window(x, prompt=PROMPT, seed=3, options=CoZOptions(tile=0, vae_tile=0))
     assert (tiled - whole).abs().mean() < 0.1  # the same picture; blended tiles differ only near their borders
+    # memory to spare: the VAE runs whole whatever vae_tile asks (windows would only add work), no statistics pass
+    report = {}
+    roomy = model.upscale_window(x, prompt=PROMPT, seed=3, options=CoZOptions(tile=0, vae_tile=2), report=report)
+    assert torch.equal(roomy, whole)
+    for stage in ("vae_encode_tiles", "vae_decode_tiles"):
+        assert report[stage]["count"] == 1 and report[stage]["statistics"] is None
     # past the position grid (32 latent px for the tiny model) auto tiling is forced
     report = {}
     big = model.upscale_window(low_res(6, (68, 8)), prompt=PROMPT, seed=3, report=report)
     assert big.shape == (1, 3, 272, 32) and report["transformer_tiles"]["grid"][0] > 1
+
+
+def test_shared_groupnorm_matches_torch_in_any_memory_format():
+    """The statistics pass and the shared-statistics pass compute GroupNorm as torch does (one multiply-add)."""
+    from dreamforge_upscale.tiling.vae_decode import SharedGroupNorm
+
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(4, 16)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(2, 16, 13, 11) * 3 + 1
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        xf = x.contiguous(memory_format=fmt)
+        with torch.inference_mode():
+            expected, seen = norm(xf), []
+            shared = SharedGroupNorm([norm])
+            stats = shared.record(lambda: seen.append(norm(xf)))
+            again = shared.apply(stats, lambda: norm(xf))
+        for y in (seen[0], again):
+            assert (y - expected).abs().max() < 1e-5 and y.is_contiguous(memory_format=fmt)
+
+
+def test_subsampled_vae_statistics_keep_the_latents_spread(model):
+    """When memory is short the statistics pass sees a smaller latent: subsampled, its statistics stay near the
+    whole latent's; averaged (area), a latent's variance shrinks and the decode goes far off."""
+    from dreamforge_upscale.tiling.vae_decode import SharedGroupNorm, _stats_latent
+
+    vae = model.comps.vae
+    norms = [m for m in vae.decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
+    z = torch.randn(1, 16, 32, 24, generator=torch.Generator().manual_seed(1))
+
+    def run(latent):
+        return vae.decode(latent, return_dict=False)[0]
+
+    with torch.inference_mode():
+        whole, shared = run(z), SharedGroupNorm(norms)
+
+        def error(small):
+            stats = shared.record(lambda: run(small))
+            return (shared.apply(stats, lambda: run(z)) - whole).abs().mean().item()
+
+        subsampled = error(_stats_latent(z, 24))
+        averaged = error(torch.nn.functional.interpolate(z, size=(24, 18), mode="area"))
+    assert subsampled < 0.25 * whole.abs().mean().item() and subsampled < 0.1 * averaged, (subsampled, averaged)
 
 
 def test_the_pack_upscale_path_records_tiled_upscale_options(model):

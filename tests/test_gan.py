@@ -290,3 +290,50 @@ def test_bf16_runs_close_to_fp32():
 
     assert ("notes" in receipt) == (not cpu_bf16_accelerated())  # says when bf16 is only emulated
     assert (a - b).abs().mean() <= 2 / 255
+
+
+def test_an_empty_model_file_and_errors_with_empty_messages_are_reported_clearly(tmp_path, monkeypatch):
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(UpscalerError, match=r"empty.pth is empty \(0 bytes\)"):
+        GANUpscaler.load(empty)
+    # an unpickler error without a message (EOFError()) must not break the message built from it
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"\x80\x02")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(EOFError()))
+    with pytest.raises(UpscalerError, match=r"broken.pth could not be read as model weights \(EOFError\)"):
+        GANUpscaler.load(broken)
+
+
+def test_an_sd_x4_pickle_is_recognised_without_reading_its_tensors(tmp_path):
+    """A .ckpt SD x4 in upscale_models is recognised from its index (weights-only, memory-mapped)."""
+    from dreamforge_upscale.upscalers.loading import is_sd_x4_upscaler
+
+    ckpt = tmp_path / "x4-upscaler-ema.ckpt"
+    torch.save({"state_dict": {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(32, 7, 3, 3)}}, ckpt)
+    gan = tmp_path / "4x_other.pth"
+    torch.save({"conv_first.weight": torch.zeros(64, 3, 3, 3)}, gan)
+    assert is_sd_x4_upscaler(ckpt) and not is_sd_x4_upscaler(gan)
+
+
+def test_a_model_someone_else_loaded_is_used_as_it_is(monkeypatch):
+    """ComfyUI's UPSCALE_MODEL: not deep-copied (the capability trace copies no weights), not changed."""
+    import copy
+
+    from spandrel import ModelLoader
+
+    descriptor = ModelLoader().load_from_file(str(bundled_model_path()))
+    before = {n: (p.data_ptr(), p.is_contiguous()) for n, p in descriptor.model.named_parameters()}
+    copied = []
+    real_deepcopy = copy.deepcopy
+
+    def counting(obj, memo=None):
+        out = real_deepcopy(obj, memo)
+        copied.extend(t for t in (out.parameters() if isinstance(out, torch.nn.Module) else []) if t.device.type != "meta")
+        return out
+
+    monkeypatch.setattr(copy, "deepcopy", counting)
+    up = GANUpscaler.from_descriptor(descriptor)
+    assert copied == []  # shapes only
+    assert {n: (p.data_ptr(), p.is_contiguous()) for n, p in descriptor.model.named_parameters()} == before
+    assert not hasattr(descriptor, "patcher") and up.capabilities.bytes_per_pixel > 0

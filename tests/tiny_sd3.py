@@ -55,7 +55,8 @@ def _signal(*modules: torch.nn.Module) -> None:
             module.eval()
 
 
-def build_components(seed: int = 0) -> dict:
+def build_components(seed: int = 0, pos_max: int = POS_MAX) -> dict:
+    """`pos_max`: the position grid (one transformer call covers 2 x pos_max latent px); the benchmark widens it."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
@@ -63,7 +64,7 @@ def build_components(seed: int = 0) -> dict:
     transformer = SD3Transformer2DModel(
         sample_size=32, patch_size=2, in_channels=16, num_layers=LAYERS, attention_head_dim=64,
         num_attention_heads=WIDTH // 64, joint_attention_dim=JOINT, caption_projection_dim=WIDTH,
-        pooled_projection_dim=CLIP_L + CLIP_G, out_channels=16, pos_embed_max_size=POS_MAX)
+        pooled_projection_dim=CLIP_L + CLIP_G, out_channels=16, pos_embed_max_size=pos_max)
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
         up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=list(VAE_CHANNELS), layers_per_block=2,
@@ -111,8 +112,8 @@ def pipeline(comps: dict, with_t5: bool = True):
         tokenizer_3=tok["tokenizer_3"] if with_t5 else None)
 
 
-def write_diffusers_folder(root: Path, seed: int = 0) -> Path:
-    pipeline(build_components(seed)).save_pretrained(root, safe_serialization=True)
+def write_diffusers_folder(root: Path, seed: int = 0, pos_max: int = POS_MAX) -> Path:
+    pipeline(build_components(seed, pos_max)).save_pretrained(root, safe_serialization=True)
     return root
 
 

@@ -13,10 +13,12 @@ EXPECTED_OUTPUTS = {
     "coz_loop_gan": {"4": (5, 512, 512)},
     "coz_step_chain": {"5": (1, 512, 512), "6": (1, 512, 512)},
     "coz_upscale_2_5x": {"4": (1, 320, 320)},
+    "coz_own_model": {"4": (5, 512, 512)},  # x0..x4 at process_size 512
     "color_fix_after_gan": {"5": (1, 512, 512), "6": (1, 512, 512)},
 }
 
 # Workflows that run here on tiny *random* weights under the real model's name (the SD x4 upscaler:
-# models/diffusers/stable-diffusion-x4-upscaler, tests/tiny_sdx4.py): their pictures have the right size
-# but show noise, so "scaled back down it is the input" does not apply; their receipts are checked instead.
-RANDOM_WEIGHTS = {"sdx4_tiled_4x"}
+# models/diffusers/stable-diffusion-x4-upscaler, tests/tiny_sdx4.py; SD3 medium + the Chain-of-Zoom LoRA:
+# tests/tiny_sd3.py): their pictures have the right size but show noise, so "scaled back down it is the
+# input" does not apply; their receipts are checked instead.
+RANDOM_WEIGHTS = {"sdx4_tiled_4x", "coz_own_model"}

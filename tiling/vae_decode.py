@@ -4,8 +4,9 @@ A decoder's GroupNorms normalise with statistics of whatever they see; a tile al
 own and drift in tone from its neighbours. Here one statistics pass runs the decoder over the whole
 latent and records each GroupNorm's mean/variance per image and group; every tile is then decoded
 with those statistics. The statistics are exact (the whole latent) whenever that pass fits the
-caller's memory budget; only when it does not (or runs out of memory) is it run on a downsampled
-latent, and the result says which. Tiles overlap, read `pad` latent pixels of real context and are
+caller's memory budget; only when it does not (or runs out of memory) is it run on a subsampled
+latent (nearest, not averaged: averaging shrinks the latent's variance and every statistic downstream
+with it), and the result says which. Tiles overlap, read `pad` latent pixels of real context and are
 blended with cos^2 weights (tiling/runner.py).
 """
 from __future__ import annotations
@@ -49,10 +50,9 @@ class SharedGroupNorm:
         stats: list[tuple[torch.Tensor, torch.Tensor]] = []
 
         def forward(norm, x):
-            xf = x.float().reshape(x.shape[0], norm.num_groups, -1)
-            var, mean = torch.var_mean(xf, dim=2, unbiased=False)
+            mean, var = _group_moments(norm, x)
             stats.append((mean, var))
-            return _normalise(norm, x, xf, mean, var)
+            return _normalise(norm, x, mean, var)
 
         with self._swapped(forward):
             run()
@@ -62,11 +62,10 @@ class SharedGroupNorm:
         used = iter(stats)
 
         def forward(norm, x):
-            xf = x.float().reshape(x.shape[0], norm.num_groups, -1)
             mean, var = next(used, (None, None))
             if mean is None:
                 raise RuntimeError(f"the decoder used more GroupNorms than the {len(stats)} the statistics pass recorded")
-            return _normalise(norm, x, xf, mean, var)
+            return _normalise(norm, x, mean, var)
 
         with self._swapped(forward):
             out = run()
@@ -75,13 +74,27 @@ class SharedGroupNorm:
         return out
 
 
-def _normalise(norm: torch.nn.GroupNorm, x: torch.Tensor, xf: torch.Tensor, mean: torch.Tensor,
-               var: torch.Tensor) -> torch.Tensor:
-    y = ((xf - mean[..., None]) * torch.rsqrt(var[..., None] + norm.eps)).reshape(x.shape)
+def _group_moments(norm: torch.nn.GroupNorm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image and group: mean and biased variance, B,G float32.
+
+    From per-channel moments (law of total variance; a group's channels have equal counts), so a
+    channels_last activation is read in place instead of copied into a group-major layout.
+    """
+    var_c, mean_c = torch.var_mean(x.float(), dim=tuple(range(2, x.ndim)), unbiased=False)
+    mean_c, var_c = (t.reshape(x.shape[0], norm.num_groups, -1) for t in (mean_c, var_c))
+    mean = mean_c.mean(-1)
+    return mean, (var_c + (mean_c - mean[..., None]) ** 2).mean(-1)
+
+
+def _normalise(norm: torch.nn.GroupNorm, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """GroupNorm with given statistics as one per-channel multiply-add (one pass over x, its memory format kept)."""
+    per_group = x.shape[1] // norm.num_groups
+    scale = torch.rsqrt(var + norm.eps).repeat_interleave(per_group, dim=1)  # B,C
+    shift = -mean.repeat_interleave(per_group, dim=1) * scale
     if norm.affine:
-        shape = (1, -1) + (1,) * (x.ndim - 2)
-        y = y * norm.weight.float().reshape(shape) + norm.bias.float().reshape(shape)
-    return y.to(x.dtype)
+        scale, shift = scale * norm.weight.float(), shift * norm.weight.float() + norm.bias.float()
+    shape = scale.shape + (1,) * (x.ndim - 2)
+    return torch.addcmul(shift.reshape(shape), x.float(), scale.reshape(shape)).to(x.dtype)
 
 
 def _stats_latent(latents: torch.Tensor, side: int) -> torch.Tensor:
@@ -90,7 +103,7 @@ def _stats_latent(latents: torch.Tensor, side: int) -> torch.Tensor:
     if f >= 1.0:
         return latents
     size = (max(1, round(h * f)), max(1, round(w * f)))
-    return F.interpolate(latents.float(), size=size, mode="area").to(latents.dtype)
+    return F.interpolate(latents.float(), size=size, mode="nearest-exact").to(latents.dtype)
 
 
 @dataclass
@@ -121,7 +134,7 @@ def decode_tiled(
     `decode` maps a B,C,h',w' latent window to B,3,h'*scale,w'*scale. One tile (tile 0 or a tile
     covering the latent) is a plain decode. `stats_side`: the largest latent side the statistics pass
     may decode (0: the whole latent, i.e. exact statistics). On out-of-memory the decode tiles shrink,
-    and so does the statistics pass (then approximate: a downsampled latent), each through
+    and so does the statistics pass (then approximate: a subsampled latent), each through
     tiling/retry.py; the result's `retries` lists both.
     """
     hooks = hooks or RunHooks()

@@ -3,8 +3,10 @@
 DreamForgeTestImage turns a real IMAGE into the awkward ones other nodes can emit (empty, NaN, RGBA,
 batches), so error paths and alpha/batch handling are driven through the real server.
 DreamForgeTestSaveText is an output node that writes a STRING (a receipt) to the output folder as
-JSON and reports it in /history.
+JSON and reports it in /history. DreamForgeTestOutOfMemory wraps an UPSCALER so that every model call
+runs out of memory (fault injection for the fallback paths through the real server).
 """
+import dataclasses
 import json
 import os
 
@@ -76,11 +78,39 @@ class DreamForgeTestSaveText:
         return {"ui": {"text": [text], "files": [{"filename": name, "subfolder": "", "type": "output"}]}}
 
 
+class _OutOfMemory:
+    """The wrapped upscaler in every respect, except that its model calls run out of memory."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def upscale_window(self, x, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB (injected by the test node)")
+
+
+class DreamForgeTestOutOfMemory:
+    CATEGORY = "DreamForge/testing"
+    FUNCTION = "wrap"
+    RETURN_TYPES = ("UPSCALER",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"upscaler": ("UPSCALER",)}}
+
+    def wrap(self, upscaler):
+        return (dataclasses.replace(upscaler, upscaler=_OutOfMemory(upscaler.upscaler)),)
+
+
 NODE_CLASS_MAPPINGS = {
     "DreamForgeTestImage": DreamForgeTestImage,
     "DreamForgeTestSaveText": DreamForgeTestSaveText,
+    "DreamForgeTestOutOfMemory": DreamForgeTestOutOfMemory,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "DreamForgeTestImage": "Test Image (DreamForge tests)",
     "DreamForgeTestSaveText": "Save Text (DreamForge tests)",
+    "DreamForgeTestOutOfMemory": "Out of Memory (DreamForge tests)",
 }

@@ -152,8 +152,10 @@ class CoZSD3Upscaler:
         with torch.inference_mode():
             y = step.sr_step(self.comps, padded, seq, pooled, opts, seed, device, self.dtype, self.vae_dtype, hooks, report)
         notes = [FP16_MODULATION_NOTE] + ([NO_T5_NOTE] if self.comps.t5 is None else []) + ([note] if note else [])
+        # the weights files with their hashes (base and both LoRA): receipts quote the source by its base file only
         report.update(seed=seed, sampling=opts.sampling, prompt_embedding="cached" if cached else "encoded",
-                      sr_input_size=[padded.shape[-1], padded.shape[-2]], notes=notes, networks=self.networks())
+                      sr_input_size=[padded.shape[-1], padded.shape[-2]], notes=notes, networks=self.networks(),
+                      model_files=self.files)
         return y[..., : h * step.ZOOM, : w * step.ZOOM]
 
     def networks(self) -> dict:

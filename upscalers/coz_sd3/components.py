@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..base import UpscalerError
+from ..base import UpscalerError, error_text
 from . import configs
 
 
@@ -96,7 +96,7 @@ def load_diffusers_folder(path: str | os.PathLike, dirs: TokenizerDirs, use_t5: 
         clip_g = CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2", **text)
         t5 = T5EncoderModel.from_pretrained(path / "text_encoder_3", **text) if t5_there else None
     except (OSError, ValueError, RuntimeError) as exc:
-        raise UpscalerError(f"{path.name}: could not load the SD3 components ({str(exc).splitlines()[0][:300]})") from None
+        raise UpscalerError(f"{path.name}: could not load the SD3 components ({error_text(exc, 300)})") from None
 
     def own(sub: str, fallback):
         return path / sub if (path / sub).is_dir() else fallback

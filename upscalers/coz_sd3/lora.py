@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..base import UpscalerError
+from ..base import UpscalerError, error_text
 from ..loading import sha256_of
 from . import configs
 
@@ -38,8 +38,7 @@ def read_tensors(path: str | os.PathLike, what: str):
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - the weights-only unpickler raises many types on bad files
         raise UpscalerError(
-            f"{path.name} ({what}) was refused: it is not a plain weights file ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:200]}). Only tensors are loaded, never pickled code: use the original file "
+            f"{path.name} ({what}) was refused: it is not a plain weights file ({error_text(exc)}). Only tensors are loaded, never pickled code: use the original file "
             "from the Chain-of-Zoom release"
         ) from None
 

@@ -7,9 +7,10 @@
   y  = clamp(vae.decode(z0 / 1.5305 + 0.0609), -1, 1) * 0.5 + 0.5
 
 The posterior noise is drawn on the CPU from the seed (the same image on every device) for the whole
-latent at once, so tiling does not change it. Large inputs: the encoder and decoder run on overlapping
-windows with GroupNorm statistics shared across windows (tiling/vae_decode.py), the transformer on
-latent tiles blended with cos^2 weights (one step: the tiles are independent predictions of v).
+latent at once, so tiling does not change it. Large inputs: the transformer runs on latent tiles blended
+with cos^2 weights (one step: the tiles are independent predictions of v); the VAE encoder and decoder
+run whole whenever that fits the memory budget, and on overlapping windows with GroupNorm statistics
+shared across windows (tiling/vae_decode.py) only when it does not.
 """
 from __future__ import annotations
 
@@ -32,7 +33,6 @@ from . import configs
 ZOOM = 4
 SIDE_MULTIPLE = 16  # VAE factor 8 x patch 2
 SAMPLING = ("sample", "mean")
-VAE_MAX_WINDOW = 128  # latent px: the VAE's middle self-attention never sees more than 128x128 tokens
 VAE_PAD = 8  # latent px of real context around a VAE window
 VAE_OVERLAP = 4  # latent px of cos^2 blend between VAE windows
 MIN_LATENT_TILE = 16
@@ -48,7 +48,7 @@ class CoZOptions:
 
     tile: int = 0  # transformer latent tile side; 0 = auto (untiled when it fits memory and the position grid)
     overlap: int = 16  # latent px of cos^2 blend between transformer tiles (the authors' full-image script: 16)
-    vae_tile: int = 0  # VAE window side in latent px; 0 = auto (at most VAE_MAX_WINDOW with its padding)
+    vae_tile: int = 0  # VAE window side in latent px when a whole VAE pass does not fit memory; 0 = auto (largest)
     sampling: str = "sample"  # "sample": the published posterior sample (seeded); "mean": the posterior mean
 
     def check(self) -> None:
@@ -64,8 +64,9 @@ class CoZOptions:
         if options is None or isinstance(options, cls):
             return options or cls(), None
         tile, overlap, vae_tile = (getattr(options, k, 0) for k in ("tile", "overlap", "vae_tile"))
-        note = (f"{type(options).__name__}: tile/overlap/vae_tile used (halved: input px -> latent px); "
-                "steps, guidance and noise_level do not apply to the one-step model")
+        note = (f"{type(options).__name__}: tile/overlap/vae_tile used (halved: input px -> latent px; vae_tile "
+                "only where a whole VAE pass does not fit memory); steps, guidance and noise_level do not apply "
+                "to the one-step model")
         return cls(tile=tile // 2, overlap=(overlap // 2) if overlap else cls.overlap, vae_tile=vae_tile // 2), note
 
 
@@ -112,14 +113,19 @@ def max_latent_side(transformer) -> int:
 
 
 def _vae_tile(opts: CoZOptions, height: int, width: int, per_px: float, budget: int) -> tuple[int, int]:
-    """(window tile, statistics side) in latent px for a VAE pass over an h x w latent."""
-    tile = opts.vae_tile
-    if not tile:
-        tile = choose_tile(height, width, 1, per_px, budget, VAE_PAD)
-        if max(height, width) > VAE_MAX_WINDOW:
-            tile = min(tile or VAE_MAX_WINDOW, VAE_MAX_WINDOW - 2 * VAE_PAD)
-    # The statistics pass runs alone, so it may use the whole budget: exact statistics whenever they fit.
-    return tile, min(VAE_MAX_WINDOW * 2, max(16, int((budget / per_px) ** 0.5)))
+    """(window tile, statistics side) in latent px for a VAE pass over an h x w latent; (0, 0): one whole pass.
+
+    Whole whenever it fits the budget, whatever vae_tile asks: windows would then only add work (each
+    re-reads its padding, and their statistics pass over the whole latent is itself a whole pass) and
+    approximate what the whole pass computes exactly. Windows only when memory is short, the largest
+    that fit (not rounded down to the pack's 32 px tile step: VAE windows need no size multiple); the
+    statistics pass then runs alone, so it may use the whole budget (a subsampled latent).
+    (The VAE's attention is SDPA: memory linear in the latent's pixels, so one budget covers it.)
+    """
+    if height * width * per_px <= budget:
+        return 0, 0
+    side = int((budget / per_px) ** 0.5)  # the largest window that fits, to the latent pixel: fewer windows
+    return opts.vae_tile or max(MIN_LATENT_TILE, side - 2 * VAE_PAD), max(MIN_LATENT_TILE, side)
 
 
 def encode(vae, x: torch.Tensor, opts: CoZOptions, seed: int, device, dtype, hooks: RunHooks, report: dict) -> torch.Tensor:
@@ -140,7 +146,7 @@ def encode(vae, x: torch.Tensor, opts: CoZOptions, seed: int, device, dtype, hoo
     result = decode_tiled(moments, norms, blocks, scale=1, tile=tile, overlap=VAE_OVERLAP, pad=VAE_PAD,
                           device=device, dtype=dtype, hooks=dataclasses.replace(hooks, progress=None),
                           stats_side=stats_side)
-    report["vae_encode_tiles"] = result.plan.describe()
+    report["vae_encode_tiles"] = {**result.plan.describe(), "statistics": result.statistics}
     report.setdefault("retries", []).extend({**r, "stage": "vae encode"} for r in result.retries)
     mean, logvar = result.image.permute(0, 3, 1, 2).to(device).chunk(2, dim=1)
     if opts.sampling == "mean":
@@ -202,7 +208,7 @@ def decode(vae, z0: torch.Tensor, opts: CoZOptions, device, dtype, hooks: RunHoo
     result = decode_tiled(run, norms, latents, scale=configs.VAE_FACTOR, tile=tile, overlap=VAE_OVERLAP, pad=VAE_PAD,
                           device=device, dtype=dtype, hooks=dataclasses.replace(hooks, progress=None),
                           stats_side=stats_side)
-    report["vae_decode_tiles"] = result.plan.describe()
+    report["vae_decode_tiles"] = {**result.plan.describe(), "statistics": result.statistics}
     report.setdefault("retries", []).extend({**r, "stage": "vae decode"} for r in result.retries)
     return result.image.permute(0, 3, 1, 2)
 
