@@ -235,16 +235,23 @@ def _diffusion_model_names() -> list[str]:
     return names
 
 
-def _model_path(model_name: str) -> Path:
+def prefixed_model_path(model_name: str, what: str) -> Path | None:
+    """'diffusers/<folder>' (models/diffusers) or 'checkpoints/<file>' (models/checkpoints) -> its path;
+    None for any other name."""
     if model_name.startswith(DIFFUSERS_PREFIX):
         name = model_name[len(DIFFUSERS_PREFIX):]
         for root in folder_paths.get_folder_paths("diffusers"):
             if (Path(root) / name).is_dir():
                 return Path(root) / name
-        raise UpscalerError(f"diffusers folder {name!r} not found in models/diffusers; put the model's folder there")
+        raise UpscalerError(f"{what}: diffusers folder {name!r} not found in models/diffusers; put the model's folder there")
     if model_name.startswith(CHECKPOINTS_PREFIX):
         return Path(folder_paths.get_full_path_or_raise("checkpoints", model_name[len(CHECKPOINTS_PREFIX):]))
-    return discovery.locate(model_name, "upscale_models", _asset_locations()).path  # mirror > folders > cache
+    return None
+
+
+def _model_path(model_name: str) -> Path:
+    return (prefixed_model_path(model_name, "model_name")
+            or discovery.locate(model_name, "upscale_models", _asset_locations()).path)  # mirror > folders > cache
 
 
 def _load(path: Path, impl: str, dtype: str, attention_slicing: bool = False, cpu_offload: bool = False) -> UpscalerHandle:

@@ -18,6 +18,7 @@ from ..upscalers.coz_sd3.single_file import is_sd3_checkpoint
 from ..upscalers.dtypes import DTYPE_NAMES
 from .comfy_nodes import (
     CHECKPOINTS_PREFIX, CLIP_TOKENIZER_DIR, DIFFUSERS_PREFIX, ZOOM_CATEGORY, UpscalerHandle, _patcher_for, folder_paths, mm,
+    prefixed_model_path,
 )
 
 FROM_CHECKPOINT = "(from checkpoint)"
@@ -45,15 +46,10 @@ def _lora_names(wanted: str) -> list[str]:
 
 
 def _base_path(name: str) -> Path:
-    if name.startswith(DIFFUSERS_PREFIX):
-        folder = name[len(DIFFUSERS_PREFIX):]
-        for root in folder_paths.get_folder_paths("diffusers"):
-            if (Path(root) / folder).is_dir():
-                return Path(root) / folder
-        raise UpscalerError(f"base_model: diffusers folder {folder!r} not found in models/diffusers")
-    if name.startswith(CHECKPOINTS_PREFIX):
-        return Path(folder_paths.get_full_path_or_raise("checkpoints", name[len(CHECKPOINTS_PREFIX):]))
-    raise UpscalerError(f"base_model must be 'diffusers/<folder>' or 'checkpoints/<file>'; got {name!r}")
+    path = prefixed_model_path(name, "base_model")
+    if path is None:
+        raise UpscalerError(f"base_model must be 'diffusers/<folder>' or 'checkpoints/<file>'; got {name!r}")
+    return path
 
 
 def _text_path(name: str) -> str | None:
