@@ -17,6 +17,10 @@ Cases (pick with --cases):
 * bf16    -- Compact on a 256x256 crop: ours in bf16 vs core in fp32 (speed, deviation);
 * memory  -- Compact on retina resized to 2048x2048: peak resident memory above the loaded model
              and input, one fresh subprocess per variant, against the float32 output canvas.
+* unseen  -- photos and models nothing was tuned on (UNSEEN: astronaut, hubble_deep_field, motorcycle,
+             immunohistochemistry x Compact bundled / shared, RRDB 6 blocks random, RRDB 23B):
+             untiled / core / ours / ours with DREAMFORGE_CPU_MALLOC=0, interleaved; seconds, peak RSS,
+             RSS after the call, ours/core and ours/untiled (targets 0.8x, 0.75x), max deviation.
 
 Timings on a shared CPU are noisy: variants are interleaved (the order rotates every repeat) and
 the ratios are taken from medians. Usage:
@@ -24,6 +28,7 @@ the ratios are taken from medians. Usage:
     .venv/bin/python benchmarks/bench_gan.py                     # full run (~15 min on 2 idle cores)
     .venv/bin/python benchmarks/bench_gan.py --quick             # small sizes, smoke run
     .venv/bin/python benchmarks/bench_gan.py --cases compact,memory --json out.json
+    .venv/bin/python benchmarks/bench_gan.py --cases unseen --unseen astronaut,hubble   # some unseen cases
 """
 from __future__ import annotations
 
@@ -43,13 +48,23 @@ from peak_memory import measure_peak  # benchmarks/ is on sys.path when this scr
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = "dreamforge_upscale"
-ALL_CASES = ("compact", "x4plus", "bf16", "memory")
+ALL_CASES = ("compact", "x4plus", "bf16", "memory", "unseen")
 COMPACT = "realesr-animevideov3.pth"
 X4PLUS = "RealESRGAN_x4plus.pth"
 
 # (size, repeats) per case; sizes are input pixels per side.
-FULL = {"compact": (1000, 3), "x4plus": (600, 1), "bf16": (256, 3), "memory": (2048, 1)}
-QUICK = {"compact": (352, 2), "x4plus": (96, 1), "bf16": (96, 2), "memory": (384, 1)}
+FULL = {"compact": (1000, 3), "x4plus": (600, 1), "bf16": (256, 3), "memory": (2048, 1), "unseen": (0, 3)}
+QUICK = {"compact": (352, 2), "x4plus": (96, 1), "bf16": (96, 2), "memory": (384, 1), "unseen": (64, 1)}
+# Photos and models the pack was never tuned on (issue 14): (case, skimage photo, model, untiled-size note).
+# "bundled" = the Compact file shipped in upscalers/bundled; "rrdb6" = an RRDB x4 with 6 blocks built here
+# with random weights (RealESRGAN_x4plus_anime_6B's shape); sizes are the photos' own.
+UNSEEN = (
+    ("astronaut 512² / Compact (bundled)", "astronaut", "bundled"),
+    ("hubble 872×1000 / Compact (shared weights)", "hubble_deep_field", COMPACT),
+    ("motorcycle 741×500 / RRDB 6B (random)", "stereo_motorcycle", "rrdb6"),
+    ("immunohistochemistry 512² / RRDB 23B (x4plus)", "immunohistochemistry", X4PLUS),
+)
+UNSEEN_TARGETS = {"ours_core": 0.8, "ours_untiled": 0.75}
 FIDELITY_TILE = 256
 MEMORY_VARIANTS = ("ours_tiled", "ours_auto", "core", "untiled")
 
@@ -62,6 +77,7 @@ TARGETS = {
     "bf16_mean_dev": 1.0,  # /255
     "memory_ratio": 1.6,  # peak RSS above model+input / float32 canvas
 }
+REUSE_ENV = "DREAMFORGE_CPU_MALLOC"
 SEAM_EXCESS = 0.1  # /255: overlaps may deviate more than interiors by at most a tenth of an 8-bit step
 
 
@@ -386,6 +402,139 @@ def memory_case(size: int, tile: int, weights: Path, comfy_dir: Path, log) -> di
             "canvas_bytes": size * 4 * size * 4 * 3 * 4}
 
 
+# ---------------------------------------------------------------------------------- unseen cases
+
+def skimage_photo(name: str, side: int = 0):
+    """A scikit-image photo as B,H,W,3 float32 (its own size; `side` > 0 crops the centre, for --quick)."""
+    import numpy as np
+    import skimage.data
+    import torch
+
+    arr = getattr(skimage.data, name)()
+    arr = (arr[0] if isinstance(arr, tuple) else arr)[..., :3]  # stereo_motorcycle: (left, right, disparity)
+    if side:
+        top, left = max(0, (arr.shape[0] - side) // 2), max(0, (arr.shape[1] - side) // 2)
+        arr = arr[top : top + side, left : left + side]
+    return torch.from_numpy(np.ascontiguousarray(arr)).float().div_(255.0)[None]
+
+
+def unseen_weights(kind: str, weights: Path, tmp: Path) -> Path:
+    if kind == "bundled":
+        from dreamforge_upscale.upscalers.assets import bundled_model_path
+
+        return bundled_model_path()
+    if kind == "rrdb6":
+        import torch
+        from gpu_suite import rrdb_state_dict  # benchmarks/ is on sys.path
+
+        path = tmp / "rrdb6_random.pth"
+        if not path.exists():
+            torch.save({"params_ema": rrdb_state_dict(6, 64, seed=6)}, path)
+        return path
+    return weights / kind
+
+
+def rss_mib() -> float:
+    from peak_memory import rss
+
+    return rss() / 2**20
+
+
+def run_reuse_off(upscaler, image):
+    """Ours with the CPU memory reuse switched off for this call (the env switch is read per call)."""
+    old = os.environ.get(REUSE_ENV)
+    os.environ[REUSE_ENV] = "0"
+    try:
+        return run_ours(upscaler, image)
+    finally:
+        if old is None:
+            del os.environ[REUSE_ENV]
+        else:
+            os.environ[REUSE_ENV] = old
+
+
+def unseen_case(label: str, photo_name: str, kind: str, weights: Path, repeats: int, quick_side: int, log) -> dict:
+    """untiled / core / ours / ours without memory reuse, interleaved: seconds, peak RSS and RSS after."""
+    import tempfile
+
+    from peak_memory import measure_peak
+
+    image = skimage_photo(photo_name, quick_side)
+    h, w = image.shape[1:3]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = unseen_weights(kind, weights, Path(tmp))
+        model, ours = load_baseline(path), load_ours(path)
+    log(f"== unseen: {label}, {w}x{h}, {repeats} repeat(s)")
+    x_nchw = image.permute(0, 3, 1, 2).contiguous()
+    warm = image[:, :48, :48]
+    run_untiled(model, warm.permute(0, 3, 1, 2).contiguous()), run_core(model, warm), run_ours(ours, warm)
+    variants = {
+        "untiled": lambda: run_untiled(model, x_nchw),
+        "core": lambda: run_core(model, image),
+        "ours": lambda: run_ours(ours, image),
+        "ours_reuse_off": lambda: run_reuse_off(ours, image),
+    }
+    names = list(variants)
+    seconds = {n: [] for n in names}
+    peak = {n: [] for n in names}
+    after = {n: [] for n in names}
+    outputs = {}
+    for rep in range(repeats):
+        for name in names[rep % len(names):] + names[: rep % len(names)]:
+            outputs.pop(name, None)
+            r = measure_peak(variants[name])  # trims the heap first: every variant starts from the same RSS
+            out = r.value[0] if isinstance(r.value, tuple) else r.value
+            after[name].append(rss_mib() - r.baseline / 2**20)
+            seconds[name].append(r.seconds)
+            peak[name].append(r.above / 2**20)
+            outputs[name] = out if name != "untiled" else as_bhwc(out)
+            plan = r.value[1]["tile_plan"] if isinstance(r.value, tuple) else None
+            log(f"    rep {rep + 1}/{repeats} {name:<15} {r.seconds:8.2f} s  peak +{r.above / 2**20:6.0f} MiB"
+                + (f"  plan {plan['count']} tile(s)" if plan else ""))
+            if isinstance(r.value, tuple):
+                outputs[name + "_plan"] = plan
+    m = {n: med(v) for n, v in seconds.items()}
+    ref = outputs["untiled"]
+    _, dev = fidelity(ref, outputs["ours"])
+    _, dev_core = fidelity(ref, outputs["core"])
+    return {
+        "label": label, "input": [w, h], "model": path.name, "repeats": repeats, "seconds": seconds, "median": m,
+        "peak_mib": {n: med(v) for n, v in peak.items()}, "after_mib": {n: med(v) for n, v in after.items()},
+        "ours_core": m["ours"] / m["core"], "ours_untiled": m["ours"] / m["untiled"],
+        "reuse_speedup": m["ours_reuse_off"] / m["ours"], "ours_dev": dev, "core_dev": dev_core,
+        "plan": outputs.get("ours_plan"),
+    }
+
+
+def unseen_report(cases: list[dict], quick: bool) -> list[str]:
+    L = ["\n#### Unseen photos and models (fp32, medians of interleaved repeats; peak/after = RSS above the "
+         "call's start, MiB)\n",
+         "| case | input | untiled s | core s | ours s | ours, reuse off s | ours/core | ours/untiled | reuse speed-up "
+         "| peak ours / reuse off / untiled / core | RSS after ours / reuse off | max dev ours, core (/255) | plan |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in cases:
+        m, pk, af = r["median"], r["peak_mib"], r["after_mib"]
+        plan = r["plan"]
+        L.append(f"| {r['label']} | {r['input'][0]}×{r['input'][1]} | {m['untiled']:.2f} | {m['core']:.2f} | "
+                 f"{m['ours']:.2f} | {m['ours_reuse_off']:.2f} | **{r['ours_core']:.2f}×** | **{r['ours_untiled']:.2f}×** "
+                 f"| {r['reuse_speedup']:.2f}× | {pk['ours']:.0f} / {pk['ours_reuse_off']:.0f} / {pk['untiled']:.0f} / "
+                 f"{pk['core']:.0f} | {af['ours']:.0f} / {af['ours_reuse_off']:.0f} | {r['ours_dev']['max']:.3f}, "
+                 f"{r['core_dev']['max']:.2f} | {plan['count'] if plan else '?'} tile(s) |")
+    L.append("\nRaw seconds (run order per variant):\n")
+    for r in cases:
+        L.append(f"- {r['label']}: " + "; ".join(f"{n} " + ", ".join(f"{s:.2f}" for s in v)
+                                                  for n, v in r["seconds"].items()))
+    L.append("\n| target | " + " | ".join(r["label"] for r in cases) + " |")
+    L.append("|---|" + "---|" * len(cases))
+    for key, text in (("ours_core", "ours ≤ 0.8× core"), ("ours_untiled", "ours ≤ 0.75× untiled")):
+        L.append(f"| {text} | " + " | ".join(f"{r[key]:.2f}× {ok(r[key] <= UNSEEN_TARGETS[key])}" for r in cases) + " |")
+    L.append("| no fidelity loss (ours max dev ≤ 1/255) | " + " | ".join(
+        f"{r['ours_dev']['max']:.3f} {ok(r['ours_dev']['max'] <= 1.0)}" for r in cases) + " |")
+    if quick:
+        L.append("\n(quick run: cropped photos, sizes too small for a verdict)")
+    return L
+
+
 # --------------------------------------------------------------------------------------- report
 
 def cpu_model() -> str:
@@ -498,6 +647,9 @@ def report(results: dict, args) -> str:
             targets.append((f"memory: ours tiled ({r['tile']} px) ≤ 1.6× canvas", f"{t['ratio']:.2f}×",
                             t["ratio"] <= TARGETS["memory_ratio"]))
 
+    if "unseen" in results:
+        L.extend(unseen_report(results["unseen"], args.quick))
+
     if targets:
         L.append("\n#### Targets" + (" (quick smoke run: sizes too small for a verdict, use the full run)" if args.quick else "") + "\n")
         L.append("| target | measured | met |")
@@ -518,12 +670,14 @@ def main() -> None:
     ap.add_argument("--weights", type=Path, default=default_weights(), help="folder with the .pth files")
     ap.add_argument("--comfy", type=Path, default=default_comfy(), help="ComfyUI tree (core's node)")
     ap.add_argument("--json", type=Path, help="also write all raw results here")
+    ap.add_argument("--unseen", default="", help="only the unseen cases whose label contains one of these (comma list)")
     ap.add_argument("--memory-worker", choices=MEMORY_VARIANTS, help=argparse.SUPPRESS)
     ap.add_argument("--memory-size", type=int, default=2048, help=argparse.SUPPRESS)
     ap.add_argument("--memory-tile", type=int, default=FIDELITY_TILE, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     setup_imports(args.comfy)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_suite's random RRDB builder
     if args.memory_worker:
         res = memory_worker(args.memory_worker, args.memory_size, args.memory_tile, args.weights / COMPACT)
         print("RESULT " + json.dumps(res), flush=True)
@@ -564,6 +718,10 @@ def main() -> None:
             results[case] = bf16_case(args.weights / COMPACT, size, repeats, log)
         elif case == "memory":
             results[case] = memory_case(size, FIDELITY_TILE, args.weights / COMPACT, args.comfy, log)
+        elif case == "unseen":
+            picked = [u for u in UNSEEN if not args.unseen or any(k in u[0] for k in args.unseen.split(","))]
+            results[case] = [unseen_case(label, name, kind, args.weights, repeats, size, log)
+                             for label, name, kind in picked]
     results["env"]["total_seconds"] = time.perf_counter() - started
     print()
     print(report(results, args))

@@ -9,6 +9,8 @@ from typing import Callable, Union
 import torch
 
 from ..tiling import RunHooks, TileOOMError, choose_tile, free_bytes, is_out_of_memory, resize, run_tiled, target_size
+from ..tiling import cpu_memory
+from ..tiling.cost import arch_of, choose_plan, costs_for, max_tiles_per_call, memory_factor
 from ..tiling.memory import BUDGET_FRACTION, canvas_bytes
 from .base import Upscaler, UpscalerError
 from .dtypes import cpu_bf16_accelerated, dtype_name
@@ -114,6 +116,7 @@ def _one_pass(upscaler: Upscaler, rgb: torch.Tensor, tile: int, overlap: int, de
     batch, height, width, _ = rgb.shape
     per_px = _bytes_per_pixel(upscaler)
     _prepare(upscaler, hooks, batch, height, width)
+    tiles_per_call = 1
     if tile <= 0:
         if caps.tiling == "internal":
             tile = 0  # the model tiles itself; outer tiling would only add seams
@@ -121,22 +124,30 @@ def _one_pass(upscaler: Upscaler, rgb: torch.Tensor, tile: int, overlap: int, de
             budget = (hooks.free_bytes or free_bytes)(device) * BUDGET_FRACTION
             if device.type == "cpu":  # the output canvas shares the CPU's memory with the activations
                 budget -= canvas_bytes(batch, height, width, caps.out_channels, upscaler.scale)
-            tile = choose_tile(height, width, batch, per_px, int(budget), caps.context)
-    return run_tiled(
-        rgb,
-        fn,
-        upscaler.scale,
-        tile=tile,
-        overlap=overlap,
-        context=caps.context,
-        device=device,
-        dtype=upscaler.dtype,
-        multiple=caps.size_multiple,
-        minimum=caps.min_size,
-        square=caps.square,
-        hooks=hooks,
-        per_tile=per_tile,
-    )
+            # the fastest exact plan that fits, by the per-architecture cost model (tiling/cost.py)
+            choice = choose_plan(height, width, batch=batch, scale=upscaler.scale, context=caps.context,
+                                 overlap=overlap, bytes_per_pixel=per_px * memory_factor(device), budget=int(budget),
+                                 cost=costs_for(arch_of(upscaler), device, caps.bytes_per_pixel),
+                                 multiple=caps.size_multiple, minimum=caps.min_size, square=caps.square,
+                                 max_tiles_per_call=max_tiles_per_call(device, per_tile))
+            tile, tiles_per_call = choice.tile, choice.tiles_per_call
+    with cpu_memory.reuse(device):  # CPU: freed activations are reused instead of faulted in again
+        return run_tiled(
+            rgb,
+            fn,
+            upscaler.scale,
+            tile=tile,
+            overlap=overlap,
+            context=caps.context,
+            device=device,
+            dtype=upscaler.dtype,
+            multiple=caps.size_multiple,
+            minimum=caps.min_size,
+            square=caps.square,
+            hooks=hooks,
+            per_tile=per_tile,
+            tiles_per_call=tiles_per_call,
+        )
 
 
 def upscale(

@@ -1,0 +1,140 @@
+"""tiling/cpu_memory.py: CPU heap reuse during a pass -- bounded, switchable, a no-op off glibc.
+
+Behaviour, not timing: page faults are counted (getrusage), the settings read back through their
+effect, RSS compared before/after.
+"""
+import logging
+import resource
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from dreamforge_upscale.tiling import cpu_memory
+from dreamforge_upscale.upscalers import GANUpscaler, upscale
+from dreamforge_upscale.upscalers.assets import bundled_model_path
+
+REPO = Path(__file__).resolve().parents[1]
+on_glibc = pytest.mark.skipif(cpu_memory._load_glibc() is None, reason="needs glibc on Linux")
+
+
+def test_switched_off_by_the_env_var():
+    st = cpu_memory.status({"DREAMFORGE_CPU_MALLOC": "0"}, glibc_present=True)
+    assert not st.active and "DREAMFORGE_CPU_MALLOC=0" in st.reason
+
+
+def test_left_alone_when_the_user_configured_malloc():
+    st = cpu_memory.status({"MALLOC_ARENA_MAX": "2"}, glibc_present=True)
+    assert not st.active and "MALLOC_ARENA_MAX" in st.reason
+
+
+def test_no_op_off_glibc():
+    assert cpu_memory._load_glibc("darwin") is None and cpu_memory._load_glibc("win32") is None
+    st = cpu_memory.status({}, glibc_present=False)
+    assert not st.active and "not glibc" in st.reason
+
+
+def test_off_glibc_reuse_changes_nothing_and_upscaling_works(monkeypatch):
+    monkeypatch.setattr(cpu_memory, "_glibc", lambda: None)
+    with cpu_memory.reuse(torch.device("cpu")) as st:
+        assert not st.active
+    out, _ = upscale(GANUpscaler.load(bundled_model_path()), torch.rand(1, 24, 24, 3))
+    assert out.shape == (1, 96, 96, 3)
+
+
+def test_retained_bound_is_clamped(caplog):
+    mib = 2**20
+    assert cpu_memory.keep_bytes({}) == cpu_memory.DEFAULT_KEEP_MB * mib
+    assert cpu_memory.keep_bytes({"DREAMFORGE_CPU_MALLOC_KEEP_MB": "1"}) == 16 * mib
+    assert cpu_memory.keep_bytes({"DREAMFORGE_CPU_MALLOC_KEEP_MB": "999999"}) == 2047 * mib  # mallopt takes an int
+    with caplog.at_level(logging.WARNING, logger="dreamforge_upscale"):
+        assert cpu_memory.keep_bytes({"DREAMFORGE_CPU_MALLOC_KEEP_MB": "lots"}) == cpu_memory.DEFAULT_KEEP_MB * mib
+    assert "DREAMFORGE_CPU_MALLOC_KEEP_MB" in caplog.text and "not a whole number" in caplog.text
+
+
+def test_non_cpu_devices_are_not_touched():
+    assert not cpu_memory.configure(torch.device("meta")).active
+    with cpu_memory.reuse(torch.device("meta")) as st:
+        assert not st.active
+
+
+def test_logged_once(monkeypatch, caplog):
+    monkeypatch.setitem(cpu_memory._state, "logged", False)
+    with caplog.at_level(logging.INFO, logger="dreamforge_upscale"):
+        cpu_memory.configure()
+        cpu_memory.configure()
+    assert caplog.text.count("DreamForge CPU memory reuse") == 1
+
+
+# A child process: the experiment needs a clean allocator, and the settings are process-wide.
+CHILD = textwrap.dedent(r"""
+    import os, resource, sys, threading, psutil, torch
+    sys.path.insert(0, sys.argv[1]); import pack_import; pack_import.install()
+    from dreamforge_upscale.tiling import cpu_memory
+    torch.set_num_threads(1)
+    cpu_memory.configure()  # before the worker thread starts, as the ComfyUI bridge does at import
+    net = torch.nn.Sequential(*[torch.nn.Conv2d(32, 32, 3, padding=1) for _ in range(4)]).eval()
+    x = torch.rand(1, 32, 256, 256)  # 8 MiB activations: far over glibc's 128 KiB mmap threshold
+
+    def faults(fn):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        fn()
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    def forward():
+        with torch.inference_mode():
+            net(x)
+
+    results = {}
+    def worker(result):
+        forward()
+        result["plain"] = faults(forward)
+        rss0 = psutil.Process().memory_info().rss
+        with cpu_memory.reuse(torch.device("cpu")) as st:
+            result["active"] = st.active
+            forward(); forward()  # the heap settles (glibc's small remainders of aligned blocks) within two passes
+            result["reused"] = faults(forward)
+            with cpu_memory.reuse(torch.device("cpu")):
+                pass  # a nested pass ending must not restore the defaults under the outer one
+            result["after_nested"] = faults(forward)
+            result["rss_in"] = psutil.Process().memory_info().rss
+        result["rss_grown_after"] = psutil.Process().memory_info().rss - rss0
+        result["restored"] = faults(forward)
+    for label, switch in (("on", "1"), ("off", "0")):
+        os.environ["DREAMFORGE_CPU_MALLOC"] = switch  # read at every call
+        results[label] = {}
+        t = threading.Thread(target=worker, args=(results[label],))  # like ComfyUI's prompt worker
+        t.start(); t.join()
+    print("RESULT", results)
+""")
+
+
+@pytest.fixture(scope="module")
+def child() -> dict:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in cpu_memory.USER_ENV}
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(REPO / "scripts")], capture_output=True, text=True,
+                          env=env, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+    return eval(line[len("RESULT "):])  # noqa: S307 - our own child's dict of numbers
+
+
+@on_glibc
+def test_reuse_stops_page_faults_in_a_worker_thread_and_gives_the_memory_back(child):
+    r = child["on"]
+    assert r["active"]
+    assert r["plain"] > 8_000  # every activation is a fresh mmap: faulted in again on each pass
+    assert r["reused"] < r["plain"] / 4 and r["after_nested"] < r["plain"] / 4
+    assert r["restored"] > r["plain"] / 2  # defaults back after the last pass
+    assert r["rss_grown_after"] < 32 * 2**20  # the freed heap went back to the OS
+
+
+@on_glibc
+def test_env_switch_turns_it_off_in_a_real_run(child):
+    r = child["off"]
+    assert not r["active"] and r["reused"] > r["plain"] / 2
