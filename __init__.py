@@ -1,16 +1,14 @@
-"""DreamForge Upscale: seam-free, memory-aware upscaling nodes for ComfyUI."""
-import importlib
+"""DreamForge Upscale: seam-free, memory-aware upscaling nodes for ComfyUI.
+
+Inside ComfyUI the pack is a V3 extension: ComfyUI calls `comfy_entrypoint()`. The pack defines no
+NODE_CLASS_MAPPINGS on purpose (ComfyUI would then load it the legacy V1 way). Imported anywhere else
+(pytest, the command line) it exposes the backends only and needs nothing from ComfyUI.
+"""
 import importlib.util
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
-if importlib.util.find_spec("comfy") is not None:
-    from .nodes import NODE_MODULES
+if importlib.util.find_spec("comfy") is not None and importlib.util.find_spec("comfy_api") is not None:
+    from .nodes import comfy_entrypoint
 
-    for _name in NODE_MODULES:
-        _module = importlib.import_module(f".nodes.{_name}", __name__)
-        NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
-        NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
-# Imported outside ComfyUI (pytest, the command line): backends only, no nodes to register.
-
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+    __all__ = ["comfy_entrypoint"]
+else:
+    __all__ = []

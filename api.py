@@ -4,7 +4,7 @@
 
     up = load_upscaler()                                  # the bundled realesr-animevideov3 (x4)
     result = upscale_image(up, "photo.jpg", 2.5)          # UpscaleResult
-    result.pil().save("photo_x2.5.png"); print(result.receipt["output_size"])
+    result.pil().save("photo_x2.5.png"); print(result.receipt.output_size)
     zoom = chain_of_zoom(up, "photo.jpg", steps=3, process_size=256)
     zoom.strip().save("zoom.png"); print(zoom.prompts)
 
@@ -27,11 +27,13 @@ from PIL import Image
 from .tiling import RunHooks
 from .upscalers import discovery
 from .upscalers.assets import BUNDLED_MODEL
-from .upscalers.base import Upscaler, UpscalerError
-from .upscalers.gan import GANUpscaler
-from .upscalers.loading import WEIGHT_EXTENSIONS, is_sd_x4_upscaler
+from .upscalers import backends
+from .upscalers.base import UpscalerError
+from .upscalers.contract import Upscaler
+from .upscalers.loading import WEIGHT_EXTENSIONS
+from .upscalers.receipts import Policy, UpscaleReceipt, ZoomLoopReceipt
 from .upscalers.registry import IMPLS, choose_run, pick_gan, resolve_load_impl
-from .upscalers.sdx4 import SDX4Options, SDX4Upscaler, is_sdx4_path
+from .upscalers.sdx4 import SDX4Options, is_sdx4_file
 from .upscalers.upscale import DEFAULT_OVERLAP, upscale
 from .zoom import DEFAULT_PROCESS_SIZE, ZoomSettings, zoom_loop
 
@@ -43,7 +45,7 @@ DIFFUSERS_PREFIX, CHECKPOINTS_PREFIX = "diffusers/", "checkpoints/"
 @dataclass(frozen=True)
 class UpscaleResult:
     image: torch.Tensor  # 1,H,W,C float32 in 0..1 (C = 4 when the input had alpha)
-    receipt: dict  # what ran: model, scale plan, tiles, retries, fallbacks, seconds (README: "The receipt")
+    receipt: UpscaleReceipt  # what ran: model, scale plan, tiles, retries, fallbacks, seconds (docs/receipts.md)
 
     def pil(self) -> Image.Image:
         from .cli.images import to_uint8
@@ -56,7 +58,7 @@ class UpscaleResult:
 class ZoomResult:
     states: list[Image.Image]  # x0 (the prepared input), x1 (4x), ... x_steps
     prompts: list[str]  # the prompt of each step (x1 .. x_steps)
-    receipt: dict
+    receipt: ZoomLoopReceipt
 
     def strip(self) -> Image.Image:
         """Every state side by side, left to right (like the authors' output)."""
@@ -129,24 +131,21 @@ def load_upscaler(model: str | os.PathLike | None = None, *, impl: str = "auto",
     `impl` auto follows the file; gan / diffusion insist on that kind (an error names the mismatch).
     """
     path = resolve_model(str(model) if model is not None else BUNDLED_MODEL, places)
-    kind = resolve_load_impl(impl, is_sdx4_path(path), path.name)
-    dev = pick_device(device)
-    if kind == "diffusion":
-        return SDX4Upscaler.load(path, dtype=dtype, device=dev, tokenizer_dir=tokenizer_dir or places.tokenizer_dir(),
-                                 attention_slicing=attention_slicing, offload=cpu_offload)
-    return GANUpscaler.load(path, dtype=dtype, device=dev)
+    return backends.load_upscaler(path, impl=impl, dtype=dtype, device=pick_device(device),
+                                  tokenizer_dir=tokenizer_dir or places.tokenizer_dir(),
+                                  attention_slicing=attention_slicing, offload=cpu_offload)
 
 
 def _folder_gan_names(places: ModelPlaces) -> list[str]:
     locations = places.locations()
     listed = [p.name for d in locations.folders("upscale_models") if Path(d).is_dir() for p in sorted(Path(d).iterdir())
-              if p.suffix.lower() in WEIGHT_EXTENSIONS and not is_sd_x4_upscaler(p)]
+              if p.suffix.lower() in WEIGHT_EXTENSIONS and not is_sdx4_file(p)]
     return discovery.model_names("upscale_models", locations, listed)
 
 
 def select_upscaler(scale: float | None, model: str | os.PathLike | None = None, *, impl: str = "auto",
                     dtype: str = "auto", device: str | torch.device | None = None,
-                    places: ModelPlaces = ModelPlaces(), **load_kw) -> tuple[Upscaler, dict]:
+                    places: ModelPlaces = ModelPlaces(), **load_kw) -> tuple[Upscaler, Policy]:
     """The upscaler a request for `scale` runs under the impl policy (as the Tiled Upscale node), and why.
 
     auto with the SD x4 model below 3x runs a GAN from the model folders instead (x2plus for ~2x,
@@ -158,14 +157,13 @@ def select_upscaler(scale: float | None, model: str | os.PathLike | None = None,
         raise UpscalerError("impl diffusion needs the Stable Diffusion x4 upscaler: give its diffusers folder "
                             "(diffusers/<folder> or a path) or x4-upscaler-ema.safetensors as the model")
     path = resolve_model(str(model) if model is not None else BUNDLED_MODEL, places)
-    kind = resolve_load_impl(impl, is_sdx4_path(path), path.name)
+    kind = resolve_load_impl(impl, backends.is_diffusion_model(path), path.name)
     choice = choose_run(impl, scale, kind)
-    policy = {"impl": impl, "ran": choice.impl, "reason": choice.reason}
+    policy = Policy(impl, choice.impl, choice.reason)
     if choice.use_loaded:
         return load_upscaler(path, impl=impl, dtype=dtype, device=device, places=places, **load_kw), policy
     upscaler = folder_gan(choice.gan_scale, dtype=dtype, device=device, places=places)
-    policy["model"] = upscaler.source.file
-    return upscaler, policy
+    return upscaler, Policy(impl, choice.impl, f"{choice.reason} ({upscaler.source.file})")
 
 
 def folder_gan(native: int, *, dtype: str = "auto", device: str | torch.device | None = None,
@@ -213,7 +211,7 @@ def upscale_image(upscaler: Upscaler, image: ImageLike, scale: float | None = No
                   prompt: str | None = None, seed: int | None = None, sdx4: SDX4Options | None = None,
                   device: str | torch.device | None = None,
                   progress: Callable[[int, int], None] | None = None,
-                  fallback: Callable[[], Upscaler] | None = None) -> UpscaleResult:
+                  fallback: Callable[[], Upscaler] | None = None, policy: Policy | None = None) -> UpscaleResult:
     """Upscale one image (or a batch tensor) by `scale` (None = the model's native scale).
 
     `prompt`, `seed` and `sdx4` (steps, guidance, noise level...) go to the SD x4 upscaler (GANs
@@ -223,7 +221,7 @@ def upscale_image(upscaler: Upscaler, image: ImageLike, scale: float | None = No
     options = (sdx4 or SDX4Options()) if upscaler.capabilities.impl == "diffusion" else None
     out, receipt = upscale(upscaler, as_image(image), scale, tile=tile, overlap=overlap, strict_scale=strict_scale,
                            resample=resample, device=dev, hooks=RunHooks(progress=progress), prompt=prompt, seed=seed,
-                           options=options, fallback=fallback)
+                           options=options, fallback=fallback, policy=policy)
     return UpscaleResult(out.cpu(), receipt)
 
 

@@ -1,19 +1,36 @@
 #!/usr/bin/env python
 """Benchmark Chain-of-Zoom's SD3 super-resolver on the CPU with the tiny random model (tests/tiny_sd3.py).
 
-* step       -- seconds per SR step at a process size (the zoom loop's unit: a crop, bicubic 4x, one step),
-                prompt embeddings cached (as in a loop with one prompt) and not (text encoders included).
-* full image -- a photo upscaled 4x three ways, medians of interleaved repeats, with seconds per stage
-                (transformer, VAE encoder, VAE decoder: forward hooks):
-                  untiled      one transformer call (the tiny model is built with a position grid that
-                               covers the latent, as SD3's 384 latent px cover 3072 px) and whole VAE passes;
-                  tiled        transformer latent tiles of 64 with overlap 16 (the authors' full-image
-                               script), VAE auto (whole: it fits memory) -- the full-image Chain-of-Zoom;
-                  memory short the same with a memory budget that only fits an 80 latent px VAE window, so
-                               the VAE runs in windows with a (subsampled) statistics pass.
+* step          -- seconds per SR step at a process size (the zoom loop's unit: a crop, bicubic 4x, one step),
+                   the prompt embedding reused within a run and encoded (text encoders included).
+* tiled overhead -- a photo upscaled 4x (full-image Chain-of-Zoom), tiled and untiled side by side,
+                   interleaved, medians of the repeats, with seconds per stage (forward hooks). Cases:
+                     forced   transformer tiles of 64 latent px, overlap 16 (the authors' full-image script)
+                              on a 128 px latent;
+                     limit    a latent twice a model's window limit on a side (what full-image Chain-of-Zoom
+                              meets past SD3's 384 latent px position grid), tiled at the limit -- what auto
+                              tiling picks there -- with overlap 16.
+                   "untiled" is one transformer call: the tiny model is built with a position grid covering the
+                   latent. The VAE runs whole in both (it fits memory). Each case reports the tiled/untiled
+                   ratio and the floors that plan cannot go below:
+                     window_area_ratio  latent px the transformer sees / latent px (the geometric minimum);
+                     run_floor          the whole run's ratio if the tiled transformer cost exactly
+                                        window_area_ratio x its untiled time (everything else equal);
+                     token_ratio        transformer tokens processed, tiled / untiled: each window also carries
+                                        the 589 prompt tokens through every joint block (joint attention mixes
+                                        them with the window's pixels, so no tiling of SD3 shares them);
+                     flop_ratio         the transformer's FLOPs, tiled / untiled (tokens x width^2 and the
+                                        attention's tokens^2 x width): what a compute-bound device would see.
+                   sd3_medium_estimate: the same two floors for SD3 medium's own transformer (no run).
+                   --memory-short adds the forced case with a memory budget that fits only an 80 latent px VAE
+                   window (VAE windows with a subsampled statistics pass).
 
-    .venv/bin/python benchmarks/bench_coz_sd3.py            # process size 256, photo 256 -> 1024 (latent 128)
-    .venv/bin/python benchmarks/bench_coz_sd3.py --quick    # photo 128 -> 512, a smoke run
+    .venv/bin/python benchmarks/bench_coz_sd3.py            # forced: photo 256 -> 1024; limit: photo 384 -> 1536
+    .venv/bin/python benchmarks/bench_coz_sd3.py --quick    # smaller photos, a smoke run
+
+--threads defaults to 1: on a machine whose cores other work also uses, torch's threads wait on each other
+at every barrier and one configuration's time swings many-fold (the same 9 tiles took 4 s and 15 s in one
+earlier run); one thread keeps the side-by-side ratios meaningful.
 """
 from __future__ import annotations
 
@@ -24,6 +41,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,15 +55,60 @@ import torch  # noqa: E402
 from skimage import data  # noqa: E402
 
 import tiny_sd3  # noqa: E402
-from dreamforge_upscale.tiling import RunHooks  # noqa: E402
+from dreamforge_upscale.tiling import RunHooks, plan_tiles  # noqa: E402
 from dreamforge_upscale.tiling.memory import BUDGET_FRACTION  # noqa: E402
+from dreamforge_upscale.upscalers.contract import Conditioning, RunMemo  # noqa: E402
 from dreamforge_upscale.upscalers.coz_sd3 import CoZOptions, CoZSD3Upscaler, TokenizerDirs, step  # noqa: E402
 
+PROMPT_TOKENS = 77 + 512  # CLIP-L/G + T5, as the published encoding pads them
+SD3_MEDIUM = {"width": 1536, "layers": 24}
 
-def timed(fn) -> float:
+
+def transformer_flops(image_tokens: float, width: int, layers: int) -> float:
+    """Joint blocks: per token 24 w^2 (q, k, v, out, 4w MLP: 12 w^2 multiply-adds), per token pair 4 w
+    (QK^T and AV); image and prompt tokens alike. Embeddings and modulation are negligible."""
+    n = image_tokens + PROMPT_TOKENS
+    return layers * (24 * width**2 * n + 4 * width * n**2)
+
+
+def flop_ratio(count: int, window: list[int], latent: int, width: int, layers: int) -> float:
+    """Tiled / untiled transformer FLOPs: `count` windows of window[0] x window[1] latent px vs one latent^2
+    (patch 2: 4 latent px per token)."""
+    tiled = count * transformer_flops(window[0] * window[1] / 4, width, layers)
+    return tiled / transformer_flops(latent * latent / 4, width, layers)
+
+
+def sd3_medium_estimate() -> dict:
+    """No run: the FLOP ratio and geometric floor of SD3 medium's transformer for the forced plan and for a
+    latent twice its 384 px position grid tiled at the grid (overlap 16)."""
+    out = {}
+    for name, latent, tile in (("forced", 128, 64), ("limit", 768, 384)):
+        plan = plan_tiles(latent, latent, tile, 16, context=0, multiple=2)
+        out[name] = {"latent": latent, "tile": tile, "grid": [plan.rows.count, plan.cols.count],
+                     "window": plan.rows.window, "window_area_ratio": round(plan.window_area_ratio, 3),
+                     "flop_ratio": round(flop_ratio(plan.count, [plan.rows.window, plan.cols.window], latent,
+                                                    **SD3_MEDIUM), 3)}
+    return out
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    photo: int  # input side in px (the latent side is photo * 4 / 8)
+    tile: int  # transformer tile in latent px
+    overlap: int
+
+
+def cases(quick: bool) -> list[Case]:
+    if quick:
+        return [Case("forced", 128, 32, 8), Case("limit", 160, 40, 8)]
+    return [Case("forced", 256, 64, 16), Case("limit", 384, 96, 16)]
+
+
+def timed(fn) -> tuple[float, object]:
     started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
+    out = fn()
+    return time.perf_counter() - started, out
 
 
 class StageClock:
@@ -65,63 +128,107 @@ class StageClock:
         return out
 
 
+def photo(side: int) -> torch.Tensor:
+    img = torch.from_numpy(data.astronaut()).permute(2, 0, 1)[None].float() / 255
+    return torch.nn.functional.interpolate(img, size=(side, side), mode="area")
+
+
+def step_seconds(model, process: int, repeats: int) -> dict:
+    torch.manual_seed(0)
+    crop = torch.rand(1, 3, process // 4, process // 4)
+    memo = RunMemo()  # one run: the prompt is encoded once, then reused
+
+    def call(prompt: str, run_memo: RunMemo) -> float:
+        return timed(lambda: model.upscale_window(crop, Conditioning(prompt, 1, None, run_memo), RunHooks()))[0]
+
+    call("a prompt", memo)  # warm-up, and the embedding the reused calls find
+    encoded = [call("a prompt", RunMemo()) for _ in range(repeats)]
+    reused = [call("a prompt", memo) for _ in range(repeats)]
+    return {"process_size": process, "prompt_reused": statistics.median(reused),
+            "prompt_encoded": statistics.median(encoded)}
+
+
+def median_stages(stages: list[dict]) -> dict:
+    return {k: round(statistics.median(s.get(k, 0.0) for s in stages), 3) for k in stages[0]}
+
+
+def tiled_overhead(model, clock: StageClock, case: Case, repeats: int, memory_short: bool) -> dict:
+    image = photo(case.photo)
+    configs = {"untiled": (CoZOptions(tile=10**6), RunHooks()),
+               "tiled": (CoZOptions(tile=case.tile, overlap=case.overlap), RunHooks())}
+    if memory_short:
+        window = 80 if case.tile >= 64 else 48
+        budget = window**2 * step.vae_bytes_per_latent_px(model.comps.vae, torch.float32) / BUDGET_FRACTION
+        configs["memory_short"] = (configs["tiled"][0], RunHooks(free_bytes=lambda device: int(budget)))
+    seconds, stages, outputs, reports = defaultdict(list), defaultdict(list), {}, {}
+    for _ in range(repeats):  # interleaved: load drifts hit every configuration alike
+        for name, (opts, hooks) in configs.items():
+            clock.take()
+            cond = Conditioning("astronaut", 2, opts, RunMemo())
+            took, result = timed(lambda: model.upscale_window(image, cond, hooks))
+            per_stage = clock.take()
+            seconds[name].append(took)
+            stages[name].append(per_stage)
+            outputs[name], reports[name] = result.image, result.report
+    base = statistics.median(seconds["untiled"])
+    base_transformer = median_stages(stages["untiled"])["transformer"]
+    latent = case.photo * step.ZOOM // 8
+    config = model.comps.transformer.config
+    dims = {"width": config.num_attention_heads * config.attention_head_dim, "layers": config.num_layers}
+    out = {"photo": case.photo, "latent": latent, "tile": case.tile, "overlap": case.overlap}
+    for name in configs:
+        median = statistics.median(seconds[name])
+        plan = reports[name]["transformer_tiles"]
+        geo = plan["window_area_ratio"]
+        px_per_token = 4  # patch 2
+        tokens = plan["count"] * (plan["window"][0] * plan["window"][1] / px_per_token + PROMPT_TOKENS)
+        diff = (outputs[name] - outputs["untiled"]).abs()
+        stage = median_stages(stages[name])
+        out[name] = {
+            "seconds": round(median, 3), "all_seconds": [round(s, 3) for s in seconds[name]],
+            "ratio_to_untiled": round(median / base, 3),
+            "stage_seconds": stage,
+            "transformer_ratio": round(stage["transformer"] / base_transformer, 3),
+            "transformer_grid": plan["grid"], "transformer_window": plan["window"],
+            "tiles_per_call": plan["tiles_per_call"],
+            "window_area_ratio": geo,
+            "run_floor": round((base + base_transformer * (geo - 1)) / base, 3),
+            "token_ratio": round(tokens / (latent * latent / px_per_token + PROMPT_TOKENS), 3),
+            "flop_ratio": round(flop_ratio(plan["count"], plan["window"], latent, **dims), 3),
+            "vae_tiles": [reports[name]["vae_encode_tiles"]["count"], reports[name]["vae_decode_tiles"]["count"]],
+            "vae_statistics": reports[name]["vae_decode_tiles"]["statistics"],
+            "mean_abs_diff_to_untiled": round(float(diff.mean()), 4),
+            "max_abs_diff_to_untiled": round(float(diff.max()), 4),
+        }
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--memory-short", action="store_true")
+    ap.add_argument("--skip-step", action="store_true", help="only the tiled-overhead cases")
+    ap.add_argument("--case", action="append", choices=("forced", "limit"), help="only these cases (default: both)")
     args = ap.parse_args()
-    process, photo, tile, overlap, window = (128, 128, 32, 8, 48) if args.quick else (256, 256, 64, 16, 80)
-    latent = photo * step.ZOOM // 8
+    torch.set_num_threads(args.threads)
+    chosen = [c for c in cases(args.quick) if not args.case or c.name in args.case]
+    largest = max(c.photo for c in chosen) * step.ZOOM // 8
     root = Path(tempfile.mkdtemp(prefix="bench-coz-"))
     lora = tiny_sd3.write_lora_files(root / "lora")
-    folder = tiny_sd3.write_diffusers_folder(root / "sd3", pos_max=latent // 2)
+    folder = tiny_sd3.write_diffusers_folder(root / "sd3", pos_max=largest // 2)  # untiled = one call
     model = CoZSD3Upscaler.load(folder, lora["transformer"], lora["vae"], device=torch.device("cpu"),
                                 tokenizer_dirs=TokenizerDirs(tiny_sd3.clip_tokenizer_dir(), tiny_sd3.t5_tokenizer_dir()))
-    vae = model.comps.vae
-    clock = StageClock(transformer=model.comps.transformer, vae_encoder=vae.encoder, vae_decoder=vae.decoder)
-    torch.manual_seed(0)
-    crop = torch.rand(1, 3, process // 4, process // 4)
-    image = torch.from_numpy(data.astronaut()[::512 // photo, ::512 // photo].copy()).permute(2, 0, 1)[None].float() / 255
-    results: dict = {"process_size": process, "photo": list(image.shape[-2:]), "latent": latent,
-                     "threads": torch.get_num_threads()}
-    window_budget = window**2 * step.vae_bytes_per_latent_px(vae, torch.float32) / BUDGET_FRACTION
-    configs = {
-        "untiled": (CoZOptions(tile=10**6), RunHooks()),
-        "tiled": (CoZOptions(tile=tile, overlap=overlap), RunHooks()),
-        "memory_short": (CoZOptions(tile=tile, overlap=overlap), RunHooks(free_bytes=lambda device: int(window_budget))),
-    }
-
+    clock = StageClock(transformer=model.comps.transformer, vae_encoder=model.comps.vae.encoder,
+                       vae_decoder=model.comps.vae.decoder)
+    results: dict = {"threads": torch.get_num_threads(), "repeats": args.repeats,
+                     "sd3_medium_estimate": sd3_medium_estimate()}
     with torch.inference_mode():
-        model.upscale_window(crop, prompt="warm-up", seed=0)
-        encoded = [timed(lambda i=i: model.upscale_window(crop, prompt=f"a new prompt {i}", seed=1))
-                   for i in range(args.repeats)]
-        cached = [timed(lambda: model.upscale_window(crop, prompt="a new prompt 0", seed=1)) for _ in range(args.repeats)]
-        results["step_seconds"] = {"prompt_cached": statistics.median(cached), "prompt_encoded": statistics.median(encoded)}
-        clock.take()
-        runs: dict = {name: {"seconds": [], "stages": []} for name in configs}
-        outputs, reports = {}, {}
-        for _ in range(args.repeats):  # interleaved: load drifts hit every configuration alike
-            for name, (opts, hooks) in configs.items():
-                reports[name] = {}
-                runs[name]["seconds"].append(timed(lambda: outputs.__setitem__(name, model.upscale_window(
-                    image, prompt="astronaut", seed=2, options=opts, hooks=hooks, report=reports[name]))))
-                runs[name]["stages"].append(clock.take())
-    base = statistics.median(runs["untiled"]["seconds"])
-    full = {}
-    for name, run in runs.items():
-        seconds = statistics.median(run["seconds"])
-        report = reports[name]
-        full[name] = {
-            "seconds": seconds, "ratio_to_untiled": seconds / base,
-            "stage_seconds": {k: statistics.median(s[k] for s in run["stages"]) for k in run["stages"][0]},
-            "transformer_tiles": report["transformer_tiles"]["count"],
-            "vae_encode_tiles": report["vae_encode_tiles"]["count"], "vae_decode_tiles": report["vae_decode_tiles"]["count"],
-            "vae_statistics": report["vae_decode_tiles"]["statistics"],
-            "seconds_per_transformer_tile": (statistics.median(s["transformer"] for s in run["stages"])
-                                             / report["transformer_tiles"]["count"]),
-            "mean_abs_diff_to_untiled": float((outputs[name] - outputs["untiled"]).abs().mean()),
-        }
-    results["full_image_4x"] = full
+        if not args.skip_step:
+            results["step_seconds"] = step_seconds(model, 128 if args.quick else 256, args.repeats)
+        results["tiled_overhead"] = {c.name: tiled_overhead(model, clock, c, args.repeats, args.memory_short)
+                                     for c in chosen}
     print(json.dumps(results, indent=1))
 
 

@@ -18,7 +18,7 @@ Cases (pick with --cases):
 * memory  -- Compact on retina resized to 2048x2048: peak resident memory above the loaded model
              and input, one fresh subprocess per variant, against the float32 output canvas.
 * unseen  -- photos and models nothing was tuned on (UNSEEN: astronaut, hubble_deep_field, motorcycle,
-             immunohistochemistry x Compact bundled / shared, RRDB 6 blocks random, RRDB 23B):
+             immunohistochemistry, coffee, rocket x Compact bundled / shared, RRDB 6 blocks random, RRDB 23B):
              untiled / core / ours / ours with DREAMFORGE_CPU_MALLOC=0, interleaved; seconds, peak RSS,
              RSS after the call, ours/core and ours/untiled (targets 0.8x, 0.75x), max deviation.
 
@@ -29,6 +29,9 @@ the ratios are taken from medians. Usage:
     .venv/bin/python benchmarks/bench_gan.py --quick             # small sizes, smoke run
     .venv/bin/python benchmarks/bench_gan.py --cases compact,memory --json out.json
     .venv/bin/python benchmarks/bench_gan.py --cases unseen --unseen astronaut,hubble   # some unseen cases
+    .venv/bin/python benchmarks/bench_gan.py --cases unseen --unseen motorcycle --crop motorcycle=256   # a crop
+
+Receipts are read through receipt_fields.py, so the script also runs on checkouts with dict receipts.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ import time
 from pathlib import Path
 
 from peak_memory import measure_peak  # benchmarks/ is on sys.path when this script runs
+from receipt_fields import dtype as receipt_dtype, tile_plan
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = "dreamforge_upscale"
@@ -63,6 +67,8 @@ UNSEEN = (
     ("hubble 872×1000 / Compact (shared weights)", "hubble_deep_field", COMPACT),
     ("motorcycle 741×500 / RRDB 6B (random)", "stereo_motorcycle", "rrdb6"),
     ("immunohistochemistry 512² / RRDB 23B (x4plus)", "immunohistochemistry", X4PLUS),
+    ("coffee 600×400 / Compact (shared weights)", "coffee", COMPACT),
+    ("rocket 640×427 / Compact (bundled)", "rocket", "bundled"),
 )
 UNSEEN_TARGETS = {"ours_core": 0.8, "ours_untiled": 0.75}
 FIDELITY_TILE = 256
@@ -280,8 +286,8 @@ def gan_case(name: str, weights: Path, size: int, repeats: int, tiled: bool, log
         "seconds": times,
         "median": {k: med(v) for k, v in times.items()},
         "min": {k: min(v) for k, v in times.items()},
-        "ours_tile_plan": receipt["tile_plan"],
-        "ours_dtype": receipt["dtype"],
+        "ours_tile_plan": tile_plan(receipt),
+        "ours_dtype": receipt_dtype(receipt),
     }
     res["ratio_ours_core"] = res["median"]["ours"] / res["median"]["core"]
     res["ratio_ours_untiled"] = res["median"]["ours"] / res["median"]["untiled"]
@@ -307,11 +313,11 @@ def gan_case(name: str, weights: Path, size: int, repeats: int, tiled: bool, log
         log(f"    forced tile {FIDELITY_TILE}: " + ("input too small to tile" if tiled else "--skip-tiled") + " (skipped)")
     else:
         dt, (tiled_out, tiled_receipt) = timed(lambda: run_ours(ours, image, tile=FIDELITY_TILE))
-        assert tiled_receipt["tile_plan"] == plan.describe(), (tiled_receipt["tile_plan"], plan.describe())
-        log(f"    forced tile {FIDELITY_TILE}: {dt:.2f} s, plan {tiled_receipt['tile_plan']}")
+        assert tile_plan(tiled_receipt) == plan.describe(), (tile_plan(tiled_receipt), plan.describe())
+        log(f"    forced tile {FIDELITY_TILE}: {dt:.2f} s, plan {tile_plan(tiled_receipt)}")
         diff, dev = fidelity(ref, tiled_out)
         seams = seam_stats(diff, ours_axis_tiles(plan.rows), ours_axis_tiles(plan.cols), size, size, scale)
-        res["tiled"] = {"tile": FIDELITY_TILE, "seconds": dt, "plan": tiled_receipt["tile_plan"], **dev, **seams}
+        res["tiled"] = {"tile": FIDELITY_TILE, "seconds": dt, "plan": tile_plan(tiled_receipt), **dev, **seams}
     del model, ours
     gc.collect()
     return res
@@ -344,7 +350,7 @@ def bf16_case(weights: Path, size: int, repeats: int, log) -> dict:
     res.update({
         "seconds": times,
         "median": {k: med(v) for k, v in times.items()},
-        "ours_bf16_dtype": receipt["dtype"],
+        "ours_bf16_dtype": receipt_dtype(receipt),
     })
     res["speedup_vs_core_fp32"] = res["median"]["core_fp32"] / res["median"]["ours_bf16"]
     res["bf16_vs_fp32_slowdown"] = res["median"]["ours_bf16"] / res["median"]["ours_fp32"]
@@ -372,7 +378,7 @@ def memory_worker(variant: str, size: int, tile: int, weights: Path) -> dict:
         fn = lambda: run_ours(ours, image, tile=t)  # noqa: E731
     measured = measure_peak(fn)
     out = measured.value
-    plan = out[1]["tile_plan"] if isinstance(out, tuple) else None
+    plan = tile_plan(out[1]) if isinstance(out, tuple) else None
     canvas = size * scale * size * scale * 3 * 4
     return {
         "variant": variant, "size": size, "seconds": measured.seconds, "baseline_rss": measured.baseline,
@@ -434,6 +440,22 @@ def unseen_weights(kind: str, weights: Path, tmp: Path) -> Path:
     return weights / kind
 
 
+def parse_crops(text: str) -> dict[str, int]:
+    """"immuno=192,motorcycle=256" -> {"immuno": 192, "motorcycle": 256}."""
+    crops = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, side = item.partition("=")
+        if not sep or not side.strip().isdigit() or int(side) < 16:
+            raise SystemExit(f"--crop: {item!r} is not LABEL=SIDE with SIDE >= 16 (e.g. immuno=192)")
+        crops[key.strip()] = int(side)
+    return crops
+
+
+def crop_for(label: str, crops: dict[str, int], default: int) -> int:
+    """The centre-crop side for an unseen case: the first --crop key found in its label, else `default`."""
+    return next((side for key, side in crops.items() if key in label), default)
+
+
 def rss_mib() -> float:
     from peak_memory import rss
 
@@ -453,13 +475,13 @@ def run_reuse_off(upscaler, image):
             os.environ[REUSE_ENV] = old
 
 
-def unseen_case(label: str, photo_name: str, kind: str, weights: Path, repeats: int, quick_side: int, log) -> dict:
+def unseen_case(label: str, photo_name: str, kind: str, weights: Path, repeats: int, crop_side: int, log) -> dict:
     """untiled / core / ours / ours without memory reuse, interleaved: seconds, peak RSS and RSS after."""
     import tempfile
 
     from peak_memory import measure_peak
 
-    image = skimage_photo(photo_name, quick_side)
+    image = skimage_photo(photo_name, crop_side)
     h, w = image.shape[1:3]
     with tempfile.TemporaryDirectory() as tmp:
         path = unseen_weights(kind, weights, Path(tmp))
@@ -488,7 +510,7 @@ def unseen_case(label: str, photo_name: str, kind: str, weights: Path, repeats: 
             seconds[name].append(r.seconds)
             peak[name].append(r.above / 2**20)
             outputs[name] = out if name != "untiled" else as_bhwc(out)
-            plan = r.value[1]["tile_plan"] if isinstance(r.value, tuple) else None
+            plan = tile_plan(r.value[1]) if isinstance(r.value, tuple) else None
             log(f"    rep {rep + 1}/{repeats} {name:<15} {r.seconds:8.2f} s  peak +{r.above / 2**20:6.0f} MiB"
                 + (f"  plan {plan['count']} tile(s)" if plan else ""))
             if isinstance(r.value, tuple):
@@ -498,7 +520,7 @@ def unseen_case(label: str, photo_name: str, kind: str, weights: Path, repeats: 
     _, dev = fidelity(ref, outputs["ours"])
     _, dev_core = fidelity(ref, outputs["core"])
     return {
-        "label": label, "input": [w, h], "model": path.name, "repeats": repeats, "seconds": seconds, "median": m,
+        "label": label, "input": [w, h], "crop": crop_side, "model": path.name, "repeats": repeats, "seconds": seconds, "median": m,
         "peak_mib": {n: med(v) for n, v in peak.items()}, "after_mib": {n: med(v) for n, v in after.items()},
         "ours_core": m["ours"] / m["core"], "ours_untiled": m["ours"] / m["untiled"],
         "reuse_speedup": m["ours_reuse_off"] / m["ours"], "ours_dev": dev, "core_dev": dev_core,
@@ -515,7 +537,8 @@ def unseen_report(cases: list[dict], quick: bool) -> list[str]:
     for r in cases:
         m, pk, af = r["median"], r["peak_mib"], r["after_mib"]
         plan = r["plan"]
-        L.append(f"| {r['label']} | {r['input'][0]}×{r['input'][1]} | {m['untiled']:.2f} | {m['core']:.2f} | "
+        crop = " (centre crop)" if r.get("crop") else ""
+        L.append(f"| {r['label']} | {r['input'][0]}×{r['input'][1]}{crop} | {m['untiled']:.2f} | {m['core']:.2f} | "
                  f"{m['ours']:.2f} | {m['ours_reuse_off']:.2f} | **{r['ours_core']:.2f}×** | **{r['ours_untiled']:.2f}×** "
                  f"| {r['reuse_speedup']:.2f}× | {pk['ours']:.0f} / {pk['ours_reuse_off']:.0f} / {pk['untiled']:.0f} / "
                  f"{pk['core']:.0f} | {af['ours']:.0f} / {af['ours_reuse_off']:.0f} | {r['ours_dev']['max']:.3f}, "
@@ -671,6 +694,8 @@ def main() -> None:
     ap.add_argument("--comfy", type=Path, default=default_comfy(), help="ComfyUI tree (core's node)")
     ap.add_argument("--json", type=Path, help="also write all raw results here")
     ap.add_argument("--unseen", default="", help="only the unseen cases whose label contains one of these (comma list)")
+    ap.add_argument("--crop", default="", help="centre crops for unseen cases, e.g. immuno=192,motorcycle=256 "
+                    "(label substring=side): RRDB on a whole photo takes minutes per call on a loaded 2-core CPU")
     ap.add_argument("--memory-worker", choices=MEMORY_VARIANTS, help=argparse.SUPPRESS)
     ap.add_argument("--memory-size", type=int, default=2048, help=argparse.SUPPRESS)
     ap.add_argument("--memory-tile", type=int, default=FIDELITY_TILE, help=argparse.SUPPRESS)
@@ -720,7 +745,8 @@ def main() -> None:
             results[case] = memory_case(size, FIDELITY_TILE, args.weights / COMPACT, args.comfy, log)
         elif case == "unseen":
             picked = [u for u in UNSEEN if not args.unseen or any(k in u[0] for k in args.unseen.split(","))]
-            results[case] = [unseen_case(label, name, kind, args.weights, repeats, size, log)
+            crops = parse_crops(args.crop)
+            results[case] = [unseen_case(label, name, kind, args.weights, repeats, crop_for(label, crops, size), log)
                              for label, name, kind in picked]
     results["env"]["total_seconds"] = time.perf_counter() - started
     print()

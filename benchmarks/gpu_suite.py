@@ -42,6 +42,7 @@ pack_import.install()
 import torch  # noqa: E402
 
 from peak_memory import measure_peak  # noqa: E402
+from receipt_fields import dtype as receipt_dtype, first_pass, tile_plan  # noqa: E402
 
 WEIGHTS = Path(os.environ.get("DF_SHARED_WEIGHTS", REPO.parent / "shared" / "weights"))
 COMFY = Path(os.environ.get("DF_COMFYUI_DIR", REPO / ".venv" / "ComfyUI"))
@@ -218,8 +219,8 @@ def gan_section(sizes: Sizes, device: torch.device, tmp: Path, smoke: bool) -> l
                 continue
             note = ""
             if isinstance(value, tuple):
-                plan = value[1]["tile_plan"]
-                note = f"{plan['count']} tile(s) of {plan['tile'][0]} px, dtype {value[1]['dtype']}"
+                plan = tile_plan(value[1])
+                note = f"{plan['count']} tile(s) of {plan['tile'][0]} px, dtype {receipt_dtype(value[1])}"
             rows.append(Row("GAN", label, name, size, seconds, out_mp / seconds, peak, note))
             print(f"  GAN {label} {name}: {seconds:.3f} s", flush=True)
             del value
@@ -232,7 +233,7 @@ def gan_section(sizes: Sizes, device: torch.device, tmp: Path, smoke: bool) -> l
 
 def sdx4_model(sizes: Sizes, device: torch.device):
     import tiny_sdx4
-    from dreamforge_upscale.upscalers.base import ModelSource
+    from dreamforge_upscale.upscalers import ModelSource
     from dreamforge_upscale.upscalers.sdx4 import SDX4Upscaler
     from dreamforge_upscale.upscalers.sdx4.components import SDX4Components, clip_tokenizer
 
@@ -270,7 +271,7 @@ def sdx4_section(sizes: Sizes, device: torch.device, vram_budget: int | None) ->
         except Exception as exc:  # noqa: BLE001 - reported
             rows.append(Row("SD x4", label, f"{sizes.sdx4_steps} steps", size, note=f"failed: {str(exc)[:100]}"))
             continue
-        plan = receipt["tile_plan"]
+        plan = first_pass(receipt)["backend"]
         note = (f"UNet tiles {plan['unet_tiles']['count']}, VAE tiles {plan['vae_tiles']['count']}, "
                 f"{seconds / sizes.sdx4_steps:.2f} s/step incl. decode")
         rows.append(Row("SD x4", label, f"{sizes.sdx4_steps} steps", size, seconds, (4 * side) ** 2 / 1e6 / seconds,
@@ -286,7 +287,7 @@ def sdx4_section(sizes: Sizes, device: torch.device, vram_budget: int | None) ->
 
 def coz_model(sizes: Sizes, device: torch.device):
     import tiny_sd3
-    from dreamforge_upscale.upscalers.base import ModelSource
+    from dreamforge_upscale.upscalers import ModelSource
     from dreamforge_upscale.upscalers.coz_sd3 import CoZSD3Upscaler
     from dreamforge_upscale.upscalers.coz_sd3.backend import select_dtypes
     from dreamforge_upscale.upscalers.coz_sd3.components import CoZComponents, clip_tokenizer
@@ -353,7 +354,8 @@ def calibrate(model: Path, dtype: str) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     up = GANUpscaler.load(model, dtype=dtype, device=device)
     up.module().to(device)
-    cost = fit(up.upscale_window, device, up.dtype, channels=up.capabilities.in_channels)
+    # the bare model call (the typed contract's upscale_window wraps it in a WindowResult)
+    cost = fit(getattr(up, "forward", up.upscale_window), device, up.dtype, channels=up.capabilities.in_channels)
     table = "CUDA_COSTS" if device.type == "cuda" else "CPU_COSTS"
     print(f'{table}: "{up.descriptor.architecture.id}": ArchCost(per_call={cost.per_call:.3g}, '
           f'per_pixel={cost.per_pixel:.3g}),')

@@ -5,14 +5,16 @@ and a cluster run write the same bytes. A bad image is reported and the rest go 
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..api import ModelPlaces, folder_gan, select_upscaler, upscale_image
 from ..upscalers.assets import BUNDLED_MODEL
-from ..upscalers.base import Upscaler, UpscalerError
+from ..upscalers.base import UpscalerError
+from ..upscalers.contract import Upscaler
+from ..upscalers.receipts import Policy
 from ..upscalers.sdx4 import SDX4Options
 from ..upscalers.upscale import DEFAULT_OVERLAP
 from .images import Job, encode_png, plan_jobs, read_image, sha256_bytes, unfinished_reason, write_atomic
@@ -58,12 +60,12 @@ class UpscaleConfig:
         return SDX4Options(steps=self.steps, guidance=self.guidance, noise_level=self.noise_level,
                            negative_prompt=self.negative_prompt)
 
-    def load(self) -> tuple[Upscaler, dict]:
+    def load(self) -> tuple[Upscaler, Policy]:
         return select_upscaler(self.scale, self.model, impl=self.impl, dtype=self.dtype, device=self.device,
                                places=self.places(), tokenizer_dir=self.clip_tokenizer)
 
 
-def process_one(upscaler: Upscaler, policy: dict, job: Job, cfg: UpscaleConfig, data: bytes | None = None,
+def process_one(upscaler: Upscaler, policy: Policy, job: Job, cfg: UpscaleConfig, data: bytes | None = None,
                 progress=None) -> Outcome:
     """Read, upscale, write the image, then its receipt. Never raises for a bad image: it is an Outcome."""
     started = time.perf_counter()
@@ -76,14 +78,14 @@ def process_one(upscaler: Upscaler, policy: dict, job: Job, cfg: UpscaleConfig, 
                 return folder_gan(4, dtype=cfg.dtype, device=cfg.device, places=cfg.places())
         result = upscale_image(upscaler, image, cfg.scale, tile=cfg.tile, overlap=cfg.overlap, resample=cfg.resample,
                                prompt=cfg.prompt, seed=cfg.seed, sdx4=cfg.sdx4(), device=cfg.device,
-                               progress=progress, fallback=fallback)
+                               progress=progress, fallback=fallback, policy=policy)
         png = encode_png(result.image)
-        receipt = {**result.receipt, "policy": policy, "cli": {
+        receipt = dataclasses.replace(result.receipt, cli={
             "tool": TOOL, "input": str(job.source), "input_sha256": sha256_bytes(raw), "output": job.output.name,
             "output_sha256": sha256_bytes(png), "settings": cfg.settings(),
-        }}
+        })
         write_atomic(job.output, png)  # image first, receipt last: the receipt says the output is complete
-        write_atomic(job.receipt, json.dumps(receipt, indent=1).encode())
+        write_atomic(job.receipt, receipt.to_json().encode())
     except Exception as exc:  # noqa: BLE001 - one bad image must not stop a folder of thousands
         reason = str(exc) if isinstance(exc, (UpscalerError, OSError)) else f"{type(exc).__name__}: {exc}"
         reason = reason.removeprefix(f"{job.source}: ")  # the summary names the file already

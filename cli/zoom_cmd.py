@@ -7,7 +7,6 @@ Chain-of-Zoom Loop node returns for the same settings: both call zoom.zoom_loop.
 from __future__ import annotations
 
 import io
-import json
 import sys
 from pathlib import Path
 
@@ -47,7 +46,7 @@ def cmd_zoom(args) -> int:
     lines = [f"x{n}: {text}" for n, text in enumerate(result.prompts, start=1)]
     write_atomic(folder / "prompts.txt", ("\n".join(lines) + "\n").encode())
     write_atomic(folder / "strip.png", _png(result.strip()))
-    write_atomic(folder / "receipt.json", json.dumps(result.receipt, indent=1).encode())
+    write_atomic(folder / "receipt.json", result.receipt.to_json().encode())
     print(f"{len(result.states)} scale-states (x0..x{args.steps}), prompts.txt, strip.png and receipt.json in {folder}")
     for line in lines:
         print(line)

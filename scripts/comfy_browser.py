@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -42,6 +43,11 @@ SETTINGS = {
 
 class BrowserError(RuntimeError):
     pass
+
+
+def _css_string(text: str) -> str:
+    """`text` for inside a double-quoted CSS attribute value (template titles have spaces and commas)."""
+    return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
 def chromium_available() -> bool:
@@ -95,12 +101,13 @@ class ComfyBrowser:
             shutil.rmtree(self._profile, ignore_errors=True)
             self._profile = None
 
-    def open(self, url: str, timeout: float = 90.0) -> "ComfyPage":
-        """Pre-set the settings a returning user has, open the UI and wait until the app is up."""
+    def open(self, url: str, timeout: float = 90.0, settings: dict | None = None) -> "ComfyPage":
+        """Pre-set the settings a returning user has (and `settings`, e.g. {"Comfy.VueNodes.Enabled": True}
+        for the Nodes 2.0 renderer of newer frontends), open the UI and wait until the app is up."""
         page = self.context.new_page()
         page.on("console", self._on_console)
         page.on("pageerror", lambda err: self.console.append(f"pageerror: {err}"))
-        for key, value in SETTINGS.items():
+        for key, value in {**SETTINGS, **(settings or {})}.items():
             resp = page.request.post(f"{url}/api/settings/{key}", data=json.dumps(value),
                                      headers={"Content-Type": "application/json"})
             if not resp.ok:
@@ -269,11 +276,14 @@ class ComfyPage:
         self.page.wait_for_function("() => app.graph.nodes.length === 0")
 
     def missing_nodes_dialog(self) -> list[str]:
-        """The node types listed by ComfyUI's "missing nodes" dialog, if it is open ([] when not)."""
+        """The node types ComfyUI says are missing ([] when it says nothing): frontend 1.32.9's dialog
+        lists them; newer frontends show a notice titled "Missing node: TYPE" (or "Missing nodes")."""
         box = self.page.locator(".comfy-missing-nodes")
-        if box.count() == 0 or not box.first.is_visible():
-            return []
-        return [t.strip() for t in box.first.locator("span").all_inner_texts() if t.strip()] or ["(dialog open)"]
+        if box.count() and box.first.is_visible():
+            return [t.strip() for t in box.first.locator("span").all_inner_texts() if t.strip()] or ["(dialog open)"]
+        notices = self.page.get_by_text(re.compile(r"^Missing nodes?(: .+)?$"))
+        titles = [t.strip() for i, t in enumerate(notices.all_inner_texts()) if notices.nth(i).is_visible()]
+        return [t.split(": ", 1)[1] if ": " in t else "(notice shown)" for t in titles]
 
     def warning_toasts(self) -> list[str]:
         """Texts of the warning / error toasts on screen (e.g. "Invalid workflow against zod schema")."""
@@ -293,7 +303,8 @@ class ComfyPage:
 
     def open_templates_dialog(self, module: str, timeout: float = 30.0) -> dict:
         """Click Templates in the sidebar, then the pack's entry under Extensions; the cards shown:
-        {name: {"thumbnail": src, "width": natural width once decoded}}."""
+        {name: {"title": the card's heading, "text": all its text, "thumbnail": src, "width": natural width
+        once decoded}}."""
         self.page.locator("button.templates-tab-button, button[aria-label^='Templates']").first.click()
         content = self.page.locator('[data-testid="template-workflows-content"]')
         content.wait_for(state="visible", timeout=timeout * 1000)
@@ -309,13 +320,16 @@ class ComfyPage:
         for card in cards.all():
             name = card.get_attribute("data-testid")[len("template-workflow-"):]
             img = card.locator("img").first
-            out[name] = {"thumbnail": img.get_attribute("src") if img.count() else None,
+            heading = card.locator("h3").first
+            out[name] = {"title": heading.inner_text().strip() if heading.count() else "",
+                         "text": card.inner_text(),
+                         "thumbnail": img.get_attribute("src") if img.count() else None,
                          "width": img.evaluate("(i) => i.naturalWidth") if img.count() else 0}
         return out
 
     def open_template(self, name: str, timeout: float = 30.0) -> None:
         """Click a card of the open templates dialog; wait until the dialog closed and the graph loaded."""
-        self.page.locator(f'[data-testid="template-workflow-{name}"]').first.click()
+        self.page.locator(f'[data-testid="template-workflow-{_css_string(name)}"]').first.click()
         self.page.locator('[data-testid="template-workflows-content"]').wait_for(state="detached",
                                                                                 timeout=timeout * 1000)
         self.page.wait_for_function("() => app.graph.nodes.length > 0", timeout=timeout * 1000)
@@ -334,11 +348,13 @@ class ComfyPage:
         if missing:
             problems.append(f"missing-nodes dialog: {missing}")
         problems += [f"warning: {w}" for w in self.warning_toasts()]
-        live = {n["id"]: n for n in self.live_nodes()}
-        if sorted(live) != sorted(n["id"] for n in workflow["nodes"]):
-            problems.append(f"node ids {sorted(live)} != file {sorted(n['id'] for n in workflow['nodes'])}")
+        # ids as text: 1.32.9 keeps the file's numbers, newer frontends turn them into strings
+        live = {str(n["id"]): n for n in self.live_nodes()}
+        ids = sorted(str(n["id"]) for n in workflow["nodes"])
+        if sorted(live) != ids:
+            problems.append(f"node ids {sorted(live)} != file {ids}")
         for node in workflow["nodes"]:
-            got = live.get(node["id"])
+            got = live.get(str(node["id"]))
             if got is None:
                 continue
             where = f"node {node['id']} ({node['type']})"
@@ -391,7 +407,8 @@ class ComfyPage:
         """Click Run; the prompt id the server gave (read from the frontend's websocket log)."""
         with self.page.expect_response(lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST",
                                        timeout=timeout * 1000) as resp_info:
-            self.page.locator('[data-testid="queue-button"] button').first.click()
+            # 1.32.9 wraps the button in the test id; newer frontends put the id on the button itself
+            self.page.locator('[data-testid="queue-button"] button, button[data-testid="queue-button"]').first.click()
         resp = resp_info.value
         body = resp.json()
         if resp.status != 200 or "prompt_id" not in body:
@@ -488,3 +505,51 @@ class ComfyPage:
         self.page.keyboard.press("Enter")
         mask.wait_for(state="detached", timeout=timeout * 1000)
         return first
+
+
+# ------------------------------------------------------------------------------ a newer frontend
+FRONTEND_PACKAGE = "comfyui-frontend-package"
+FRONTEND_CACHE = Path(os.environ.get("DF_FRONTEND_CACHE", Path.home() / ".cache" / "dreamforge-upscale" / "frontend"))
+
+
+def _wheel_version(wheel: Path) -> tuple[int, ...]:
+    """comfyui_frontend_package-1.58.1-py3-none-any.whl -> (1, 58, 1)."""
+    return tuple(int(p) for p in wheel.name.split("-")[1].split(".") if p.isdigit())
+
+
+def frontend_static(version: str | None = None, cache: Path = FRONTEND_CACHE) -> tuple[str, Path]:
+    """A comfyui-frontend-package from the package registry, unpacked into `cache` (not into the venv, so
+    the pinned one ComfyUI imports stays): (version, its static/ folder for --front-end-root). `version`
+    None: the newest on the registry (DF_NEW_FRONTEND pins one); offline, the newest wheel already cached.
+    Raises BrowserError naming what to do when there is none."""
+    import subprocess
+    import sys
+    import zipfile
+
+    version = version or os.environ.get("DF_NEW_FRONTEND") or None
+    wheels = cache / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    spec = f"{FRONTEND_PACKAGE}=={version}" if version else FRONTEND_PACKAGE
+    got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                          "--disable-pip-version-check", "-d", str(wheels), spec],
+                         capture_output=True, text=True, timeout=300)
+    pattern = f"comfyui_frontend_package-{version or '*'}-py3-none-any.whl"
+    found = sorted(wheels.glob(pattern), key=_wheel_version)
+    if not found:
+        raise BrowserError(f"no {spec} wheel: pip download said {got.stderr.strip()[-500:]!r}; "
+                           f"put the wheel in {wheels} or set DF_NEW_FRONTEND to a cached version")
+    # the newest pip named, or (offline) the newest cached
+    named = [w for w in found if w.name in got.stdout]
+    wheel = named[-1] if named else found[-1]
+    target = cache / wheel.name.split("-")[1]
+    static = target / "comfyui_frontend_package" / "static"
+    if not (static / "index.html").is_file():
+        staging = Path(tempfile.mkdtemp(prefix="unpack-", dir=cache))
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                zf.extractall(staging)
+            shutil.rmtree(target, ignore_errors=True)
+            staging.rename(target)  # whole or not at all: a killed unpack leaves no half folder behind
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return wheel.name.split("-")[1], static

@@ -1,6 +1,11 @@
 """The pack's example workflows: UI-format files in example_workflows/ (ComfyUI serves them as templates,
 each with a same-named .jpg thumbnail) and their API-format twins in example_workflows/api/.
 
+A UI file is named by its title ("Upscale 4x with the bundled GAN.json"): ComfyUI 0.3.75 and the newest
+frontend both show a custom node's template under its file name, and nothing else they read can carry a
+title (docs/templates.md). Its API twin keeps a short stable name (api/upscale_bundled_x4.json), which
+the tests, the demo and users' scripts queue; `Example` ties the two together.
+
 Shared by scripts/make_workflow_assets.py (which builds the UI files from the twins in the real
 frontend and makes the thumbnails from real runs) and by the tests (tests/test_browser_ui.py,
 tests/test_example_workflows.py).
@@ -42,27 +47,32 @@ COZ_LORA_FOLDER = "chain-of-zoom"  # in models/loras (upscalers/coz_sd3/lora.py 
 
 @dataclass(frozen=True)
 class Example:
-    """One UI workflow: its file name (without .json, = the API twin's), what it shows the user, and
-    which output becomes the thumbnail."""
+    """One UI workflow: its API twin's name (example_workflows/api/NAME.json: what the tests and the demo
+    queue), its title (the UI file's name: ComfyUI shows the file name as the template's title), a one-line
+    description (the note's first line and docs/templates.md), what it shows the user, and which output
+    becomes the thumbnail."""
 
     name: str
+    title: str
+    description: str
     note: str
     thumbnail_node: str  # id of the SaveImage node whose output makes the .jpg
     # "compare": the face, left half before (the input, or before_node's image), right half this output;
     # "grid": the output's first four images (x0..x3 of a zoom loop), 2 x 2;
-    # "zoom_diagram": the input with the nested regions a zoom loop enlarges and `caption` (no output pixels:
-    # for runs made here on random weights)
+    # "zoom_diagram": the input with the nested regions a zoom loop enlarges and `caption`;
+    # "tile_diagram": the input with the latent tiles the SD x4 node denoises and `caption`
+    # (the diagrams show no output pixels: those workflows run here on tiny random weights)
     thumbnail: str = "compare"
     before_node: str | None = None
     label: str = ""  # written on the thumbnail
     # the generator runs it on the astronaut's face at this size instead of the whole photo (a model
     # too slow on the CPU for 512 px; the tests run every example on the 128 px face anyway)
     input_side: int | None = None
-    caption: tuple[str, ...] = ()  # lines written on a zoom_diagram thumbnail
+    caption: tuple[str, ...] = ()  # lines written on a diagram thumbnail
 
     @property
     def ui_path(self) -> Path:
-        return UI_DIR / f"{self.name}.json"
+        return UI_DIR / f"{self.title}.json"
 
     @property
     def api_path(self) -> Path:
@@ -70,7 +80,12 @@ class Example:
 
     @property
     def thumbnail_path(self) -> Path:
-        return UI_DIR / f"{self.name}.jpg"
+        return UI_DIR / f"{self.title}.jpg"
+
+    @property
+    def full_note(self) -> str:
+        """The note as the workflow carries it: the title as its heading, the description, then the details."""
+        return "\n".join([f"## {self.title}", f"*{self.description}*", self.note])
 
     def api(self) -> dict:
         return json.loads(self.api_path.read_text())
@@ -79,19 +94,43 @@ class Example:
         return json.loads(self.ui_path.read_text())
 
 
+# A title is a file name that both ComfyUI 0.3.75's frontend (1.32.9) and the newest (1.58.x) show as the
+# card's title unchanged; 1.32.9 also shows it as the description with "-" and "_" turned into spaces, so
+# no "_". Characters that a URL, a CSS attribute selector or a Windows file name would mangle are left out.
+TITLE_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 ,.+-")
+TITLE_MAX = 36  # what one line of a template card shows at the dialog's default width
+
+
+def title_problems(title: str) -> list[str]:
+    """Why `title` would not read well as a template file name on both frontends ([] when it does)."""
+    problems = []
+    bad = sorted(set(title) - TITLE_CHARS)
+    if bad:
+        problems.append(f"{title!r}: characters {bad} (use letters, digits, spaces and , . + -)")
+    if len(title) > TITLE_MAX:
+        problems.append(f"{title!r}: {len(title)} characters, more than the {TITLE_MAX} a card shows on one line")
+    if title != title.strip() or "  " in title:
+        problems.append(f"{title!r}: leading, trailing or double spaces")
+    if title.lower() == "index":
+        problems.append(f"{title!r}: newer ComfyUI reads index.json as metadata, not as a workflow")
+    return problems
+
+
 _LOAD = ("**Load Image**: pick your picture (the example uses `astronaut.png`; upload yours with the "
          "node's *choose file to upload*).")
 EXAMPLES = [
-    Example("upscale_bundled_x4", "\n".join([
-        "## GAN x4 with the bundled model",
+    Example("upscale_bundled_x4", "Upscale 4x with the bundled GAN",
+            "GAN 4x, then Color Fix; needs nothing: Real-ESRGAN animevideov3 ships with the pack.",
+            "\n".join([
         _LOAD,
         "**Load Upscaler** ships with Real-ESRGAN `realesr-animevideov3` (2.4 MB, BSD-3): no download. Put more "
         "models (`.pth` / `.safetensors`: Real-ESRGAN x4plus, SwinIR, HAT, DAT...) in `models/upscale_models`.",
         "**ESRGAN Upscale**: `scale 0` = the model's native 4x; `tile 0` = auto (the largest tile that fits free "
         "memory, seam-free). **Color Fix** (wavelet) keeps the input's colours. The receipt says what ran.",
     ]), thumbnail_node="5", label="GAN x4 + Color Fix"),
-    Example("tiled_upscale_2x", "\n".join([
-        "## Tiled Upscale x2 (impl auto)",
+    Example("tiled_upscale_2x", "Tiled Upscale 2x, any scale",
+            "Tiled Upscale to exactly 2x with impl auto; needs nothing (bundled GAN, or RealESRGAN_x2plus if you have it).",
+            "\n".join([
         _LOAD,
         "**Tiled Upscale** at any scale, exactly round(W·2) × round(H·2). `impl auto` picks a GAN for ~2x: "
         "RealESRGAN_x2plus when it is in models/upscale_models, else the connected 4x model (here the bundled "
@@ -99,16 +138,18 @@ EXAMPLES = [
         "resampling. Tiles are equal, feathered and read with real context: no seams. The receipt says what ran "
         "and why.",
     ]), thumbnail_node="4", label="Tiled Upscale x2"),
-    Example("tiled_upscale_4x", "\n".join([
-        "## Tiled Upscale x4 (impl auto)",
+    Example("tiled_upscale_4x", "Tiled Upscale 4x, GAN or SD x4",
+            "Tiled Upscale at 4x with impl auto: the SD x4 upscaler when you load it, else the bundled GAN.",
+            "\n".join([
         _LOAD,
         "**Tiled Upscale** at 4x. `impl auto` runs the Stable Diffusion x4 upscaler when Load Upscaler loaded "
         "it (prompt, seed, steps... apply), else the connected GAN at its native 4x (no resampling). `tile 0` "
         "picks the tile from free memory; on out-of-memory the tile is halved and the run restarted (each retry "
         "is in the receipt).",
     ]), thumbnail_node="4", label="Tiled Upscale x4"),
-    Example("sdx4_tiled_4x", "\n".join([
-        "## SD x4 tiled 4x with a prompt",
+    Example("sdx4_tiled_4x", "SD x4 upscaler 4x with a prompt",
+            "Prompt-guided 4x in latent tiles; needs the SD x4 upscaler in models/diffusers/stable-diffusion-x4-upscaler.",
+            "\n".join([
         _LOAD,
         "**Load Upscaler**: the Stable Diffusion x4 upscaler (`impl diffusion`). Put the diffusers folder of "
         "`stabilityai/stable-diffusion-x4-upscaler` in `models/diffusers/stable-diffusion-x4-upscaler` (listed as "
@@ -119,19 +160,22 @@ EXAMPLES = [
         "seed, same image). `tile 64` / `overlap 16` denoise the latent in equal tiles of at most 64 px, "
         "blended with a cos² feather: one coherent image, no seams (`tile 0` = auto, from free memory). "
         "`vae_tile 0` = auto decode tiles. The receipt lists tiles, seed, steps and time.",
-        "*Thumbnail*: a CI run with tiny **random** weights (the noise on the right) under that folder name; "
-        "the real weights give a real 4x image.",
-    ]), thumbnail_node="4", label="SD x4 tiled, tiny random weights (CI)", input_side=128),
-    Example("coz_prompt_loop", "\n".join([
-        "## Chain-of-Zoom Loop, 4 steps, prompts from a prompt model",
+        "*Thumbnail*: the latent tiles this workflow denoises, drawn on the input photo (a diagram: the SD x4 "
+        "weights were not at hand where it was made).",
+    ]), thumbnail_node="4", thumbnail="tile_diagram", label="SD x4 4x: latent tiles (diagram)", input_side=128,
+        caption=("needs: SD x4 upscaler in", "models/diffusers/", SDX4_FOLDER)),
+    Example("coz_prompt_loop", "Chain-of-Zoom 256x with prompts",
+            "Chain-of-Zoom Loop, 4 steps of 4x into the centre, prompts from a vision-language model in models/LLM.",
+            "\n".join([
         _LOAD,
         "**Load Prompt Model** needs a vision-language model folder in `models/LLM/` (e.g. the whole "
         "`Qwen2.5-VL-3B-Instruct` folder; nothing is downloaded). **Prompt from Image** describes the picture; "
         "the **Loop** zooms 4x into the centre per step (x0..x4 = 1x..256x) with a prompt per step.",
         "With the bundled GAN the prompts are recorded but do not steer it; a diffusion 4x upscaler uses them.",
     ]), thumbnail_node="6", thumbnail="grid", label="Chain-of-Zoom 1x 4x 16x 64x"),
-    Example("coz_own_model", "\n\n".join([
-        "## Chain-of-Zoom with its own model (SD3 medium + the authors' LoRA)",
+    Example("coz_own_model", "Chain-of-Zoom with SD3 and its LoRA",
+            "Chain-of-Zoom Loop with the paper's model; needs SD3 medium and the authors' LoRA files (see the note).",
+            "\n\n".join([
         _LOAD,
         "**Load Chain-of-Zoom Model** loads the model the paper's results come from; nothing is downloaded. Put:",
         "1. **Stable Diffusion 3 medium** (gated: accept its licence on Hugging Face first), either the whole "
@@ -151,15 +195,17 @@ EXAMPLES = [
         "seed, same images. The receipt lists files, hashes, dtypes, seeds and tiles.",
     ]), thumbnail_node="4", thumbnail="zoom_diagram", label="Chain-of-Zoom, own SD3 model",
         caption=("needs: SD3 medium", "+ Chain-of-Zoom LoRA", "(see the note)")),
-    Example("coz_upscale_2_5x", "\n".join([
-        "## Chain-of-Zoom Upscale x2.5 (whole image)",
+    Example("coz_upscale_2_5x", "Chain-of-Zoom Upscale 2.5x",
+            "Whole-image Chain-of-Zoom to exactly 2.5x with the bundled GAN; needs nothing.",
+            "\n".join([
         _LOAD,
         "**Chain-of-Zoom Upscale**: ceil(log4 2.5) = 1 pass of the 4x upscaler over the whole image (tiled), "
         "a colour fix per pass, then one exact resize to round(W·2.5) × round(H·2.5). Connect a prompt model "
         "for a prompt per tile.",
     ]), thumbnail_node="4", label="Chain-of-Zoom x2.5"),
-    Example("color_fix_after_gan", "\n".join([
-        "## Color Fix after a GAN upscale",
+    Example("color_fix_after_gan", "Color Fix after a GAN upscale",
+            "ComfyUI's own model upscale, then our Color Fix against the input; needs nothing.",
+            "\n".join([
         _LOAD,
         "ComfyUI's own **Load Upscale Model** + **Upscale Image (using Model)** (the bundled model is listed "
         "there too), then **Color Fix (DreamForge)** against the input: wavelet keeps the GAN's detail and the "
@@ -167,6 +213,7 @@ EXAMPLES = [
     ]), thumbnail_node="5", before_node="6", label="Color Fix after GAN"),
 ]
 BY_NAME = {e.name: e for e in EXAMPLES}
+BY_TITLE = {e.title: e for e in EXAMPLES}
 
 
 def ui_workflow_files() -> list[Path]:
@@ -176,6 +223,11 @@ def ui_workflow_files() -> list[Path]:
 
 def api_twin_files() -> list[Path]:
     return sorted(API_DIR.glob("*.json"))
+
+
+def example_of(ui_path: Path) -> Example:
+    """The example a UI workflow file is (by its title); a file EXAMPLES does not list raises KeyError."""
+    return BY_TITLE[Path(ui_path).stem]
 
 
 # ------------------------------------------------------------------------------------- inputs

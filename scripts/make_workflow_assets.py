@@ -8,12 +8,13 @@ ComfyUI frontend against a real headless ComfyUI server (CPU):
 
 For each example: the API twin (example_workflows/api/NAME.json) is built node by node in the page
 with the frontend's own node classes (LiteGraph.createNode, widgets set by name, sockets connected),
-laid out in columns, given a note, and exported with the app's own serializer (app.graphToPrompt(),
-what Export writes) to example_workflows/NAME.json. The API prompt the frontend makes from that graph
+laid out in columns, given a note (its title, its one-line description, the details), and exported with
+the app's own serializer (app.graphToPrompt(), what Export writes) to example_workflows/TITLE.json (the
+file name is the title ComfyUI shows on the template card; see docs/templates.md). The API prompt the frontend makes from that graph
 must equal the twin (inputs the server declares, titles): a mismatch stops the script, unless
 --update-api, which rewrites the twin from the frontend's prompt (new inputs get their defaults).
 Then the written file is opened in the UI (Ctrl+O), run from the UI (Run) on scikit-image's
-astronaut photo, and the saved output becomes example_workflows/NAME.jpg (384 px: the face, left
+astronaut photo, and the saved output becomes example_workflows/TITLE.jpg (384 px: the face, left
 half the input enlarged bicubic or the image before the colour fix, right half the output; the
 Chain-of-Zoom loop: its states x0..x3, 2 x 2, 512 px; the Chain-of-Zoom loop with its own model, run
 here on tiny random weights: a diagram, the input with the regions the loop enlarges and the files it
@@ -22,7 +23,8 @@ to out/workflow_assets/. The prompt-model workflow runs with the tiny offline VL
 Qwen2.5-VL-3B-Instruct (the only change; see example_workflows.run_variant). The SD x4 workflow runs
 unchanged, with tiny random weights installed under the folder name it loads
 (models/diffusers/stable-diffusion-x4-upscaler), on the 128 px face (Example.input_side); its
-thumbnail is labelled as a run with random weights.
+thumbnail is a diagram too: that face with the latent tiles the run denoised (planned by the pack's
+tiler from the workflow's tile and overlap) and the folder it needs, not the random weights' noise.
 """
 from __future__ import annotations
 
@@ -107,23 +109,64 @@ def _zoom_diagram(before: Path, steps: int, caption: tuple[str, ...]):
         if half >= 10:  # room for its zoom factor beside it
             draw.text((c + half + 4, c - half - 2), f"{4**n}x", font=font, fill=colour, stroke_width=2,
                       stroke_fill=(0, 0, 0))
-    if caption:
-        lines = [draw.textbbox((0, 0), line, font=font) for line in caption]
-        height = sum(bb[3] - bb[1] + 6 for bb in lines) + 10
-        width = max(bb[2] - bb[0] for bb in lines) + 20
-        draw.rectangle([(0, 0), (width, height)], fill=(0, 0, 0, 175))
-        y = 8
-        for line, bb in zip(caption, lines):
-            draw.text((10, y - bb[1]), line, font=font, fill=(255, 255, 255))
-            y += bb[3] - bb[1] + 6
+    _caption_box(draw, caption, font)
+    return thumb
+
+
+def _caption_box(draw, caption: tuple[str, ...], font) -> None:
+    """`caption` in white on a dark box in the top-left corner (what the workflow needs)."""
+    if not caption:
+        return
+    lines = [draw.textbbox((0, 0), line, font=font) for line in caption]
+    height = sum(bb[3] - bb[1] + 6 for bb in lines) + 10
+    width = max(bb[2] - bb[0] for bb in lines) + 20
+    draw.rectangle([(0, 0), (width, height)], fill=(0, 0, 0, 175))
+    y = 8
+    for line, bb in zip(caption, lines):
+        draw.text((10, y - bb[1]), line, font=font, fill=(255, 255, 255))
+        y += bb[3] - bb[1] + 6
+
+
+def latent_tiles(height: int, width: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
+    """The latent tiles (x0, y0, x1, y1) the SD x4 node denoises on an input of this size (its latent is the
+    input's size), planned by the pack's own tiler."""
+    import pack_import  # scripts/pack_import.py: the backends as dreamforge_upscale.*, without ComfyUI
+
+    if "dreamforge_upscale" not in sys.modules:
+        pack_import.install()
+    from dreamforge_upscale.tiling.latent_denoise import plan_latent
+
+    plan = plan_latent(height, width, tile, overlap)
+    return [(c, r, c + plan.cols.tile, r + plan.rows.tile) for r in plan.rows.starts for c in plan.cols.starts]
+
+
+def _tile_diagram(before: Path, tile: int, overlap: int, caption: tuple[str, ...]):
+    """The input with the latent tiles the SD x4 node denoises outlined (overlaps show where two tiles are
+    blended) and the caption: what the workflow does and needs, no output pixels."""
+    from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+    side = THUMB_MAX
+    with Image.open(before) as b:
+        width, height = b.size
+        thumb = ImageOps.fit(b.convert("RGB"), (side, side), Image.Resampling.LANCZOS)
+    draw = ImageDraw.Draw(thumb, "RGBA")
+    sx, sy = side / width, side / height
+    for i, (x0, y0, x1, y1) in enumerate(latent_tiles(height, width, tile, overlap)):
+        colour = ZOOM_COLOURS[i % len(ZOOM_COLOURS)]
+        inset = 1 + 2 * (i % 2)  # neighbours' borders stay apart where the tiles overlap
+        draw.rectangle([(x0 * sx + inset, y0 * sy + inset), (x1 * sx - inset, y1 * sy - inset)],
+                       outline=colour, width=2, fill=(*colour, 28))
+    _caption_box(draw, caption, ImageFont.load_default(size=max(12, side // 24)))
     return thumb
 
 
 def make_thumbnail(after: list[Path], before: Path | None, mode: str, dest: Path, label: str = "",
-                   box=FACE, steps: int = 0, caption: tuple[str, ...] = ()) -> tuple[int, int]:
+                   box=FACE, steps: int = 0, caption: tuple[str, ...] = (), tiles: tuple[int, int] = (0, 0)
+                   ) -> tuple[int, int]:
     """grid: the first four images 2 x 2; compare: the face (`box`; the whole picture when the run's input
     was already the face), left half before, right half after; zoom_diagram: the input with the regions
-    `steps` zoom steps enlarge and `caption`; the label on a dark band at the bottom."""
+    `steps` zoom steps enlarge and `caption`; tile_diagram: the input with the latent tiles of
+    `tiles` = (tile, overlap) and `caption`; the label on a dark band at the bottom."""
     from PIL import Image, ImageDraw, ImageFont
 
     images = [Image.open(p).convert("RGB") for p in after]
@@ -146,6 +189,8 @@ def make_thumbnail(after: list[Path], before: Path | None, mode: str, dest: Path
         ImageDraw.Draw(thumb).line([(side // 2, 0), (side // 2, side)], fill=(255, 255, 255), width=2)
     elif mode == "zoom_diagram":
         thumb = _zoom_diagram(before, steps, caption)
+    elif mode == "tile_diagram":
+        thumb = _tile_diagram(before, *tiles, caption)
     else:
         raise ValueError(mode)
     if label:
@@ -166,7 +211,7 @@ def build_one(ui, server: ComfyServer, example: Example, object_info: dict, upda
     if missing and not update_api:
         raise SystemExit(f"{example.api_path.name}: inputs the nodes now require are missing: {missing}. "
                          "Run again with --update-api to take their defaults from the frontend.")
-    built = ui.build_from_api(api, [example.note])
+    built = ui.build_from_api(api, [example.full_note])
     made = built["output"]
     problems = api_differences(made, api, object_info)
     if update_api:
@@ -214,9 +259,11 @@ def build_one(ui, server: ComfyServer, example: Example, object_info: dict, upda
 
         before = images_of(example.before_node)[0] if example.before_node else server.input_dir / INPUT_IMAGE
         steps = next((n["inputs"]["steps"] for n in api.values() if n["class_type"] == "DreamForgeCoZLoop"), 0)
+        tiles = next(((n["inputs"]["tile"], n["inputs"]["overlap"]) for n in api.values()
+                      if n["class_type"] == "DreamForgeSDX4Upscale"), (0, 0))
         size = make_thumbnail(images_of(example.thumbnail_node), before, example.thumbnail, example.thumbnail_path,
                               example.label, box=(0, 0, 1, 1) if example.input_side else FACE, steps=steps,
-                              caption=example.caption)
+                              caption=example.caption, tiles=tiles)
     finally:
         if example.input_side:
             server.add_input_image(astronaut(image_size), INPUT_IMAGE)

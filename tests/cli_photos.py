@@ -44,7 +44,13 @@ def write_corrupt(folder: Path) -> list[Path]:
 
 
 def receipt_of(output: Path) -> dict:
-    return json.loads(output.with_suffix(".json").read_text())
+    """The receipt written beside `output`, checked against docs/receipt.schema.json (the command line and
+    Ray workers write it in other processes, where the suite-wide check does not reach)."""
+    from receipt_schema import problems
+
+    receipt = json.loads(output.with_suffix(".json").read_text())
+    assert not problems(receipt), (output.name, problems(receipt)[:3])
+    return receipt
 
 
 def sha256(path: Path) -> str:

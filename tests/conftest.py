@@ -8,6 +8,26 @@ pack_import.install()
 
 
 # ---------------------------------------------------------------------------------------------
+# Every receipt a test makes is validated against docs/receipt.schema.json (tests/receipt_schema.py).
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _receipts_match_schema():
+    from dreamforge_upscale.upscalers.receipts import Receipt
+    from receipt_schema import problems
+
+    made: list = []
+    Receipt.watchers.append(made.append)
+    try:
+        yield
+    finally:
+        Receipt.watchers.remove(made.append)
+    bad = [(type(r).__name__, p) for r in made for p in problems(r.to_dict())[:3]]
+    assert not bad, f"receipts that break docs/receipt.schema.json: {bad[:6]}"
+
+
+# ---------------------------------------------------------------------------------------------
 # Real ComfyUI for the integration tests (tests/test_comfyui_integration.py): one server for the
 # whole session, started lazily by the first test that asks for `comfy`.
 import os  # noqa: E402
@@ -73,9 +93,39 @@ def comfy(tmp_path_factory):
     for name, pixels in _input_images().items():
         Image.fromarray(pixels).save(server.input_dir / name)
     server.start(timeout=180)
+    server.wait = _checking_receipts(server.wait)
     yield server
     server.stop()
     print(f"\nComfyUI log: {server.log_path}")
+    _check_saved_receipts(server.output_dir)
+
+
+def _checking_receipts(wait):
+    """server.wait that also checks every receipt a finished prompt shows (text outputs: PreviewAny,
+    DreamForgeTestSaveText) against the schema, so a test fails on the run that made a bad receipt."""
+    from receipt_schema import is_receipt_json, problems
+
+    def checked(*args, **kwargs):
+        entry = wait(*args, **kwargs)
+        for node, output in (entry.get("outputs") or {}).items():
+            for text in output.get("text", []) if isinstance(output, dict) else []:
+                receipt = is_receipt_json(text) if isinstance(text, str) else None
+                bad = problems(receipt) if receipt else []
+                assert not bad, f"node {node}'s receipt breaks docs/receipt.schema.json: {bad[:4]}"
+        return entry
+
+    return checked
+
+
+def _check_saved_receipts(folder: Path) -> None:
+    """The receipts the server's nodes made (saved as text by DreamForgeTestSaveText) match the schema."""
+    from receipt_schema import is_receipt_json, problems
+
+    bad = []
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.suffix in (".json", ".txt") and (receipt := is_receipt_json(path.read_text())):
+            bad += [f"{path.name}: {p}" for p in problems(receipt)[:3]]
+    assert not bad, f"server receipts that break docs/receipt.schema.json: {bad[:6]}"
 
 
 @pytest.fixture(scope="session")

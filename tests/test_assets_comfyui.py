@@ -104,4 +104,4 @@ def test_prompts_run_with_each_discovered_model_and_receipts_quote_provenance(se
             assert receipt["model"]["provenance"]["source"] == setup["url"]
             assert receipt["model"]["provenance"]["matches_sidecar"] is True
         else:
-            assert "provenance" not in receipt["model"]
+            assert receipt["model"]["provenance"] is None

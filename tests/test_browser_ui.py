@@ -30,10 +30,11 @@ import time
 import pytest
 from PIL import Image
 
-from comfy_browser import ComfyBrowser, chromium_available  # noqa: E402 - conftest puts scripts/ on sys.path
+from comfy_browser import BrowserError, ComfyBrowser, chromium_available, frontend_static  # noqa: E402 - conftest puts scripts/ on sys.path
+from comfy_headless import ComfyServer  # noqa: E402
 from example_workflows import (  # noqa: E402
-    BY_NAME, INPUT_IMAGE, PROMPT_MODEL_LOADER, REPO_ROOT, TINY_VLM, api_differences, install_inputs, run_variant,
-    ui_workflow_files,
+    BY_NAME, BY_TITLE, INPUT_IMAGE, PROMPT_MODEL_LOADER, REPO_ROOT, TINY_VLM, api_differences, example_of,
+    install_inputs, run_variant, title_problems, ui_workflow_files,
 )
 from workflow_expectations import EXPECTED_OUTPUTS, INPUT_SIDE  # noqa: E402
 
@@ -45,6 +46,7 @@ IMAGE_NODES = ("SaveImage", "PreviewImage")
 LOADER_FILES = {"DreamForgeLoadUpscaler": ("model_name",),  # loader -> its widgets that name model files
                 "DreamForgeLoadCoZModel": ("base_model", "transformer_lora", "vae_lora")}
 WORKFLOWS = ui_workflow_files()
+TITLES = sorted(p.stem for p in WORKFLOWS)
 
 
 def _need_browser():
@@ -105,32 +107,73 @@ def _check_loaded_as_in_file(ui, workflow: dict) -> None:
 # ------------------------------------------------------------------------------------- tests
 def test_every_example_has_a_thumbnail_and_an_api_twin():
     assert WORKFLOWS, "no UI workflows in example_workflows/"
-    assert sorted(p.stem for p in WORKFLOWS) == sorted(BY_NAME), "example_workflows/ and EXAMPLES disagree"
+    assert TITLES == sorted(BY_TITLE), "example_workflows/ and EXAMPLES disagree"
+    assert [problem for title in TITLES for problem in title_problems(title)] == []
     for path in WORKFLOWS:
         thumb = path.with_suffix(".jpg")
         assert thumb.is_file(), f"{path.name} has no thumbnail"
         with Image.open(thumb) as im:
             assert im.format == "JPEG" and 256 <= im.width <= 512, (thumb.name, im.format, im.size)
         assert thumb.stat().st_size < 60_000, thumb.name
-        assert (path.parent / "api" / path.name).is_file(), f"{path.name} has no API twin in example_workflows/api/"
+        example = example_of(path)
+        assert example.api_path.is_file(), f"{path.name} has no API twin {example.api_path.name} in example_workflows/api/"
         workflow = json.loads(path.read_text())
         assert workflow.get("version") == 0.4 and workflow["nodes"] and "links" in workflow, path.name
+        # the note a user reads first starts with the title and the one-line description
+        (note,) = [n["widgets_values"][0] for n in workflow["nodes"] if n["type"] in ("MarkdownNote", "Note")]
+        assert note.startswith(f"## {example.title}\n*{example.description}*\n"), (path.name, note[:200])
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
-def test_workflow_opens_runs_and_shows_its_output(fresh, server, path):
-    ui = fresh
+def _open_and_check(ui, server, path) -> tuple[dict, int]:
+    """Open the file as a user does; no missing-node notice, every widget value in its slot, the prompt the
+    frontend makes equal to the API twin. (the file, how many Ctrl+O presses it took)"""
     workflow = json.loads(path.read_text())
-    twin = json.loads((path.parent / "api" / path.name).read_text())
-    started = time.monotonic()
-
     presses = ui.open_workflow_file(path)
     _check_loaded_as_in_file(ui, workflow)
+    assert api_differences(ui.graph_to_prompt()["output"], example_of(path).api(), _object_info(server)) == []
+    return workflow, presses
+
+
+def _run_and_check_outputs(ui, workflow: dict, example) -> dict:
+    """Click Run; the run succeeds and every image node shows its images (decoded, the expected sizes).
+    The `executed` outputs by node id."""
+    prompt_id = ui.queue_from_ui()
+    events = ui.wait_for_prompt(prompt_id, timeout=240)
+    executed = {e["detail"]["node"]: e["detail"]["output"] for e in events if e["type"] == "executed"}
+    image_nodes = [n for n in workflow["nodes"] if n["type"] in IMAGE_NODES]
+    assert image_nodes, f"{example.title} has no image output node"
+    expected = EXPECTED_OUTPUTS.get(example.name, {})
+    for node in image_nodes:
+        reported = executed[str(node["id"])]["images"]
+        shown = ui.wait_for_node_images(node["id"], len(reported))  # decoded in the node
+        assert len(shown) == len(reported) >= 1
+        for img, item in zip(shown, reported):
+            assert f"filename={item['filename']}" in img["src"].replace("%2F", "/")
+        if str(node["id"]) in expected:
+            count, width, height = expected[str(node["id"])]
+            assert len(shown) == count
+            assert all((img["width"], img["height"]) == (width, height) for img in shown), shown
+    return executed
+
+
+def _first_saved(workflow: dict, executed: dict) -> tuple[int, str]:
+    node = next(n for n in workflow["nodes"] if n["type"] in IMAGE_NODES)
+    return node["id"], executed[str(node["id"])]["images"][0]["filename"]
+
+
+IDS = [BY_TITLE[p.stem].name if p.stem in BY_TITLE else p.stem for p in WORKFLOWS]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=IDS)
+def test_workflow_opens_runs_and_shows_its_output(fresh, server, path):
+    ui = fresh
+    example = example_of(path)
+    started = time.monotonic()
+    workflow, presses = _open_and_check(ui, server, path)
     made = ui.graph_to_prompt()["output"]
-    assert api_differences(made, twin, _object_info(server)) == []
 
     # the run variant: only a prompt model nobody can download here is swapped for the tiny VLM
-    variant = run_variant(twin)
+    variant = run_variant(example.api())
     for node in workflow["nodes"]:
         if node["type"] == PROMPT_MODEL_LOADER:
             assert TINY_VLM in ui.combo_values(node["id"], "model_name")
@@ -143,47 +186,37 @@ def test_workflow_opens_runs_and_shows_its_output(fresh, server, path):
             name = made[str(node["id"])]["inputs"][widget]
             assert name in ui.combo_values(node["id"], widget), (path.name, widget, name)
 
-    prompt_id = ui.queue_from_ui()
-    events = ui.wait_for_prompt(prompt_id, timeout=240)
-    executed = {e["detail"]["node"]: e["detail"]["output"] for e in events if e["type"] == "executed"}
-    image_nodes = [n for n in workflow["nodes"] if n["type"] in IMAGE_NODES]
-    assert image_nodes, f"{path.name} has no image output node"
-    expected = EXPECTED_OUTPUTS.get(path.stem, {})
-    for node in image_nodes:
-        reported = executed[str(node["id"])]["images"]
-        shown = ui.wait_for_node_images(node["id"], len(reported))  # decoded on the canvas
-        assert len(shown) == len(reported) >= 1
-        for img, item in zip(shown, reported):
-            assert f"filename={item['filename']}" in img["src"].replace("%2F", "/")
-        if str(node["id"]) in expected:
-            count, width, height = expected[str(node["id"])]
-            assert len(shown) == count
-            assert all((img["width"], img["height"]) == (width, height) for img in shown), shown
-    first_saved = executed[str(image_nodes[0]["id"])]["images"][0]["filename"]
+    executed = _run_and_check_outputs(ui, workflow, example)
     ui.show_queue_sidebar()
-    rendered = ui.wait_for_rendered_img(first_saved, within=".task-item")  # an <img> in the queue panel
+    rendered = ui.wait_for_rendered_img(_first_saved(workflow, executed)[1], within=".task-item")  # the queue panel
     assert rendered["width"] > 0
     ui.show_queue_sidebar(False)
     ui.fit_view()
-    shot = ui.screenshot(ARTIFACTS / f"{path.stem}.png")
+    shot = ui.screenshot(ARTIFACTS / f"{example.name}.png")
     assert shot.stat().st_size > 10_000
-    print(f"{path.stem}: opened with {presses} Ctrl+O, ran and shown in {time.monotonic() - started:.1f} s")
+    print(f"{example.name}: opened with {presses} Ctrl+O, ran and shown in {time.monotonic() - started:.1f} s")
 
 
-def test_the_templates_dialog_lists_the_examples_and_opens_one(fresh, server):
-    ui = fresh
+def _check_templates_dialog(ui, server, shot: str) -> None:
+    """/api/workflow_templates serves the titles (no "index"); the dialog shows one card per workflow, its
+    heading the title, its own thumbnail decoded (the page fetches it as a blob); a card opens its workflow."""
     status, served = server.request("GET", "/api/workflow_templates")
-    assert status == 200 and sorted(served[PACK_FOLDER]) == sorted(p.stem for p in WORKFLOWS)
+    assert status == 200 and sorted(served[PACK_FOLDER]) == TITLES, served.get(PACK_FOLDER)
     cards = ui.open_templates_dialog(PACK_FOLDER)
-    ui.screenshot(ARTIFACTS / "templates_dialog.png")
-    assert sorted(cards) == sorted(p.stem for p in WORKFLOWS)
-    for name, card in cards.items():  # each card shows its own thumbnail, decoded (the page fetches it as a blob)
-        with Image.open(REPO_ROOT / "example_workflows" / f"{name}.jpg") as im:
-            assert card["thumbnail"] and card["width"] == im.width, (name, card, im.size)
-    name = "upscale_bundled_x4" if "upscale_bundled_x4" in cards else sorted(cards)[0]
-    ui.open_template(name)
-    _check_loaded_as_in_file(ui, json.loads((REPO_ROOT / "example_workflows" / f"{name}.json").read_text()))
-    ui.screenshot(ARTIFACTS / "templates_opened.png")
+    ui.screenshot(ARTIFACTS / f"{shot}.png")
+    assert sorted(cards) == TITLES
+    for title, card in cards.items():
+        assert card["title"] == title, card
+        with Image.open(REPO_ROOT / "example_workflows" / f"{title}.jpg") as im:
+            assert card["thumbnail"] and card["width"] == im.width, (title, card, im.size)
+    title = BY_NAME["upscale_bundled_x4"].title
+    ui.open_template(title)
+    _check_loaded_as_in_file(ui, BY_NAME["upscale_bundled_x4"].ui())
+    ui.screenshot(ARTIFACTS / f"{shot}_opened.png")
+
+
+def test_the_templates_dialog_shows_the_titles_and_opens_one(fresh, server):
+    _check_templates_dialog(fresh, server, "templates_dialog")
 
 
 def test_the_load_checks_can_fail(fresh, tmp_path):
@@ -228,3 +261,102 @@ def test_nodes_are_added_from_the_search_box_by_display_name(fresh, server):
         if node_type == "DreamForgeESRGANUpscale":
             ui.screenshot(ARTIFACTS / "search_box_added_node.png")
         ui.remove_node(added[0]["id"])  # keep the canvas empty where the next double-click goes
+
+
+# --------------------------------------------------------------------- the newest frontend on the registry
+# A second ComfyUI 0.3.75 server started with --front-end-root on the newest comfyui-frontend-package
+# (unpacked into ~/.cache/dreamforge-upscale/frontend, not into the venv; DF_NEW_FRONTEND pins a version),
+# its Nodes 2.0 renderer switched on. Every workflow opens; two run.
+NODES_2 = {"Comfy.VueNodes.Enabled": True}
+NEWEST_RUNS = ("upscale_bundled_x4", "color_fix_after_gan")
+# What does not work there, shown by test_newest_frontend_lists_past_runs (docs/templates.md).
+JOBS_API_GAP = ("the newest frontend lists past runs (its Queue / Assets panels) through GET /api/jobs, which "
+                "ComfyUI 0.3.75 does not have (404): runs complete and show their images in the nodes, but the "
+                "panels stay empty")
+
+
+@pytest.fixture(scope="module")
+def newest(server, tmp_path_factory):
+    """(frontend version, a ComfyUI 0.3.75 serving it) with the session server's inputs and models."""
+    _need_browser()
+    try:
+        version, static = frontend_static()
+    except BrowserError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot get the newest frontend in CI: {exc}")
+        pytest.skip(str(exc))
+    base = tmp_path_factory.mktemp("comfyui-newest-frontend")
+    comfy = ComfyServer(base, extra_args=["--front-end-root", str(static)])
+    comfy.add_input_image(server.input_dir / INPUT_IMAGE, INPUT_IMAGE)
+    for folder in ("LLM", "diffusers", "loras"):  # the tiny models install_inputs wrote for the session server
+        (base / "models" / folder).symlink_to(server.base / "models" / folder)
+    comfy.start(timeout=240)
+    yield version, comfy
+    comfy.stop()
+
+
+@pytest.fixture(scope="module")
+def newest_browser(newest):
+    with ComfyBrowser(viewport=(1600, 1000)) as b:
+        yield b
+        (ARTIFACTS / "console_newest.log").write_text("\n".join(b.console) + "\n")
+
+
+@pytest.fixture
+def newest_ui(newest, newest_browser):
+    """A page of the newest frontend with Nodes 2.0 on, an empty workflow, no dialog open."""
+    version, comfy = newest
+    if not hasattr(newest_browser, "_df_page"):
+        newest_browser._df_page = newest_browser.open(comfy.url, settings=NODES_2)
+    ui = newest_browser._df_page
+    assert ui.page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__") == version
+    ui.close_dialogs()
+    ui.new_blank_workflow()
+    ui.clear_toasts()
+    yield ui
+    ui.close_dialogs()
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=IDS)
+def test_newest_frontend_opens_every_workflow(newest_ui, newest, path):
+    _open_and_check(newest_ui, newest[1], path)
+    # Nodes 2.0 draws each node as an element of the page (the 1.32.9 canvas draws none)
+    drawn = newest_ui.page.evaluate("() => [...document.querySelectorAll('[data-node-id]')].map((e) => e.dataset.nodeId)")
+    assert sorted(drawn) == sorted(str(n["id"]) for n in json.loads(path.read_text())["nodes"])
+
+
+@pytest.mark.parametrize("name", NEWEST_RUNS)
+def test_newest_frontend_runs_workflows(newest_ui, newest, name):
+    example = BY_NAME[name]
+    workflow, _ = _open_and_check(newest_ui, newest[1], example.ui_path)
+    executed = _run_and_check_outputs(newest_ui, workflow, example)
+    node_id, saved = _first_saved(workflow, executed)
+    rendered = newest_ui.wait_for_rendered_img(saved, within=f'[data-node-id="{node_id}"]')  # in the node's element
+    assert rendered["width"] > 0
+    newest_ui.fit_view()
+    newest_ui.screenshot(ARTIFACTS / f"newest_{name}.png")
+
+
+def test_newest_frontend_templates_dialog_shows_the_titles(newest_ui, newest):
+    _check_templates_dialog(newest_ui, newest[1], "newest_templates_dialog")
+
+
+def test_newest_frontend_load_checks_can_fail(newest_ui, tmp_path):
+    """The newest frontend tells of a missing node in a notice (not 1.32.9's dialog): the checks see it."""
+    workflow = BY_NAME["upscale_bundled_x4"].ui()
+    workflow["nodes"][-1]["type"] = "DreamForgeNoSuchNode"
+    bad = tmp_path / "missing_node.json"
+    bad.write_text(json.dumps(workflow))
+    newest_ui.open_workflow_file(bad)
+    newest_ui.page.wait_for_function("() => document.body.innerText.includes('DreamForgeNoSuchNode')", timeout=10_000)
+    assert "DreamForgeNoSuchNode" in newest_ui.missing_nodes_dialog()
+    problems = newest_ui.loaded_differences(workflow)
+    assert any("missing-nodes" in p for p in problems) and any("not a registered node type" in p for p in problems)
+
+
+@pytest.mark.xfail(strict=True, reason=JOBS_API_GAP)
+def test_newest_frontend_lists_past_runs(newest_ui, newest, newest_browser):
+    """Strict: passes (and so fails here) once the server has the jobs API, telling us to check the panels."""
+    status, _ = newest[1].request("GET", "/api/jobs?limit=1")
+    refused = [line for line in newest_browser.console if "Failed to fetch jobs: 404" in line]
+    assert status == 200 and not refused, (status, refused[:1])

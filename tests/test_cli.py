@@ -5,6 +5,7 @@ the checkout's parent folder as a subprocess and kills it half way.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ import torch
 from PIL import Image
 
 from cli_photos import receipt_of, sha256, write_corrupt, write_photos
+from receipt_schema import problems
 from dreamforge_upscale.api import (
     ModelPlaces, as_image, chain_of_zoom, load_prompt_model, load_upscaler, pick_device, resolve_model,
     select_upscaler, upscale_image,
@@ -30,6 +32,7 @@ from dreamforge_upscale.cli import upscale_cmd
 from dreamforge_upscale.cli.images import Job, plan_jobs, read_image, unfinished_reason
 from dreamforge_upscale.upscalers import GANUpscaler, UpscalerError
 from dreamforge_upscale.upscalers.assets import bundled_model_path
+from dreamforge_upscale.upscalers.receipts import Policy
 from dreamforge_upscale.zoom import ZoomSettings, prepare, zoom_loop
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,8 +138,10 @@ def test_settings_change_input_change_and_broken_receipts_are_redone(tmp_path, c
     cfg = upscale_cmd.UpscaleConfig(scale=2.0, device="cpu")
     (job,), _ = plan_jobs([str(src)], tmp_path / "out", 2.0)
     assert unfinished_reason(job, cfg.settings()) == "no receipt"
-    outcome = upscale_cmd.process_one(compact, {"ran": "gan"}, job, cfg)
-    assert outcome.status == "done"
+    policy = Policy("gan", "gan", "impl gan: the connected GAN model")
+    outcome = upscale_cmd.process_one(compact, policy, job, cfg)
+    assert outcome.status == "done", outcome.reason
+    assert dataclasses.asdict(policy) == receipt_of(job.output)["policy"]
     assert unfinished_reason(job, cfg.settings()) is None
     assert unfinished_reason(job, upscale_cmd.UpscaleConfig(scale=2.0, tile=64).settings()) == "made with other settings"
     original = src.read_bytes()
@@ -152,7 +157,7 @@ def test_settings_change_input_change_and_broken_receipts_are_redone(tmp_path, c
     # an output folder that cannot be written: that image fails, reported (OSError), nothing raised
     blocked = Job(src, tmp_path / "a_file" / "x.png", tmp_path / "a_file" / "x.json")
     (tmp_path / "a_file").write_text("not a folder")
-    failed = upscale_cmd.process_one(compact, {}, blocked, cfg)
+    failed = upscale_cmd.process_one(compact, policy, blocked, cfg)
     assert failed.status == "failed" and "a_file" in failed.reason
 
 
@@ -234,7 +239,9 @@ def test_zoom_states_equal_zoom_loop(tmp_path, capsys, compact):
     assert (folder / "prompts.txt").read_text() == "x1: a photo\nx2: a photo\n"
     assert Image.open(folder / "strip.png").size == (64 * 3, 64)
     receipt = json.loads((folder / "receipt.json").read_text())
-    assert receipt["steps"] == 2 and receipt["prompts"] == [["a photo", "a photo"]]
+    assert not problems(receipt), problems(receipt)[:3]
+    assert receipt["kind"] == "zoom_loop" and receipt["steps"] == 2 and receipt["prompts"] == [["a photo", "a photo"]]
+    assert [r["step"] for r in receipt["step_receipts"]] == [1, 2]
     # a baseline mode runs without a model
     assert main(["zoom", str(src), "--steps", "1", "--process-size", "64", "--mode", "bicubic",
                  "--out", str(tmp_path / "b")]) == 0
@@ -249,12 +256,12 @@ def test_library_surface_and_its_errors(tmp_path, compact):
     up = load_upscaler(device="cpu")
     assert up.source.file == "realesr-animevideov3.pth"
     result = upscale_image(up, Image.open(src), 2, device="cpu")
-    assert result.image.shape == (1, 128, 128, 3) and result.receipt["output_size"] == [128, 128]
+    assert result.image.shape == (1, 128, 128, 3) and result.receipt.to_dict()["output_size"] == [128, 128]
     assert np.array_equal(np.asarray(result.pil()), np.asarray(upscale_image(compact, read_image(src), 2).pil()))
     zoom = chain_of_zoom(up, np.asarray(Image.open(src)), 1, process_size=32, device="cpu")
     assert len(zoom.states) == 2 and zoom.strip().size == (64, 32) and zoom.prompts == [""]
     _, policy = select_upscaler(2.0, device="cpu")
-    assert policy == {"impl": "auto", "ran": "gan", "reason": "impl auto: the connected GAN model"}
+    assert dataclasses.asdict(policy) == {"impl": "auto", "ran": "gan", "reason": "impl auto: the connected GAN model"}
 
     with pytest.raises(UpscalerError, match="impl must be one of"):
         select_upscaler(2.0, impl="fast")

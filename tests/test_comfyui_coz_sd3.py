@@ -69,8 +69,8 @@ def test_loop_two_steps_matches_the_backend(comfy, coz):
     receipt = json.loads(text_of(entry, r))
     assert receipt["upscaler"]["model"]["architecture"].startswith("Chain-of-Zoom SR")
     steps = receipt["step_receipts"]
-    assert [s_["upscale"]["tile_plan"]["prompt_embedding"] for s_ in steps] == ["encoded", "cached"]
-    assert steps[0]["upscale"]["tile_plan"]["sr_input_size"] == [64, 64]  # the 16 px crop, bicubic 4x
+    assert [s_["upscale"]["passes"][0]["backend"]["prompt_embedding"] for s_ in steps] == ["encoded", "reused"]
+    assert steps[0]["upscale"]["passes"][0]["backend"]["sr_input_size"] == [64, 64]  # the 16 px crop, bicubic 4x
     # the same loop outside ComfyUI with the same files: the same states
     models = coz["models"]
     ours = CoZSD3Upscaler.load(models / "diffusers" / FOLDER, models / "loras" / LORA / "model_20001.pkl",
@@ -98,9 +98,9 @@ def test_full_image_2_5x_and_tiled_upscale_from_the_single_files_without_t5(comf
     entry = comfy.run(g.nodes, timeout=300)
     (big,), (small,) = saved(comfy, entry, s_full), saved(comfy, entry, s_tiled)
     assert big.shape == (188, 242, 3) and small.shape == (80, 96, 3)
-    (one_pass,) = json.loads(text_of(entry, r_full))["pass_receipts"]
-    plan = one_pass["upscale"]["tile_plan"]
-    assert NO_T5_NOTE in plan["notes"] and plan["networks"]["t5"] is None
+    (one_pass,) = json.loads(text_of(entry, r_full))["passes"]
+    plan = one_pass["upscale"]["passes"][0]["backend"]
+    assert NO_T5_NOTE in one_pass["upscale"]["notes"] and plan["networks"]["t5"] is None
     assert plan["transformer_tiles"]["count"] > 1  # 388x300 -> latent 50x38: past the tiny position grid (32)
     receipt = json.loads(text_of(entry, r_tiled))
     assert receipt["impl"] == "diffusion" and receipt["policy"]["ran"] == "diffusion" and receipt["seed"] == 2
@@ -156,9 +156,9 @@ def test_example_workflow_loads_the_files_its_note_names_and_runs(comfy, coz):
     model = receipt["upscaler"]["model"]
     assert model["architecture"].startswith("Chain-of-Zoom SR") and model["file"] == COZ_SD3_FOLDER, model
     steps = receipt["step_receipts"]
-    parts = {f["part"]: f for f in steps[0]["upscale"]["tile_plan"]["model_files"]}  # each step quotes its files
+    parts = {f["part"]: f for f in steps[0]["upscale"]["passes"][0]["backend"]["model_files"]}  # each step quotes its files
     assert parts["diffusers folder"]["file"] == COZ_SD3_FOLDER
     for part, name in (("transformer LoRA", "model_20001.pkl"), ("VAE encoder LoRA", "vae_encoder_20001.pt")):
         assert parts[part]["file"] == name and len(parts[part]["sha256"]) == 64, parts[part]
-    assert [s_["upscale"]["tile_plan"]["prompt_embedding"] for s_ in steps] == ["encoded", "cached"]
-    assert all(s_["upscale"]["tile_plan"]["sr_input_size"] == [128, 128] for s_ in steps)
+    assert [s_["upscale"]["passes"][0]["backend"]["prompt_embedding"] for s_ in steps] == ["encoded", "reused"]
+    assert all(s_["upscale"]["passes"][0]["backend"]["sr_input_size"] == [128, 128] for s_ in steps)

@@ -194,9 +194,10 @@ def test_tiled_upscale_forced_small_tiles_is_seam_free(comfy):
     assert a_tiled.shape == a_whole.shape == (768, 768, 3)
     receipt = receipt_of(comfy, entry, t_tiled)
     assert receipt["impl"] == "gan"
-    assert receipt["tile_plan"]["count"] > 1, receipt["tile_plan"]
-    assert max(receipt["tile_plan"]["tile"]) <= 64  # equal tiles of at most the requested side
-    assert receipt_of(comfy, entry, t_whole)["tile_plan"]["count"] == 1
+    (tiled_pass,) = receipt["passes"]
+    assert tiled_pass["tiles"]["count"] > 1, tiled_pass["tiles"]
+    assert max(tiled_pass["tiles"]["tile"]) <= 64  # equal tiles of at most the requested side
+    assert receipt_of(comfy, entry, t_whole)["passes"][0]["tiles"]["count"] == 1
     # tiles read real context (32 px for Compact): the tiled output matches the one-pass output
     diff = np.abs(a_tiled - a_whole)
     assert diff.max() <= 2, (diff.max(), diff.mean())

@@ -64,8 +64,10 @@ def test_sdx4_upscale_runs_from_both_layouts_same_seed_same_image(comfy, sdx4):
     assert digests[3] != digests[0] and abs(pixels[3] - pixels[0]).mean() > 1
     receipt = receipt_of(comfy, entry, texts[1])
     assert receipt["impl"] == "diffusion" and receipt["seed"] == 1 and receipt["native_scale"] == 4
-    assert receipt["model"]["file"] == SINGLE and receipt["tile_plan"]["options"]["steps"] == 2
-    assert receipt["tile_plan"]["prompt"] == "a cup of coffee"
+    backend = receipt["passes"][0]["backend"]
+    assert receipt["model"]["file"] == SINGLE and backend["options"]["steps"] == 2
+    assert receipt["prompt"]["text"] == "a cup of coffee" and receipt["prompt"]["used"]
+    assert [p["text"] for p in receipt["passes"][0]["prompts"]] == ["a cup of coffee"]
     assert receipt_of(comfy, entry, texts[0])["model"]["file"] == FOLDER
 
 
@@ -127,9 +129,10 @@ def test_tiled_upscale_tile_and_overlap_reach_the_unet(comfy, sdx4):
     t = save_text(g, out(tiled, 1), unique("tiled_unet_receipt"))
     entry = comfy.run(g.nodes, timeout=300)
     receipt = receipt_of(comfy, entry, t)
-    tiles = receipt["tile_plan"]["unet_tiles"]
+    backend = receipt["passes"][0]["backend"]
+    tiles = backend["unet_tiles"]
     assert tiles["count"] > 1 and max(tiles["tile"]) <= 8 and tiles["overlap"] >= 4, tiles
-    assert receipt["tile_plan"]["options"]["tile"] == 8 and receipt["tile_plan"]["options"]["overlap"] == 4
+    assert backend["options"]["tile"] == 8 and backend["options"]["overlap"] == 4
 
 
 @pytest.mark.parametrize("strict", [False, True])

@@ -8,7 +8,8 @@ from skimage import data
 
 from dreamforge_upscale.tiling import RunHooks, TileOOMError, plan_tiles, run_tiled
 from dreamforge_upscale.tiling.cost import (
-    CPU_REUSE_FACTOR, ArchCost, CPU_COSTS, candidate_tiles, choose_plan, costs_for, max_tiles_per_call, plan_memory, plan_seconds,
+    CPU_REUSE_FACTOR, REUSE_OFF_SLOWDOWN, ArchCost, CPU_COSTS, candidate_tiles, choose_plan, costs_for, max_tiles_per_call,
+    plan_memory, plan_seconds,
 )
 from dreamforge_upscale.upscalers import GANUpscaler, upscale
 from dreamforge_upscale.upscalers.assets import bundled_model_path
@@ -145,7 +146,7 @@ def test_compact_plan_from_the_cost_model_matches_untiled_within_1_255():
     image = _photo(150, 190)
     untiled, r0 = upscale(model, image)
     tiled, r1 = upscale(model, image, hooks=RunHooks(free_bytes=_tight(model, 120)))
-    assert r0["tile_plan"]["count"] == 1 and r1["tile_plan"]["count"] > 1
+    assert r0.passes[0].tiles["count"] == 1 and r1.passes[0].tiles["count"] > 1
     assert (tiled - untiled).abs().max() <= 1 / 255
 
 
@@ -155,5 +156,61 @@ def test_rrdb_plan_from_the_cost_model_matches_untiled_within_3_255():
     image = _photo(48, 240)  # wide enough for tiles plus ESRGAN's 64 px of context on each side
     untiled, _ = upscale(model, image)
     tiled, r1 = upscale(model, image, hooks=RunHooks(free_bytes=_tight(model, 98)))
-    assert r1["tile_plan"]["count"] > 1
+    assert r1.passes[0].tiles["count"] > 1
     assert (tiled - untiled).abs().max() <= 3 / 255
+
+
+def _pixels_read(choice):
+    return choice.plan.count * choice.plan.rows.window * choice.plan.cols.window
+
+
+@pytest.mark.parametrize("arch,bpp,context", [("Compact", 768.0, 32), ("ESRGAN", 12288.0, 64)])
+def test_cpu_choice_does_not_hinge_on_the_calibrated_constants(arch, bpp, context):
+    """The CPU constants came from a few photos on a loaded machine; the plan must not depend on them.
+    Over shapes nothing was tuned on and budgets from roomy to tight, a 10x error in per_call or blending
+    (either way) and a 4x error in per_pixel leave the chosen plan reading within 3% of the same pixels."""
+    base = CPU_COSTS[arch]
+    skewed = [ArchCost(base.per_call * f, base.per_pixel, base.blend_per_pixel) for f in (0.1, 10.0)]
+    skewed += [ArchCost(base.per_call, base.per_pixel, base.blend_per_pixel * f) for f in (0.1, 10.0)]
+    skewed += [ArchCost(base.per_call, base.per_pixel * f, base.blend_per_pixel) for f in (0.25, 4.0)]
+    geometry = dict(batch=1, scale=4, context=context, overlap=16, bytes_per_pixel=bpp)
+    for height, width in ((427, 640), (872, 1000), (1411, 1411), (500, 741)):
+        for budget_side in (2000, 700, 400, 256):
+            budget = int(budget_side * budget_side * bpp)
+            ref = choose_plan(height, width, budget=budget, cost=base, **geometry)
+            for cost in skewed:
+                other = choose_plan(height, width, budget=budget, cost=cost, **geometry)
+                assert _pixels_read(other) <= 1.03 * _pixels_read(ref), (height, width, budget_side, cost)
+                assert _pixels_read(ref) <= 1.03 * _pixels_read(other), (height, width, budget_side, cost)
+
+
+def test_memory_tight_cpu_runs_one_tile_without_reuse_rather_than_tiles_with_it():
+    """Heap reuse doubles a pass's memory; when only that stops one tile from fitting, giving up reuse
+    (REUSE_OFF_SLOWDOWN) costs less than tiles that re-read 64 px of context on every side."""
+    bpp, cost = 12288.0, CPU_COSTS["ESRGAN"]
+    kw = dict(batch=1, scale=4, context=64, overlap=16, bytes_per_pixel=bpp, cost=cost, reuse_factor=CPU_REUSE_FACTOR)
+    one_tile = 500 * 741 * bpp
+    tight = choose_plan(500, 741, budget=int(1.2 * one_tile), **kw)
+    assert tight.plan.untiled and not tight.reuse and tight.memory <= 1.2 * one_tile
+    roomy = choose_plan(500, 741, budget=int(2.1 * one_tile), **kw)
+    assert roomy.plan.untiled and roomy.reuse and roomy.memory == pytest.approx(CPU_REUSE_FACTOR * one_tile, rel=1e-6)
+    # a big image where tiles re-read little context: tiles with reuse beat one tile without it
+    big = choose_plan(2400, 2400, budget=int(1.1 * 2400 * 2400 * bpp), **kw)
+    assert big.reuse and not big.plan.untiled
+    assert big.seconds < REUSE_OFF_SLOWDOWN * plan_seconds(plan_tiles(2400, 2400, 0, 16, 64), cost, 1, 4)
+
+
+def test_reuse_scoring_picks_the_cheapest_of_both_modes():
+    bpp, cost = 12288.0, CPU_COSTS["ESRGAN"]
+    for height, width, budget_side in ((500, 741, 600), (872, 1000, 900), (1411, 1411, 800)):
+        budget = int(budget_side * budget_side * bpp)
+        choice = choose_plan(height, width, batch=1, scale=4, context=64, overlap=16, bytes_per_pixel=bpp,
+                             budget=budget, cost=cost, reuse_factor=CPU_REUSE_FACTOR)
+        best = min(
+            slowdown * plan_seconds(plan, cost, 1, 4)
+            for tile in candidate_tiles(height, width)
+            for plan in [plan_tiles(height, width, tile, 16, 64)]
+            for factor, slowdown in ((CPU_REUSE_FACTOR, 1.0), (1.0, REUSE_OFF_SLOWDOWN))
+            if plan_memory(plan, bpp * factor, 1) <= budget
+        )
+        assert choice.seconds == pytest.approx(best) and choice.memory <= budget

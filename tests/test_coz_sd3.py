@@ -14,9 +14,11 @@ import torch
 from PIL import Image
 
 import tiny_sd3
-from dreamforge_upscale.tiling import RunHooks
+from dreamforge_upscale.tiling import RunHooks, plan_tiles
+from dreamforge_upscale.tiling.memory import BUDGET_FRACTION, choose_tile
 from dreamforge_upscale.upscalers.base import UpscalerError
-from dreamforge_upscale.upscalers.coz_sd3 import CoZOptions, CoZSD3Upscaler, TokenizerDirs, select_dtypes
+from dreamforge_upscale.upscalers.contract import Conditioning, RunMemo, WindowResult
+from dreamforge_upscale.upscalers.coz_sd3 import CoZOptions, CoZSD3Upscaler, TokenizerDirs, select_dtypes, step
 from dreamforge_upscale.upscalers.coz_sd3.backend import NO_T5_NOTE
 from dreamforge_upscale.upscalers.coz_sd3.lora import merge_transformer_lora, merge_vae_encoder_lora
 from dreamforge_upscale.upscalers.upscale import upscale
@@ -53,6 +55,17 @@ def reference():
     """Tiny SD3 with the LoRA unmerged: peft-wrapped encoder from the file, hooks adding up @ down."""
     comps = tiny_sd3.build_components(0)
     return comps
+
+
+def run(model, x, prompt=PROMPT, seed=SEED, options=None, hooks=None, memo=None) -> WindowResult:
+    result = model.upscale_window(x, Conditioning(prompt, seed, options, memo or RunMemo()), hooks or RunHooks())
+    assert isinstance(result, WindowResult)
+    return result
+
+
+def image_and_report(*args, **kw) -> tuple[torch.Tensor, dict]:
+    result = run(*args, **kw)
+    return result.image, result.report
 
 
 def low_res(seed: int = 0, size=(16, 16)) -> torch.Tensor:
@@ -115,7 +128,7 @@ def test_lora_files_are_in_the_published_layouts(files, model):
 
 def test_one_step_matches_the_unmerged_reference(files, model):
     x = low_res(1)
-    ours = model.upscale_window(x, prompt=PROMPT, seed=SEED)
+    ours = run(model, x).image
     ref = reference_step(files, x, PROMPT, SEED)
     assert ours.shape == ref.shape == (1, 3, 64, 64) and ref.std() > 0.02
     assert (ours - ref).abs().max() <= 1e-4
@@ -151,7 +164,7 @@ def test_prompt_embeddings_equal_diffusers_encode_prompt(files, model, with_t5):
 def test_single_files_load_the_same_model(files, model):
     single = load(files, base=files["checkpoint"], text_files={r: files[r] for r in ("clip_l", "clip_g", "t5")})
     x = low_res(2)
-    a, b = model.upscale_window(x, prompt=PROMPT, seed=SEED), single.upscale_window(x, prompt=PROMPT, seed=SEED)
+    a, b = run(model, x).image, run(single, x).image
     assert (a - b).abs().max() <= 1e-5
     assert [f["part"] for f in single.files] == ["checkpoint", "clip_l", "clip_g", "t5", "transformer LoRA",
                                                  "VAE encoder LoRA"]
@@ -162,51 +175,47 @@ def test_checkpoint_with_clips_inside_and_no_t5(files, model):
     inside = tiny_sd3.write_single_files(files["root"] / "incl", include_clips=True,
                                          name="sd3_medium_incl_clips.safetensors")
     no_t5 = load(files, base=inside["checkpoint"])  # no T5 in the file and none given: optional
-    report = {}
-    y = no_t5.upscale_window(low_res(2), prompt=PROMPT, seed=SEED, report=report)
+    y, report = image_and_report(no_t5, low_res(2))
     assert NO_T5_NOTE in report["notes"] and report["networks"]["t5"] is None
     assert [f["part"] for f in no_t5.files][0] == "checkpoint" and len(no_t5.files) == 3
-    with_t5 = model.upscale_window(low_res(2), prompt=PROMPT, seed=SEED)
+    with_t5 = run(model, low_res(2)).image
     assert (y - with_t5).abs().max() > 1e-4  # T5 matters
 
 
 # ------------------------------------------------------------------------------ seeds and sampling
 def test_same_seed_same_bits_and_the_posterior_mean(model):
     x = low_res(4)
-    a, b = model.upscale_window(x, prompt=PROMPT, seed=11), model.upscale_window(x, prompt=PROMPT, seed=11)
-    c = model.upscale_window(x, prompt=PROMPT, seed=12)
+    a, b = run(model, x, seed=11).image, run(model, x, seed=11).image
+    c = run(model, x, seed=12).image
     assert torch.equal(a, b) and (a - c).abs().max() > 1e-4
     mean = CoZOptions(sampling="mean")
-    m1 = model.upscale_window(x, prompt=PROMPT, seed=1, options=mean)
-    assert torch.equal(m1, model.upscale_window(x, prompt=PROMPT, seed=2, options=mean))
-    report = {}
-    model.upscale_window(x, prompt=PROMPT, seed=None, report=report)
-    assert isinstance(report["seed"], int) and report["prompt_embedding"] == "cached"
+    m1 = run(model, x, seed=1, options=mean).image
+    assert torch.equal(m1, run(model, x, seed=2, options=mean).image)
+    memo = RunMemo()  # one run: the prompt is encoded once
+    first, second = run(model, x, seed=None, memo=memo).report, run(model, x, seed=None, memo=memo).report
+    assert isinstance(first["seed"], int) and first["seed"] != second["seed"]
+    assert (first["prompt_embedding"], second["prompt_embedding"]) == ("encoded", "reused")
 
 
 def test_large_inputs_tile_the_latent_and_the_vae(model):
     x = low_res(5, (40, 28))  # -> 160x112: latent 20x14
     # 4 MiB free: a whole tiny-VAE pass over 20x14 latent px (~9 MB) does not fit, so the VAE runs in windows
     short = RunHooks(free_bytes=lambda device: 4 * 2**20)
-    report = {}
-    tiled = model.upscale_window(x, prompt=PROMPT, seed=3, options=CoZOptions(tile=8, overlap=2, vae_tile=2),
-                                 hooks=short, report=report)
+    tiled, report = image_and_report(model, x, seed=3, options=CoZOptions(tile=8, overlap=2, vae_tile=2), hooks=short)
     assert tiled.shape == (1, 3, 160, 112) and torch.isfinite(tiled).all()
     assert report["transformer_tiles"]["grid"] == [3, 2] and report["vae_decode_tiles"]["count"] > 1
     assert report["vae_encode_tiles"]["count"] > 1
     for stage in ("vae_encode_tiles", "vae_decode_tiles"):  # downsampled statistics, and the receipt says so
         assert report[stage]["statistics"] == {"side": 16, "exact": False}
-    whole = model.upscale_window(x, prompt=PROMPT, seed=3, options=CoZOptions(tile=0, vae_tile=0))
+    whole = run(model, x, seed=3, options=CoZOptions(tile=0, vae_tile=0)).image
     assert (tiled - whole).abs().mean() < 0.1  # the same picture; blended tiles differ only near their borders
     # memory to spare: the VAE runs whole whatever vae_tile asks (windows would only add work), no statistics pass
-    report = {}
-    roomy = model.upscale_window(x, prompt=PROMPT, seed=3, options=CoZOptions(tile=0, vae_tile=2), report=report)
+    roomy, report = image_and_report(model, x, seed=3, options=CoZOptions(tile=0, vae_tile=2))
     assert torch.equal(roomy, whole)
     for stage in ("vae_encode_tiles", "vae_decode_tiles"):
         assert report[stage]["count"] == 1 and report[stage]["statistics"] is None
     # past the position grid (32 latent px for the tiny model) auto tiling is forced
-    report = {}
-    big = model.upscale_window(low_res(6, (68, 8)), prompt=PROMPT, seed=3, report=report)
+    big, report = image_and_report(model, low_res(6, (68, 8)), seed=3)
     assert big.shape == (1, 3, 272, 32) and report["transformer_tiles"]["grid"][0] > 1
 
 
@@ -259,10 +268,89 @@ def test_the_pack_upscale_path_records_tiled_upscale_options(model):
 
     image = low_res(8, (18, 14)).permute(0, 2, 3, 1)
     out, receipt = upscale(model, image, 4, prompt=PROMPT, seed=5, options=SDX4Options(tile=16, overlap=8))
-    assert out.shape == (1, 72, 56, 3) and receipt["impl"] == "diffusion" and receipt["seed"] == 5
-    plan = receipt["tile_plan"]
-    assert plan["transformer_tiles"]["tile"][0] <= 8 and any("steps, guidance" in n for n in plan["notes"])
-    assert plan["sr_input_size"] == [64, 80]  # 56x72 padded to multiples of 16
+    assert out.shape == (1, 72, 56, 3) and receipt.impl == "diffusion" and receipt.seed == 5
+    backend = receipt.passes[0].backend
+    assert backend["transformer_tiles"]["tile"][0] <= 8 and any("steps, guidance" in n for n in receipt.notes)
+    assert backend["sr_input_size"] == [64, 80]  # 56x72 padded to multiples of 16
+
+
+# ------------------------------------------------------------------------------ tiled overhead
+def test_the_forced_transformer_plan_is_the_fewest_smallest_windows():
+    """The benchmark's forced case (latent 128, tile 64, overlap 16, patch 2): two windows of <= 64 cannot cover
+    128 px with a 16 px overlap, so 3 x 3; 54 is the smallest even window three of which cover it. Its geometric
+    floor (pixels the transformer sees / latent pixels) is what no implementation of these tiles avoids."""
+    plan = plan_tiles(128, 128, 64, 16, context=0, multiple=2)
+    assert (plan.rows.count, plan.cols.count, plan.rows.window, plan.cols.window) == (3, 3, 54, 54)
+    assert min(plan.rows.min_overlap, plan.cols.min_overlap) >= 16
+    assert plan.window_area_ratio == pytest.approx(9 * 54**2 / 128**2)
+    assert plan_tiles(128, 96, 0, 16).window_area_ratio == 1.0
+
+
+def test_auto_transformer_tile_is_the_largest_window_that_fits():
+    """Auto tiles go to the patch multiple, not the pack's 32 px step: 98 instead of 96 latent px here saves a
+    row and a column of windows (4 instead of 9)."""
+    per_px, patch, limit = 1000.0, 2, 384
+    budget = 99**2 * per_px  # a 99 x 99 latent window fits
+    tile = step.transformer_tile(180, 180, per_px, budget, patch, limit)
+    ours = plan_tiles(180, 180, tile, 16, multiple=patch)
+    stepped = plan_tiles(180, 180, choose_tile(180, 180, 1, per_px, int(budget), 0), 16, multiple=patch)
+    assert tile == 98 and ours.count == 4 and stepped.count == 9
+    assert ours.window_area_ratio < stepped.window_area_ratio
+    # whole when it fits memory and the position grid; the grid caps a window even with memory to spare
+    assert step.transformer_tile(180, 180, per_px, 180**2 * per_px, patch, limit) == 0
+    assert step.transformer_tile(400, 100, per_px, 10**12, patch, limit) == limit
+
+
+def test_windows_per_call_follow_the_memory_budget():
+    assert step.tiles_per_call(9, window_bytes=100, budget=250, cap=8) == 2
+    assert step.tiles_per_call(9, 100, 10**6, 8) == 8 and step.tiles_per_call(3, 100, 10**6, 8) == 3
+    assert step.tiles_per_call(9, 100, 50, 8) == 1  # not even one fits: one per call, the OOM retries decide
+
+
+class _BatchOOM(RuntimeError):
+    pass
+
+
+class _AtMost(torch.nn.Module):
+    """The tiny transformer, out of memory above `most` windows per call (fault injection)."""
+
+    def __init__(self, transformer, most: int):
+        super().__init__()
+        self.inner, self.most, self.batches = transformer, most, []
+        self.config = transformer.config
+
+    def forward(self, hidden_states, **kw):
+        self.batches.append(hidden_states.shape[0])
+        if hidden_states.shape[0] > self.most:
+            raise _BatchOOM("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.inner(hidden_states=hidden_states, **kw)
+
+
+def test_batched_transformer_windows_match_one_per_call(model):
+    gen = torch.Generator().manual_seed(4)
+    z = torch.randn(2, 16, 40, 40, generator=gen)  # a batch of 2 images: windows stack as 2 x n
+    seq, pooled = torch.randn(1, 30, tiny_sd3.JOINT, generator=gen), torch.randn(1, 80, generator=gen)
+    opts = CoZOptions(tile=16, overlap=4)  # 3 x 3 windows of 16
+
+    def predict(transformer, max_per_call, hooks=RunHooks()):
+        report = {}
+        with torch.inference_mode():
+            v = step.predict_v(transformer, z, seq, pooled, opts, CPU, torch.float32, hooks, report, max_per_call)
+        return v, report
+
+    one, report = predict(model.comps.transformer, None)  # the CPU policy: one window per call
+    assert report["transformer_tiles"]["tiles_per_call"] == 1 and report["transformer_tiles"]["count"] == 9
+    # out of memory with 8 windows per call: 4 per call for the rest of the plan, the same v
+    limited = _AtMost(model.comps.transformer, most=2 * 4)
+    batched, report = predict(limited, 8, RunHooks(oom_errors=(_BatchOOM,)))
+    assert limited.batches == [16, 8, 8, 2] and (batched - one).abs().max() <= 1e-5
+    assert [(r["stage"], r["tiles_per_call"], r["retry_tiles_per_call"]) for r in report["retries"]] == [
+        ("tile batch", 8, 4)]
+    # memory for three windows (latent px + prompt tokens of a 2-image batch): three per call
+    window = 2 * step.transformer_bytes_per_latent_px(model.comps.transformer, torch.float32) * (16 * 16 + 30 * 4)
+    roomy = RunHooks(free_bytes=lambda device: int(3.5 * window / BUDGET_FRACTION))
+    three, report = predict(model.comps.transformer, 8, roomy)
+    assert report["transformer_tiles"]["tiles_per_call"] == 3 and (three - one).abs().max() <= 1e-5
 
 
 # ------------------------------------------------------------------------------ safety and errors

@@ -4,7 +4,6 @@ Behaviour, not timing: page faults are counted (getrusage), the settings read ba
 effect, RSS compared before/after.
 """
 import logging
-import resource
 import subprocess
 import sys
 import textwrap
@@ -138,3 +137,48 @@ def test_reuse_stops_page_faults_in_a_worker_thread_and_gives_the_memory_back(ch
 def test_env_switch_turns_it_off_in_a_real_run(child):
     r = child["off"]
     assert not r["active"] and r["reused"] > r["plain"] / 2
+
+
+class _RecordingGlibc:
+    def __init__(self):
+        self.calls = []
+
+    def mallopt(self, param, value):
+        self.calls.append(("mallopt", param, value))
+        return 1
+
+    def malloc_trim(self, pad):
+        self.calls.append(("malloc_trim", pad))
+        return 1
+
+
+def test_a_pass_planned_without_reuse_leaves_the_allocator_alone(monkeypatch):
+    """tiling/cost.py may choose one tile without reuse over tiles with it (memory-tight CPU): then the
+    pass must not switch glibc to keeping freed memory."""
+    fake = _RecordingGlibc()
+    for name in (cpu_memory.ENV_SWITCH, *cpu_memory.USER_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(cpu_memory, "_glibc", lambda: fake)
+    monkeypatch.setattr(cpu_memory, "_state", {**cpu_memory._state, "arena_set": True, "depth": 0})
+    with cpu_memory.reuse(torch.device("cpu"), enabled=False) as st:
+        assert not st.active and "off for this pass" in st.reason
+    assert fake.calls == []
+    with cpu_memory.reuse(torch.device("cpu")) as st:
+        assert st.active
+    assert ("mallopt", cpu_memory.M_MMAP_MAX, 0) in fake.calls and fake.calls[-1] == ("malloc_trim", 0)
+
+
+@pytest.mark.parametrize("keep_mb, expected", [(None, 1024 * 2**20), (1500, 1500 * 2**20), (3000, -1)])
+def test_the_heap_keeps_what_the_pass_needs(monkeypatch, keep_mb, expected):
+    """A pass whose activations exceed the default bound (RRDB at 4x on a large image) raises it to the
+    plan's predicted memory; past what mallopt's int holds, trimming is off for the pass, and the pass's
+    end restores glibc's default and trims."""
+    fake = _RecordingGlibc()
+    for name in (cpu_memory.ENV_SWITCH, cpu_memory.ENV_KEEP_MB, *cpu_memory.USER_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(cpu_memory, "_glibc", lambda: fake)
+    monkeypatch.setattr(cpu_memory, "_state", {**cpu_memory._state, "arena_set": True, "depth": 0})
+    with cpu_memory.reuse(torch.device("cpu"), keep=None if keep_mb is None else keep_mb * 2**20):
+        assert ("mallopt", cpu_memory.M_TRIM_THRESHOLD, expected) in fake.calls
+    assert fake.calls[-2:] == [("mallopt", cpu_memory.M_TRIM_THRESHOLD, cpu_memory.DEFAULT_TRIM_THRESHOLD),
+                               ("malloc_trim", 0)]

@@ -283,7 +283,7 @@ def test_loop_prompts_are_the_views_tags(dape):
         prev = result.states[0][n - 1]
         view = prev.crop((24, 24, 40, 40)).resize((64, 64), Image.Resampling.BICUBIC)
         tags = dape.describe([view])
-        receipt = result.receipt["step_receipts"][n - 1]["prompt"]
+        receipt = result.receipt.to_dict()["step_receipts"][n - 1]["prompt"]
         assert receipt["generated"] == tags and receipt["provider"] == "dape:ram_swin_large_14m.pth+DAPE.pth"
         assert result.prompts[0][n - 1] == (f"{tags}, astronaut," if tags else ", astronaut,")
 

@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from example_workflows import INPUT_IMAGE, SDX4_FOLDER, api_twin_files, install_inputs, run_variant  # noqa: E402
+from example_workflows import (  # noqa: E402
+    BY_TITLE, EXAMPLES, INPUT_IMAGE, SDX4_FOLDER, UI_DIR, api_twin_files, install_inputs, run_variant, title_problems,
+)
 from workflow_expectations import EXPECTED_OUTPUTS, INPUT_SIDE, RANDOM_WEIGHTS  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
@@ -41,6 +43,28 @@ def _queued_elsewhere() -> dict[str, str]:
 
 ELSEWHERE = _queued_elsewhere()
 HERE = [p for p in api_twin_files() if p.name not in ELSEWHERE]
+
+
+def test_the_example_folder_holds_only_templates_named_by_their_titles():
+    """ComfyUI 0.3.75 lists every *.json at the top of example_workflows/ as a template under its file name:
+    each is a titled workflow with its .jpg, and there is no index.json (a broken "index" card there)."""
+    top = sorted(p.name for p in UI_DIR.iterdir() if p.is_file())
+    assert top == sorted([f"{e.title}.json" for e in EXAMPLES] + [f"{e.title}.jpg" for e in EXAMPLES]), top
+    assert [problem for e in EXAMPLES for problem in title_problems(e.title)] == []
+    assert len(BY_TITLE) == len(EXAMPLES) and all(e.api_path.is_file() for e in EXAMPLES)
+    assert all(40 <= len(e.description) <= 120 and e.description.endswith(".") for e in EXAMPLES)
+
+
+@pytest.mark.parametrize("title, why", [
+    ("upscale_bundled_x4", "characters ['_']"),  # 1.32.9 shows "_" as it is in the title, as a space below
+    ("Upscale: 4x?", "characters [':', '?']"),
+    ("A title far too long to fit on one line of a card", "more than the 36"),
+    (" Upscale  4x", "leading, trailing or double spaces"),
+    ("index", "index.json"),
+])
+def test_title_problems_name_what_to_change(title, why):
+    (problem,) = title_problems(title)
+    assert why in problem and repr(title) in problem
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import tiny_sdx4
 from dreamforge_upscale.tiling import RunHooks, TileOOMError, run_tiled
 from dreamforge_upscale.upscalers import UpscalerError, upscale
-from dreamforge_upscale.upscalers.base import Capabilities, ModelSource
+from dreamforge_upscale.upscalers.contract import Capabilities, Conditioning, ModelSource, WindowResult
 from dreamforge_upscale.upscalers.sdx4 import SDX4Options, SDX4Upscaler, sampler
 from dreamforge_upscale.upscalers.sdx4.components import SDX4Components, clip_tokenizer
 
@@ -47,7 +47,7 @@ class FaultyGAN:
     def __init__(self, fault: Fault, impl: str = "gan"):
         self.fault = fault
         self.capabilities = Capabilities(impl=impl, native_scales=(2,), dtypes=("fp32",), size_multiple=1, min_size=1,
-                                         square=False, context=4, tiling="supported", bytes_per_pixel=64.0,
+                                         square=False, context=4, bytes_per_pixel=64.0,
                                          in_channels=3, out_channels=3)
         self.source = ModelSource(f"faulty-{impl}", None, "test")
         self.dtype = torch.float32
@@ -58,9 +58,16 @@ class FaultyGAN:
     def module(self):
         return self._module
 
-    def upscale_window(self, x):
+    def forward(self, x):
+        """The plain tensor call (what the tiled runner is given)."""
         self.fault.check(x)
         return F.interpolate(x, scale_factor=2, mode="nearest")
+
+    def upscale_window(self, x, cond: Conditioning, hooks=None) -> WindowResult:
+        return WindowResult(self.forward(x))
+
+    def describe(self):
+        return {**self.source.describe(), "impl": self.capabilities.impl, "native_scale": 2, "dtype": "fp32"}
 
 
 IMAGES = {"small": (1, 40, 40), "strip": (1, 24, 400), "large": (1, 300, 260), "batch": (3, 64, 48)}
@@ -81,7 +88,7 @@ def test_always_out_of_memory_ends_with_a_clear_error(kind):
     fault = Fault(always=True)
     image = _image(kind)
     with pytest.raises(TileOOMError) as err:
-        run_tiled(image, FaultyGAN(fault).upscale_window, 2, tile=0, overlap=8, context=4,
+        run_tiled(image, FaultyGAN(fault).forward, 2, tile=0, overlap=8, context=4,
                   device=torch.device("cpu"), dtype=torch.float32, floor=16)
     assert fault.calls <= 16, fault.calls  # halvings only while the windows shrink
     assert "Tried to allocate 1.50 GiB" in str(err.value) and "tried " in str(err.value)
@@ -113,6 +120,7 @@ def test_one_transient_out_of_memory_is_retried_and_recorded(kind, at):
         assert fault.calls == 1
         return
     out, receipt = run()
+    receipt = receipt.to_dict()
     assert torch.allclose(out, _nearest(image), atol=1e-6)  # nothing half-blended survives a retry
     assert torch.equal(image, before)
     if fault.calls < at:
@@ -131,10 +139,11 @@ def test_out_of_memory_above_a_window_size_shrinks_until_it_fits(kind):
     fault = Fault(pixels=80 * 80)
     image = _image(kind)
     out, receipt = upscale(FaultyGAN(fault), image, 2, overlap=4, hooks=PLENTY)
+    receipt = receipt.to_dict()
     assert torch.allclose(out, _nearest(image), atol=1e-6)
     if image.shape[1] * image.shape[2] > 80 * 80:
         assert receipt["retries"] and all(r["stage"] == "tiles" for r in receipt["retries"])
-        assert receipt["tile_plan"]["count"] > 1
+        assert receipt["passes"][0]["tiles"]["count"] > 1
 
 
 def test_a_gan_at_the_floor_raises_instead_of_returning_a_silent_resize():
@@ -143,9 +152,11 @@ def test_a_gan_at_the_floor_raises_instead_of_returning_a_silent_resize():
         upscale(FaultyGAN(fault), _image("small"), 2, hooks=PLENTY)
     # only where the caller allows it: a resize, said loudly (receipt + flag)
     out, receipt = upscale(FaultyGAN(Fault(always=True)), _image("small"), 2, hooks=PLENTY, resample_fallback=True)
+    receipt = receipt.to_dict()
     assert out.shape == (1, 80, 80, 3) and receipt["impl"] == "resample"
     assert receipt["degraded"] == {"ran": "resample", "instead_of": "gan", "reason": receipt["degraded"]["reason"]}
     assert "out of memory" in receipt["degraded"]["reason"]
+    assert [f["impl"] for f in receipt["fallbacks"]] == ["gan", "resample"] and receipt["passes"] == []
 
 
 def test_a_batch_is_split_before_giving_up():
@@ -159,9 +170,11 @@ def test_a_batch_is_split_before_giving_up():
     fault = PerImage()
     image = _image("batch")
     out, receipt = upscale(FaultyGAN(fault), image, 2, hooks=PLENTY)
+    receipt = receipt.to_dict()
     assert torch.allclose(out, _nearest(image), atol=1e-6) and fault.calls < 40
     assert receipt["retries"][0]["event"] == "split_batch" and receipt["retries"][0]["batch"] == 3
-    assert "fallbacks" in receipt and receipt["fallbacks"] == [] and "degraded" not in receipt
+    assert receipt["fallbacks"] == [] and receipt["degraded"] is None and receipt["batch"] == 3
+    assert [p["image"] for p in receipt["passes"]] == [0, 1, 2]  # every image's tiles stay in the receipt
 
 
 @pytest.mark.parametrize("strict", [False, True])
@@ -176,6 +189,7 @@ def test_fallback_chain_with_and_without_strict_scale(strict):
         assert gan.fault.calls == 0
         return
     out, receipt = upscale(first, image, 2, hooks=PLENTY, fallback=lambda: gan)
+    receipt = receipt.to_dict()
     assert torch.allclose(out, _nearest(image), atol=1e-6)
     assert [f["impl"] for f in receipt["fallbacks"]] == ["diffusion", "gan"]
     assert receipt["degraded"]["ran"] == "gan" and receipt["degraded"]["instead_of"] == "diffusion"
@@ -196,7 +210,7 @@ def test_a_canvas_filling_the_cpu_budget_runs_small_tiles_instead_of_crashing():
     hooks = RunHooks(free_bytes=lambda device: 10 * 2**20)
     image = torch.rand(1, 400, 400, 3)  # 800x800x3 float32 output = 7.3 MB
     out, receipt = upscale(FaultyGAN(fault), image, 2, overlap=4, hooks=hooks)
-    assert out.shape == (1, 800, 800, 3) and receipt["tile_plan"]["count"] > 1
+    assert out.shape == (1, 800, 800, 3) and receipt.to_dict()["passes"][0]["tiles"]["count"] > 1
 
 
 def test_max_side_is_checked_for_every_pass(monkeypatch):
@@ -223,8 +237,10 @@ def sdx4_reference():
     image = _image("large")[:, :64, :64]
     opts = SDX4Options(steps=2, tile=0, overlap=8, vae_tile=32)
     out, receipt = upscale(_sdx4(), image, 4, options=opts, seed=3, hooks=PLENTY)
-    assert receipt["tile_plan"]["unet_tiles"]["count"] == 1 and receipt["tile_plan"]["vae_tiles"]["count"] == 9
-    assert receipt["tile_plan"]["vae_tiles"]["statistics"] == {"side": 64, "exact": True}
+    (only,) = receipt.to_dict()["passes"]
+    assert only["tiles"] is None  # SD x4 plans its own tiles: they are in its report
+    assert only["backend"]["unet_tiles"]["count"] == 1 and only["backend"]["vae_tiles"]["count"] == 9
+    assert only["backend"]["vae_tiles"]["statistics"] == {"side": 64, "exact": True}
     yield image, opts, out
     patch.undo()
 
@@ -249,17 +265,19 @@ def test_sdx4_one_out_of_memory_in_any_stage_is_retried_and_keeps_the_denoising(
     if stage != "unet":
         _inject(up.comps.unet, unet_calls)
     out, receipt = upscale(up, image, 4, options=opts, seed=3, hooks=PLENTY)
+    receipt = receipt.to_dict()
+    backend = receipt["passes"][0]["backend"]
     assert out.shape == (1, 256, 256, 3) and torch.isfinite(out).all()
     stages = [r["stage"] for r in receipt["retries"]]
     assert stages == [stage], receipt["retries"]
-    assert receipt["fallbacks"] == [] and "degraded" not in receipt
+    assert receipt["fallbacks"] == [] and receipt["degraded"] is None and receipt["seed"] == 3
     if stage != "unet":  # the denoising ran once: a decode retry never repeats it
         assert unet_calls.calls == opts.steps
     else:  # only the failed step is repeated, then it and the rest run in tiles of 32
-        tiles = receipt["tile_plan"]["unet_tiles"]["count"]
+        tiles = backend["unet_tiles"]["count"]
         assert tiles > 1 and fault.calls == (at - 1) + 1 + tiles * (opts.steps - at + 1)
     if stage == "vae_stats":
-        assert receipt["tile_plan"]["vae_tiles"]["statistics"]["exact"] is False  # said, not hidden
+        assert backend["vae_tiles"]["statistics"]["exact"] is False  # said, not hidden
 
 
 @pytest.mark.parametrize("stage", ["unet", "vae_decode"])
@@ -275,6 +293,7 @@ def test_sdx4_always_out_of_memory_falls_back_or_raises_within_bounds(sdx4_refer
             upscale(up, image, 4, options=opts, strict_scale=True, hooks=PLENTY, fallback=lambda: gan)
     else:
         out, receipt = upscale(up, image, 4, options=opts, hooks=PLENTY, fallback=lambda: gan)
+        receipt = receipt.to_dict()
         assert out.shape == (1, 256, 256, 3) and receipt["impl"] == "gan"
         assert receipt["fallbacks"][0]["impl"] == "diffusion" and receipt["degraded"]["instead_of"] == "diffusion"
     assert fault.calls <= 12, fault.calls  # unet: 64, 32 then the floor; decode: 32, 16 (+ statistics)
@@ -287,7 +306,7 @@ def test_sdx4_exact_statistics_when_memory_allows_and_the_tone_difference(sdx4_r
     # a budget that lets the statistics pass decode only a ~27 px latent: approximate, and said so
     tight = RunHooks(free_bytes=lambda device: 40 * 2**20)
     approx, receipt = upscale(_sdx4(), image, 4, options=dataclasses.replace(opts, tile=64), seed=3, hooks=tight)
-    assert receipt["tile_plan"]["vae_tiles"]["statistics"]["exact"] is False
+    assert receipt.to_dict()["passes"][0]["backend"]["vae_tiles"]["statistics"]["exact"] is False
     err_exact = (exact - untiled).abs().mean().item()
     err_approx = (approx - untiled).abs().mean().item()
     print(f"mean |tiled - untiled| decode: exact statistics {err_exact:.5f}, downsampled {err_approx:.5f}")

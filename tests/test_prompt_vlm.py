@@ -109,7 +109,7 @@ def test_loop_prompts_come_from_the_vlm_on_the_published_images(vlm):
     for n, prev in ((1, x0), (2, x1)):
         view = prev.crop((24, 24, 40, 40)).resize((64, 64), Image.Resampling.BICUBIC)
         expected = vlm.describe([prev, view], TWO_IMAGE_INSTRUCTION)
-        receipt = result.receipt["step_receipts"][n - 1]["prompt"]
+        receipt = result.receipt.to_dict()["step_receipts"][n - 1]["prompt"]
         assert receipt["generated"] == expected and receipt["images"] == 2
         assert receipt["provider"] == "vlm:tiny-qwen2-vl"
         assert result.prompts[0][n - 1] == f"{expected}, astronaut,"

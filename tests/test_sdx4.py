@@ -5,9 +5,10 @@ import pytest
 import torch
 
 import tiny_sdx4
+from window_call import window
 from dreamforge_upscale.tiling import RunHooks, TileOOMError
 from dreamforge_upscale.upscalers import UpscalerError, upscale
-from dreamforge_upscale.upscalers.base import ModelSource
+from dreamforge_upscale.upscalers.contract import ModelSource
 from dreamforge_upscale.upscalers.sdx4 import SDX4Options, SDX4Upscaler
 from dreamforge_upscale.upscalers.sdx4 import configs
 from dreamforge_upscale.upscalers.sdx4.components import SDX4Components, clip_tokenizer
@@ -67,8 +68,8 @@ def test_one_tile_equals_the_diffusers_pipeline(tiny, photo, guidance, negative)
                negative_prompt=negative or None, generator=torch.Generator("cpu").manual_seed(7),
                output_type="pt").images
     report = {}
-    out = tiny.upscale_window(photo, prompt="an astronaut", seed=7, report=report,
-                              options=SDX4Options(steps=STEPS, guidance=guidance, negative_prompt=negative))
+    out = window(tiny, photo, prompt="an astronaut", seed=7, report=report,
+                 options=SDX4Options(steps=STEPS, guidance=guidance, negative_prompt=negative))
     assert report["unet_tiles"]["count"] == 1 and report["vae_tiles"]["count"] == 1
     assert out.shape == ref.shape == (1, 3, 192, 256)
     assert (out - ref).abs().max().item() <= 1e-4
@@ -77,9 +78,9 @@ def test_one_tile_equals_the_diffusers_pipeline(tiny, photo, guidance, negative)
 
 def test_same_seed_same_bits_other_seed_differs(tiny, photo):
     opts = SDX4Options(steps=2, tile=32, overlap=8)
-    a = tiny.upscale_window(photo, prompt="x", seed=3, options=opts)
-    b = tiny.upscale_window(photo, prompt="x", seed=3, options=opts)
-    c = tiny.upscale_window(photo, prompt="x", seed=4, options=opts)
+    a = window(tiny, photo, prompt="x", seed=3, options=opts)
+    b = window(tiny, photo, prompt="x", seed=3, options=opts)
+    c = window(tiny, photo, prompt="x", seed=4, options=opts)
     assert torch.equal(a, b)
     assert (a - c).abs().mean() > 1e-3
 
@@ -93,8 +94,8 @@ def _boundary_gradient_ratio(image: torch.Tensor, columns: list[int]) -> float:
 def test_latent_tiles_blend_into_one_image_without_seams(tiny, photo):
     opts = SDX4Options(steps=STEPS, tile=24, overlap=12)
     report = {}
-    tiled = tiny.upscale_window(photo, prompt="x", seed=1, options=opts, report=report)
-    untiled = tiny.upscale_window(photo, prompt="x", seed=1, options=dataclasses.replace(opts, tile=0))
+    tiled = window(tiny, photo, prompt="x", seed=1, options=opts, report=report)
+    untiled = window(tiny, photo, prompt="x", seed=1, options=dataclasses.replace(opts, tile=0))
     assert report["unet_tiles"]["count"] > 1
     from dreamforge_upscale.tiling.latent_denoise import plan_latent
 
@@ -106,8 +107,8 @@ def test_latent_tiles_blend_into_one_image_without_seams(tiny, photo):
     # one coherent image: close to the untiled result overall, not a different picture per tile
     assert (tiled - untiled).abs().mean() < 0.1
     # independent tiles (what tiling without per-step blending gives) show their edges
-    left = tiny.upscale_window(photo[..., :40], prompt="x", seed=1, options=dataclasses.replace(opts, tile=0))
-    right = tiny.upscale_window(photo[..., 24:], prompt="x", seed=1, options=dataclasses.replace(opts, tile=0))
+    left = window(tiny, photo[..., :40], prompt="x", seed=1, options=dataclasses.replace(opts, tile=0))
+    right = window(tiny, photo[..., 24:], prompt="x", seed=1, options=dataclasses.replace(opts, tile=0))
     naive = torch.cat([left[..., :128], right[..., 32:]], dim=-1)
     assert _boundary_gradient_ratio(naive, [127]) > _boundary_gradient_ratio(tiled, [127])
 
@@ -143,13 +144,20 @@ def test_tiled_decode_shares_groupnorm_statistics(tiny):
 def test_upscale_receipt_and_scale_two_downsamples(tiny, photo):
     image = photo.permute(0, 2, 3, 1)
     out, receipt = upscale(tiny, image, 2, prompt="a face", seed=5, options=SDX4Options(steps=2))
+    receipt = receipt.to_dict()
     assert out.shape == (1, 96, 128, 3)
     assert receipt["impl"] == "diffusion" and receipt["resampled"]["from_scale"] == 4 and receipt["seed"] == 5
-    assert receipt["tile_plan"]["options"]["steps"] == 2 and receipt["tile_plan"]["prompt"] == "a face"
+    (only,) = receipt["passes"]
+    assert only["tiles"] is None and only["backend"]["options"]["steps"] == 2 and only["backend"]["seed"] == 5
+    assert only["backend"]["unet_tiles"]["count"] >= 1 and only["backend"]["vae_tiles"]["count"] >= 1
+    assert only["prompts"] == [{"window": [0, 0, 64, 48], "text": "a face", "tile": None}]
+    assert receipt["prompt"] == {"mode": "text", "text": "a face", "used": True, "note": None}
     with pytest.raises(UpscalerError, match="strict_scale: impl diffusion"):
         upscale(tiny, image, 2, strict_scale=True)
     _, drawn = upscale(tiny, image[:, :8, :8], None, options=SDX4Options(steps=1))
-    assert isinstance(drawn["seed"], int)  # a drawn seed is recorded so the image can be reproduced
+    drawn = drawn.to_dict()
+    assert drawn["prompt"]["used"] is True and drawn["prompt"]["text"] is None  # the model's default prompt
+    assert isinstance(drawn["seed"], int) and drawn["seed"] == drawn["passes"][0]["backend"]["seed"]  # a drawn seed is recorded so the image can be reproduced
 
 
 @pytest.mark.parametrize("kwargs,phrase", [
@@ -158,7 +166,7 @@ def test_upscale_receipt_and_scale_two_downsamples(tiny, photo):
 ])
 def test_bad_options_are_named(tiny, photo, kwargs, phrase):
     with pytest.raises(UpscalerError, match=phrase):
-        tiny.upscale_window(photo[..., :8, :8], options=SDX4Options(**kwargs))
+        window(tiny, photo[..., :8, :8], options=SDX4Options(**kwargs))
 
 
 def test_progress_counts_steps_times_tiles_and_interrupt_stops(tiny, photo):
@@ -166,8 +174,8 @@ def test_progress_counts_steps_times_tiles_and_interrupt_stops(tiny, photo):
 
     n = plan_latent(48, 64, 32, 8).count
     seen = []
-    tiny.upscale_window(photo, seed=0, options=SDX4Options(steps=2, tile=32, overlap=8),
-                        hooks=RunHooks(progress=lambda d, t: seen.append((d, t))))
+    window(tiny, photo, seed=0, options=SDX4Options(steps=2, tile=32, overlap=8),
+           hooks=RunHooks(progress=lambda d, t: seen.append((d, t))))
     assert n > 1 and seen == [(i, 2 * n) for i in range(1, 2 * n + 1)]  # steps x tiles
 
     class Stop(Exception):
@@ -181,8 +189,8 @@ def test_progress_counts_steps_times_tiles_and_interrupt_stops(tiny, photo):
             raise Stop
 
     with pytest.raises(Stop):
-        tiny.upscale_window(photo, seed=0, options=SDX4Options(steps=50, tile=32, overlap=8),
-                            hooks=RunHooks(check_interrupt=interrupt))
+        window(tiny, photo, seed=0, options=SDX4Options(steps=50, tile=32, overlap=8),
+               hooks=RunHooks(check_interrupt=interrupt))
     assert len(calls) == n + 2  # stopped mid-denoise: the second tile of the second step
 
 
@@ -203,6 +211,7 @@ def test_out_of_memory_halves_tiles_then_falls_back_to_gan_then_lanczos(photo, c
     up.comps.unet = _OOMUNet(up.comps.unet)
     image = photo.permute(0, 2, 3, 1)
     out, receipt = upscale(up, image, 4, options=SDX4Options(steps=2, tile=64), fallback=lambda: compact)
+    receipt = receipt.to_dict()
     assert out.shape == (1, 192, 256, 3)
     assert [s["impl"] for s in receipt["fallbacks"]] == ["diffusion", "gan"]
     assert receipt["fallbacks"][0]["result"] == "out of memory" and receipt["impl"] == "gan"
@@ -210,20 +219,25 @@ def test_out_of_memory_halves_tiles_then_falls_back_to_gan_then_lanczos(photo, c
 
     class OOMGan:
         def __init__(self, inner):
-            self.__dict__.update(capabilities=inner.capabilities, source=inner.source, dtype=inner.dtype, inner=inner)
+            self.__dict__.update(capabilities=inner.capabilities, source=inner.source, dtype=inner.dtype, inner=inner,
+                                 offload=False)
 
         scale = property(lambda self: self.inner.scale)
 
         def module(self):
             return self.inner.module()
 
-        def upscale_window(self, x):
+        def upscale_window(self, x, cond, hooks):
             raise torch.OutOfMemoryError("simulated")
+
+        def describe(self):
+            return self.inner.describe()
 
     with pytest.raises(TileOOMError, match="allocator: simulated"):  # a plain resize only where allowed
         upscale(up, image, 3, options=SDX4Options(steps=1), fallback=lambda: OOMGan(compact))
     out, receipt = upscale(up, image, 3, options=SDX4Options(steps=1), fallback=lambda: OOMGan(compact),
                            resample_fallback=True)
+    receipt = receipt.to_dict()
     assert out.shape == (1, 144, 192, 3) and receipt["impl"] == "resample"
     assert [s["impl"] for s in receipt["fallbacks"]] == ["diffusion", "gan", "resample"]
     assert receipt["degraded"]["instead_of"] == "diffusion" and receipt["degraded"]["ran"] == "resample"
@@ -244,9 +258,9 @@ def test_single_file_and_diffusers_folder_load_offline(tmp_path, photo, monkeypa
         assert torch.equal(from_file.comps.unet.state_dict()[name], p), name
     for name, p in expected.comps.text_encoder.state_dict().items():
         assert torch.equal(from_file.comps.text_encoder.state_dict()[name], p), name
-    a = from_file.upscale_window(photo, prompt="x", seed=1, options=opts)
-    b = from_folder.upscale_window(photo, prompt="x", seed=1, options=opts)
-    c = expected.upscale_window(photo, prompt="x", seed=1, options=opts)
+    a = window(from_file, photo, prompt="x", seed=1, options=opts)
+    b = window(from_folder, photo, prompt="x", seed=1, options=opts)
+    c = window(expected, photo, prompt="x", seed=1, options=opts)
     assert torch.equal(a, c) and (b - c).abs().max() < 1e-5
     assert from_file.source.sha256 and from_file.source.file == single.name
     with pytest.raises(UpscalerError, match="CLIP tokenizer files vocab.json and merges.txt were not found"):

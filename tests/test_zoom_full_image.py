@@ -30,13 +30,17 @@ def photo(h: int, w: int) -> torch.Tensor:
 @pytest.mark.parametrize("h,w", [(9, 13), (13, 9)])
 def test_exact_sizes_and_pass_count_with_a_real_gan(compact, scale, passes, h, w):
     out, receipt = zoom_upscale(compact, photo(h, w), scale, user_prompt="a cat")
+    receipt = receipt.to_dict()
     assert out.shape == (1, round(h * scale), round(w * scale), 3)
     assert receipt["output_size"] == [round(w * scale), round(h * scale)]
-    assert receipt["passes"] == passes == math.ceil(math.log(scale, 4) - 1e-9)
-    sizes = [p["output_size"] for p in receipt["pass_receipts"]]
+    assert receipt["pass_count"] == passes == len(receipt["passes"]) == math.ceil(math.log(scale, 4) - 1e-9)
+    assert [p["index"] for p in receipt["passes"]] == list(range(1, passes + 1))
+    sizes = [p["output_size"] for p in receipt["passes"]]
     assert sizes == [[w * 4 ** p, h * 4 ** p] for p in range(1, passes + 1)]
-    assert all(p["upscale"]["prompt"] == "a cat" and p["upscale"]["prompt_used"] is False
-               for p in receipt["pass_receipts"])
+    # the GAN was given the text but takes none: recorded, and said to be unused
+    assert all(p["upscale"]["prompt"]["mode"] == "text" and p["upscale"]["prompt"]["text"] == "a cat"
+               and p["upscale"]["prompt"]["used"] is False and p["upscale"]["passes"][0]["prompts"] == []
+               for p in receipt["passes"])
     assert (receipt["resampled"] is None) == (scale in (4, 16))
     assert out.min() >= 0 and out.max() <= 1
 
@@ -64,12 +68,15 @@ def test_default_max_side_is_8192():
 def test_per_tile_prompts_called_once_per_tile_and_reach_the_upscaler():
     image = photo(28, 40)
     provider = RecordingProvider()
-    model = BicubicX4(takes_prompt=True)
+    model = BicubicX4(prompted=True)
     out, receipt = zoom_upscale(model, image, 5, user_prompt="cat", provider=provider, tile=16, overlap=4,
                                 color_fix="none", seed=11)
+    receipt = receipt.to_dict()
     assert out.shape == (1, 140, 200, 3)
-    per_pass = [p["upscale"]["prompt"]["per_tile"] for p in receipt["pass_receipts"]]
-    counts = [p["upscale"]["tile_plan"]["count"] for p in receipt["pass_receipts"]]
+    assert all(p["upscale"]["prompt"]["mode"] == "per_tile" and p["upscale"]["prompt"]["used"] is True
+               for p in receipt["passes"])
+    per_pass = [p["upscale"]["passes"][0]["prompts"] for p in receipt["passes"]]
+    counts = [p["upscale"]["passes"][0]["tiles"]["count"] for p in receipt["passes"]]
     assert counts == [plan_tiles(28, 40, 16, 4).count, plan_tiles(112, 160, 16, 4).count]
     assert counts[0] > 1 and len(provider.calls) == sum(counts)  # exactly one prompt call per tile
     assert [len(t) for t in per_pass] == counts
@@ -84,7 +91,7 @@ def test_per_tile_prompts_called_once_per_tile_and_reach_the_upscaler():
             whole, crop = call["images"]
             wholes.append(whole)
             assert same_image(crop, whole.crop(tuple(tile["window"])))
-            assert tile["prompt"] == f"view{done}, cat,"
+            assert tile["text"] == f"view{done}, cat,"
         assert all(same_image(w, wholes[0]) for w in wholes)
         assert wholes[0].size == [(40, 28), (160, 112)][p]
         if p == 0:
@@ -92,18 +99,24 @@ def test_per_tile_prompts_called_once_per_tile_and_reach_the_upscaler():
     windows = [tuple(t["window"]) for t in per_pass[0]]
     assert len(set(windows)) == len(windows)  # (context 0: every tile has its own window) none repeated
     # the upscaler got every tile's own prompt, in tile order, and the pass seed
-    assert [c["prompt"] for c in model.calls] == [t["prompt"] for tiles in per_pass for t in tiles]
+    assert [c["prompt"] for c in model.calls] == [t["text"] for tiles in per_pass for t in tiles]
+    grids = [p["upscale"]["passes"][0]["tiles"]["grid"] for p in receipt["passes"]]
+    assert [[t["tile"] for t in tiles] for tiles in per_pass] == [
+        [[r, c] for r in range(rows) for c in range(cols)] for rows, cols in grids]  # every tile, in order
     seeds = [c["seed"] for c in model.calls]
     assert len(set(seeds[:counts[0]])) == 1 and seeds[0] != seeds[-1]
 
 
 def test_one_prompt_per_pass_when_tile_prompts_is_off():
     provider = RecordingProvider()
-    model = BicubicX4(takes_prompt=True)
+    model = BicubicX4(prompted=True)
     _, receipt = zoom_upscale(model, photo(28, 40), 16, provider=provider, tile=16, overlap=4, tile_prompts=False)
+    receipt = receipt.to_dict()
     assert len(provider.calls) == 2
     assert all(c["instruction"] == SINGLE_IMAGE_INSTRUCTION and len(c["images"]) == 1 for c in provider.calls)
-    assert [p["upscale"]["prompt"] for p in receipt["pass_receipts"]] == ["view1", "view2"]
+    assert [p["upscale"]["prompt"]["text"] for p in receipt["passes"]] == ["view1", "view2"]
+    assert [[t["text"] for t in p["upscale"]["passes"][0]["prompts"]] for p in receipt["passes"]] == [
+        ["view1"], ["view2"]]
     assert {c["prompt"] for c in model.calls} == {"view1", "view2"}
 
 
@@ -121,7 +134,9 @@ def test_rgba_keeps_alpha_and_batches_work(compact):
     rgb = torch.cat([photo(9, 13), photo(9, 13).flip(2)])
     alpha = torch.linspace(0, 1, 13).view(1, 1, 13, 1).expand(2, 9, 13, 1)
     out, receipt = zoom_upscale(compact, torch.cat([rgb, alpha], dim=-1), 2.5)
-    assert out.shape == (2, 22, 32, 4) and receipt["batch"] == 2
+    receipt = receipt.to_dict()
+    assert out.shape == (2, 22, 32, 4) and receipt["batch"] == 2 and receipt["alpha"]
+    assert [(p["image"], p["index"]) for p in receipt["passes"]] == [(0, 1), (1, 1)]
     assert torch.allclose(out[0, :, :, 3], out[1, :, :, 3]) and out[0, 0, -1, 3] > 0.9 and out[0, 0, 0, 3] < 0.1
     assert not torch.allclose(out[0, ..., :3], out[1, ..., :3])
 

@@ -43,9 +43,11 @@ def test_three_step_recursive_loop_on_a_real_photo_keeps_its_colours(compact):
     raw = zoom_loop(compact, image, 3, ZoomSettings(mode="recursive", process_size=SIZE, color_fix="none"))
     for result in (fixed, raw):
         t = result.tensor()
+        steps = result.receipt.to_dict()["step_receipts"]
         assert t.shape == (4, SIZE, SIZE, 3) and t.dtype == torch.float32
-        assert [r["upscale"]["output_size"] for r in result.receipt["step_receipts"]] == [[SIZE, SIZE]] * 3
-        assert [r["sr_input_size"] for r in result.receipt["step_receipts"]] == [[SIZE // 4, SIZE // 4]] * 3
+        assert [r["upscale"]["output_size"] for r in steps] == [[SIZE, SIZE]] * 3
+        assert [r["sr_input_size"] for r in steps] == [[SIZE // 4, SIZE // 4]] * 3
+        assert [r["step"] for r in steps] == [1, 2, 3]
     x0 = prepare(to_pil(image), SIZE)
     assert same_image(fixed.states[0][0], x0)
     # the states are really super-resolved, not copies of the bicubic view
@@ -54,10 +56,12 @@ def test_three_step_recursive_loop_on_a_real_photo_keeps_its_colours(compact):
     on, off = colour_shifts(fixed.states[0]), colour_shifts(raw.states[0])
     assert on.max() < 0.5, on  # under half an 8-bit level per channel with the colour fix
     assert off.max() > 1.0 and off.mean() > 4 * on.mean(), (on, off)
-    receipt = fixed.receipt["step_receipts"][0]
+    receipt = fixed.receipt.to_dict()["step_receipts"][0]
     assert receipt["upscale"]["model"]["file"] == "realesr-animevideov3.pth"
-    assert receipt["upscale"]["prompt"] == "coffee" and receipt["upscale"]["prompt_used"] is False
+    assert receipt["prompt"]["text"] == "coffee"
+    assert receipt["upscale"]["prompt"]["text"] == "coffee" and receipt["upscale"]["prompt"]["used"] is False
     assert receipt["color_fix"]["method"] == "wavelet"
+    assert raw.receipt.to_dict()["step_receipts"][0]["color_fix"] is None
 
 
 def test_steps_chained_by_hand_reproduce_the_loop_with_the_gan(compact):

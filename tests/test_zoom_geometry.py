@@ -93,7 +93,7 @@ def test_every_mode_matches_the_published_steps_exactly(mode, w, h, size):
     for n, (ours, ref) in enumerate(zip(states, ref_states)):
         assert ours.size == ref.size == (size, size), n
         assert same_image(ours, ref), (mode, n, np.abs(np.asarray(ours, np.int16) - np.asarray(ref, np.int16)).max())
-    boxes = [tuple(r["crop"]["box"]) for r in result.receipt["step_receipts"]]
+    boxes = [tuple(r["crop"]["box"]) for r in result.receipt.to_dict()["step_receipts"]]
     assert boxes == ref_boxes
     # the prompt model saw exactly the published images, with the published instruction
     assert len(provider.calls) == len(ref_prompt_images)
@@ -117,9 +117,11 @@ def test_recursive_with_a_bicubic_model_is_the_published_script_with_an_identity
     for _ in range(steps):
         x.append(x[-1].crop((192, 192, 320, 320)).resize((size, size), BICUBIC))  # the documented 128 box at (192,192)
     result = zoom_loop(BicubicX4(), photo(500, 400), steps, ZoomSettings(mode="recursive", color_fix="none"))
-    assert [r["crop"]["box"] for r in result.receipt["step_receipts"]] == [[192, 192, 320, 320]] * steps
+    receipt = result.receipt.to_dict()
+    assert [r["crop"]["box"] for r in receipt["step_receipts"]] == [[192, 192, 320, 320]] * steps
+    assert [r["crop"]["source"] for r in receipt["step_receipts"]] == ["x0", "x1", "x2", "x3"]
     assert all(same_image(a, b) for a, b in zip(result.states[0], x))
-    assert result.receipt["magnifications"] == [1, 4, 16, 64, 256]
+    assert receipt["magnifications"] == [1, 4, 16, 64, 256]
 
 
 def test_colour_fix_runs_per_step_against_that_steps_bicubic_view():
@@ -166,9 +168,9 @@ def test_preparation_is_a_no_op_on_a_prepared_state():
 def test_steps_chained_by_hand_equal_the_loop_and_seeds_are_derived_per_step():
     settings = ZoomSettings(mode="recursive_multiscale", process_size=64, color_fix="wavelet", seed=7,
                             user_prompt="a photo")
-    loop_model = BicubicX4(takes_prompt=True, gains=(1.1, 1.0, 0.9))
+    loop_model = BicubicX4(prompted=True, gains=(1.1, 1.0, 0.9))
     loop = zoom_loop(loop_model, photo(300, 220), 3, settings)
-    step_model = BicubicX4(takes_prompt=True, gains=(1.1, 1.0, 0.9))
+    step_model = BicubicX4(prompted=True, gains=(1.1, 1.0, 0.9))
     state = prepare(pil_photo(300, 220), 64)
     for n in range(1, 4):
         result = zoom_step(step_model, state, n, settings)
@@ -178,9 +180,9 @@ def test_steps_chained_by_hand_equal_the_loop_and_seeds_are_derived_per_step():
     assert step_model.calls == loop_model.calls
     assert len({c["seed"] for c in loop_model.calls}) == 3
     assert [c["prompt"] for c in loop_model.calls] == ["a photo"] * 3  # null provider: the user prompt
-    other = zoom_loop(BicubicX4(takes_prompt=True), photo(300, 220), 1,
+    other = zoom_loop(BicubicX4(prompted=True), photo(300, 220), 1,
                       ZoomSettings(mode="recursive", process_size=64, seed=8))
-    assert other.receipt["step_receipts"][0]["seed"] != loop.receipt["step_receipts"][0]["seed"]
+    assert other.receipt.to_dict()["step_receipts"][0]["seed"] != loop.receipt.to_dict()["step_receipts"][0]["seed"]
 
 
 def test_onestep_and_baselines_need_x0_in_a_step():
@@ -188,7 +190,7 @@ def test_onestep_and_baselines_need_x0_in_a_step():
     with pytest.raises(UpscalerError, match="origin"):
         zoom_step(BicubicX4(), x1, 2, ZoomSettings(mode="onestep", process_size=64))
     ok = zoom_step(BicubicX4(), x1, 2, ZoomSettings(mode="bicubic", process_size=64), origin=x1)
-    assert ok.receipt["crop"] == {"from": "x0", "box": [30, 30, 34, 34], "factor": 16}  # 64 // 16 = 4 px
+    assert ok.receipt.to_dict()["crop"] == {"source": "x0", "box": [30, 30, 34, 34], "factor": 16}  # 64 // 16 = 4 px
 
 
 def test_prompt_format_is_the_published_one():
@@ -222,4 +224,4 @@ def test_loop_output_is_image_major_for_a_batch():
     t = result.tensor()
     assert t.shape == (6, 64, 64, 3)
     assert torch.equal(t[3], from_pil(prepare(Image.fromarray(data.astronaut()[10:80, 60:140][:, ::-1]), 64))[0])
-    assert result.receipt["step_receipts"][2]["image"] == 1
+    assert [(r["image"], r["step"]) for r in result.receipt.to_dict()["step_receipts"]] == [(0, 1), (0, 2), (1, 1), (1, 2)]

@@ -1,7 +1,7 @@
 """Deterministic stand-ins for the Chain-of-Zoom tests: a 4x "model" that is PIL bicubic (optionally with
 a colour cast, optionally taking prompts), and a prompt provider that records what it was shown.
 
-Both implement the pack's real protocols (upscalers.base.Upscaler, zoom.prompts.PromptProvider) and
+Both implement the pack's real protocols (upscalers.contract.Upscaler, zoom.prompts.PromptProvider) and
 run through the real code paths (upscale(), tiling, the zoom loop).
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dreamforge_upscale.upscalers.base import Capabilities, ModelSource
+from dreamforge_upscale.upscalers.contract import Capabilities, Conditioning, ModelSource, WindowResult
 
 
 def pil_of(x_chw: torch.Tensor) -> Image.Image:
@@ -21,11 +21,12 @@ def pil_of(x_chw: torch.Tensor) -> Image.Image:
 class BicubicX4:
     """A 4x upscaler whose output is PIL's 8-bit BICUBIC enlargement, times per-channel `gains`."""
 
-    def __init__(self, *, scale: int = 4, takes_prompt: bool = False, gains=(1.0, 1.0, 1.0), context: int = 0):
+    offload = False
+
+    def __init__(self, *, scale: int = 4, prompted: bool = False, gains=(1.0, 1.0, 1.0), context: int = 0):
         self.capabilities = Capabilities(
             impl="test", native_scales=(scale,), dtypes=("fp32",), size_multiple=1, min_size=1, square=False,
-            context=context, tiling="supported", bytes_per_pixel=256.0, in_channels=3, out_channels=3,
-            takes_prompt=takes_prompt,
+            context=context, bytes_per_pixel=256.0, in_channels=3, out_channels=3, prompted=prompted,
         )
         self.source = ModelSource(f"bicubic-x{scale} (test)", None, "PIL bicubic")
         self.dtype = torch.float32
@@ -40,15 +41,18 @@ class BicubicX4:
     def module(self) -> torch.nn.Module:
         return self._module
 
-    def upscale_window(self, x: torch.Tensor, prompt=None, seed=None) -> torch.Tensor:
-        self.calls.append({"shape": tuple(x.shape), "prompt": prompt, "seed": seed})
+    def describe(self) -> dict:
+        return {**self.source.describe(), "impl": "test", "native_scale": self.scale, "dtype": "fp32"}
+
+    def upscale_window(self, x: torch.Tensor, cond: Conditioning, hooks=None) -> WindowResult:
+        self.calls.append({"shape": tuple(x.shape), "prompt": cond.prompt, "seed": cond.seed})
         s = self.scale
         outs = []
         for b in range(x.shape[0]):
             im = pil_of(x[b])
             big = im.resize((im.width * s, im.height * s), Image.Resampling.BICUBIC)
             outs.append(torch.from_numpy(np.asarray(big, dtype=np.float32) / 255.0).permute(2, 0, 1))
-        return (torch.stack(outs).to(x.device) * self.gains.to(x.device)).clamp(0, 1)
+        return WindowResult((torch.stack(outs).to(x.device) * self.gains.to(x.device)).clamp(0, 1))
 
 
 class RecordingProvider:

@@ -10,6 +10,9 @@ the backend's capabilities; on the CPU times CPU_REUSE_FACTOR while tiling/cpu_m
 blocks). Context is the price of tiling: every extra tile re-reads 2 * context px on each axis, so a
 plan with fewer, larger windows wins unless per-call or memory costs say otherwise. `choose_plan` scores
 every distinct plan whose windows fit the budget and returns the cheapest; no fixed tile size is assumed.
+Given `reuse_factor` it also scores each plan without heap reuse (less memory, REUSE_OFF_SLOWDOWN x the
+time), so a memory-tight CPU runs one tile without reuse rather than tiles that re-read their context.
+Where each constant comes from: docs/speed.md ("Where every constant comes from").
 
 Calibration (this repository's CPU: AMD EPYC Zen 3 KVM guest, 2 cores, torch 2.14.1, fp32, memory reuse
 on). `calibrate()` fits per_call + per_pixel * px over windows of 96-384 px. In the session that wrote
@@ -41,6 +44,10 @@ import torch
 from .plan import TilePlan, plan_tiles
 
 CPU_REUSE_FACTOR = 2.0  # heap reuse keeps freed blocks: peak RSS above the start 1.95-2.0x of a default pass (docs/speed.md)
+# A pass without heap reuse is this much slower per pixel (page faults): the lowest speed-up measured on the
+# CPU (1.35-1.49x, Compact and RRDB, docs/benchmarks.md). Low on purpose: an error here only moves the
+# rare memory-tight choice between "one tile, reuse off" and "tiles, reuse on", never the output.
+REUSE_OFF_SLOWDOWN = 1.35
 TILE_STEP = 32
 MIN_TILE = 64
 
@@ -107,6 +114,7 @@ class PlanChoice:
     seconds: float  # predicted
     memory: int  # predicted activation bytes per call
     tiles_per_call: int = 1
+    reuse: bool = True  # run with CPU heap reuse (False: the plan fits only without its extra memory)
 
 
 def plan_seconds(plan: TilePlan, cost: ArchCost, batch: int, scale: int, tiles_per_call: int = 1) -> float:
@@ -130,11 +138,30 @@ def candidate_tiles(height: int, width: int) -> Iterable[int]:
 
 def choose_plan(height: int, width: int, *, batch: int, scale: int, context: int, overlap: int,
                 bytes_per_pixel: float, budget: int, cost: ArchCost, multiple: int = 1, minimum: int = 0,
-                square: bool = False, max_tiles_per_call: int = 1) -> PlanChoice:
+                square: bool = False, max_tiles_per_call: int = 1, reuse_factor: float = 1.0) -> PlanChoice:
     """The cheapest plan (by `cost`) whose activations fit `budget`; the smallest one when none fits
-    (the out-of-memory retry takes it from there)."""
+    (the out-of-memory retry takes it from there).
+
+    `reuse_factor` (memory_factor(device): > 1 while CPU heap reuse is on) scores every plan twice: with
+    reuse (memory x reuse_factor) and without it (its own memory, REUSE_OFF_SLOWDOWN x the seconds), so an
+    image that fits untiled only without reuse runs that way instead of in tiles that re-read context."""
     best: PlanChoice | None = None
     smallest: PlanChoice | None = None
+    for choice in _candidates(height, width, batch, scale, context, overlap, bytes_per_pixel, budget, cost,
+                              multiple, minimum, square, max_tiles_per_call, reuse_factor):
+        if smallest is None or choice.memory < smallest.memory:
+            smallest = choice
+        if choice.memory <= budget and (best is None or choice.seconds < best.seconds):
+            best = choice
+    return best or smallest
+
+
+def _candidates(height, width, batch, scale, context, overlap, bytes_per_pixel, budget, cost, multiple, minimum,
+                square, max_tiles_per_call, reuse_factor) -> Iterable[PlanChoice]:
+    """Every distinct plan, with reuse (memory x reuse_factor) and, when that factor is > 1, without."""
+    modes = [(True, bytes_per_pixel * reuse_factor, 1.0)]
+    if reuse_factor > 1.0:
+        modes.append((False, bytes_per_pixel, REUSE_OFF_SLOWDOWN))
     seen: set = set()
     for tile in candidate_tiles(height, width):
         plan = plan_tiles(height, width, tile, overlap, context, multiple, minimum, square)
@@ -142,16 +169,12 @@ def choose_plan(height: int, width: int, *, batch: int, scale: int, context: int
         if key in seen:
             continue
         seen.add(key)
-        per_call = min(max(1, max_tiles_per_call), plan.count)
-        while per_call > 1 and plan_memory(plan, bytes_per_pixel, batch, per_call) > budget:
-            per_call //= 2
-        choice = PlanChoice(tile, plan, plan_seconds(plan, cost, batch, scale, per_call),
-                            plan_memory(plan, bytes_per_pixel, batch, per_call), per_call)
-        if smallest is None or choice.memory < smallest.memory:
-            smallest = choice
-        if choice.memory <= budget and (best is None or choice.seconds < best.seconds):
-            best = choice
-    return best or smallest
+        for reuse, bpp, slowdown in modes:
+            per_call = min(max(1, max_tiles_per_call), plan.count)
+            while per_call > 1 and plan_memory(plan, bpp, batch, per_call) > budget:
+                per_call //= 2
+            yield PlanChoice(tile, plan, slowdown * plan_seconds(plan, cost, batch, scale, per_call),
+                             plan_memory(plan, bpp, batch, per_call), per_call, reuse)
 
 
 # ----------------------------------------------------------------------------------- calibration

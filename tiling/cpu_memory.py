@@ -131,14 +131,26 @@ def configure(device=None) -> AllocatorStatus:
     return st
 
 
+def trim_threshold(keep: int) -> int:
+    """mallopt's M_TRIM_THRESHOLD value for keeping `keep` free bytes: -1 (never trim during the pass) past
+    what a C int holds; the pass's own peak then bounds the heap, and the end of the pass trims it."""
+    return keep if keep <= MAX_KEEP_MB * 2**20 else -1
+
+
 @contextmanager
-def reuse(device=None):
+def reuse(device=None, enabled: bool = True, keep: int | None = None):
     """Around one CPU pass: reuse freed heap memory; afterwards defaults back and free pages returned.
 
+    `keep`: the pass's predicted activation bytes (tiling/cost.py). The heap top then keeps at least that
+    much free memory, so a model whose single activations exceed the default bound (RRDB at 4x on a
+    large image: > 1 GiB each) still reuses them instead of faulting them in again.
     Nested and concurrent passes are counted: only the last one out restores and trims. A no-op for
-    non-CPU devices and wherever `status()` says it does not apply.
+    non-CPU devices, wherever `status()` says it does not apply, and with `enabled=False` (the plan
+    chosen by tiling/cost.py fits the memory only without the extra heap reuse keeps).
     """
     st = status() if getattr(device, "type", "cpu") == "cpu" else configure(device)
+    if st.active and not enabled:
+        st = AllocatorStatus(False, "off for this pass: the fastest plan that fits needs the memory reuse keeps")
     if not st.active:
         yield st
         return
@@ -147,7 +159,7 @@ def reuse(device=None):
     with _lock:
         if _state["depth"] == 0:
             libc.mallopt(M_MMAP_MAX, 0)
-            libc.mallopt(M_TRIM_THRESHOLD, st.keep_bytes)
+            libc.mallopt(M_TRIM_THRESHOLD, trim_threshold(max(st.keep_bytes, keep or 0)))
         _state["depth"] += 1
     try:
         yield st

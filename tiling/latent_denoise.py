@@ -23,9 +23,14 @@ def plan_latent(height: int, width: int, tile: int, overlap: int) -> TilePlan:
 
 
 def predict_tiled(x: torch.Tensor, predict: Callable[[torch.Tensor], torch.Tensor], plan: TilePlan,
-                  dtype: torch.dtype, hooks: RunHooks) -> torch.Tensor:
-    """x: B,C,h,w model input on the compute device -> B,C_out,h,w float32 blended prediction."""
-    out = run_plan(x.permute(0, 2, 3, 1), predict, 1, plan, x.device, dtype, hooks)
+                  dtype: torch.dtype, hooks: RunHooks, tiles_per_call: int = 1,
+                  retries: list | None = None) -> torch.Tensor:
+    """x: B,C,h,w model input on the compute device -> B,C_out,h,w float32 blended prediction.
+
+    `tiles_per_call` > 1 stacks that many equal windows along the batch of one `predict` call (which must
+    accept any batch that is a multiple of B); out of memory halves it, recorded in `retries`."""
+    out = run_plan(x.permute(0, 2, 3, 1), predict, 1, plan, x.device, dtype, hooks, tiles_per_call=tiles_per_call,
+                   retries=retries)
     return out.permute(0, 3, 1, 2)
 
 

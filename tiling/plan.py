@@ -119,6 +119,13 @@ class TilePlan:
     def untiled(self) -> bool:
         return self.count == 1
 
+    @property
+    def window_area_ratio(self) -> float:
+        """Pixels the model sees over pixels in the image (1.0 untiled): the geometric floor of a tiled
+        run's cost for this plan, which no implementation of the same tiles and overlap avoids."""
+        seen = self.count * self.rows.window * self.cols.window
+        return seen / (self.rows.length * self.cols.length)
+
     def tiles(self):
         for r in range(self.rows.count):
             for c in range(self.cols.count):

@@ -32,3 +32,20 @@ def resize(image: torch.Tensor, height: int, width: int, method: str = "lanczos"
             plane = Image.fromarray(np.ascontiguousarray(planes[b, :, :, ch]), mode="F")
             out[b, :, :, ch] = np.asarray(plane.resize((width, height), Image.Resampling.LANCZOS))
     return torch.from_numpy(out).clamp_(0, 1).to(image.device)
+
+
+def split_alpha(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """B,H,W,C IMAGE -> (RGB, alpha or None): grey is expanded to RGB, RGBA's alpha is split off."""
+    channels = image.shape[-1]
+    rgb = image[..., :3] if channels >= 3 else image.expand(-1, -1, -1, 3)
+    return rgb, (image[..., 3:] if channels == 4 else None)
+
+
+def attach_alpha(rgb: torch.Tensor, alpha: torch.Tensor | None) -> torch.Tensor:
+    """Re-attach an alpha split off by `split_alpha`, resized (bicubic) to the RGB's size."""
+    if alpha is None:
+        return rgb
+    return torch.cat([rgb, resize(alpha.float(), rgb.shape[1], rgb.shape[2], "bicubic").to(rgb)], dim=-1)
+
+
+ALPHA_NOTE = "resampled separately (bicubic)"

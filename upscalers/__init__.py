@@ -1,13 +1,18 @@
-"""Upscaler backends behind one protocol, their capability descriptors and the impl policy.
+"""Upscaler backends behind one contract (contract.py), their families (backends.py: gan/, sdx4/,
+coz_sd3/), the impl policy (registry.py), the request driver (upscale.py) and typed receipts.
 
 Runs without ComfyUI: tests and the command line use these modules directly.
 """
-from .base import Capabilities, ModelSource, Upscaler, UpscalerError
+from .backends import backend_for, is_diffusion_model, load_upscaler
+from .base import AssetError, UpscalerError
+from .contract import Capabilities, Conditioning, ModelSource, RunMemo, Upscaler, WindowResult
 from .gan import GANUpscaler
+from .receipts import UpscaleReceipt
 from .registry import IMPLS, plan_scale, resolve_load_impl
 from .upscale import DEFAULT_OVERLAP, check_image, upscale
 
 __all__ = [
-    "Capabilities", "ModelSource", "Upscaler", "UpscalerError", "GANUpscaler", "IMPLS", "plan_scale",
-    "resolve_load_impl", "DEFAULT_OVERLAP", "check_image", "upscale",
+    "backend_for", "is_diffusion_model", "load_upscaler", "AssetError", "UpscalerError", "Capabilities",
+    "Conditioning", "ModelSource", "RunMemo", "Upscaler", "WindowResult", "GANUpscaler", "UpscaleReceipt", "IMPLS",
+    "plan_scale", "resolve_load_impl", "DEFAULT_OVERLAP", "check_image", "upscale",
 ]

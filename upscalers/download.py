@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .base import AssetError
+from .loading import hash_file
 
 CHUNK = 1 << 16
 USER_AGENT = "dreamforge-upscale/0.1 (+assets)"
@@ -48,19 +49,11 @@ def part_path(dest: Path) -> Path:
     return dest.with_name(dest.name + ".part")
 
 
-def _hash_file(path: Path, digest=None):
-    digest = digest or hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest
-
-
 def git_blob_sha1(path: Path) -> str:
     """The git object id of a file (what the hub reports as blobId for non-LFS files)."""
     digest = hashlib.sha1()
     digest.update(b"blob %d\0" % path.stat().st_size)
-    return _hash_file(path, digest).hexdigest()
+    return hash_file(path, digest).hexdigest()
 
 
 def _progress(label: str, total: int | None, initial: int, enabled: bool):
@@ -180,7 +173,7 @@ def fetch_url(url: str, dest: str | os.PathLike, *, sha256: str | None = None, g
         print(f"{label}: connection lost at {got:,} of {total:,} bytes; resuming", file=sys.stderr)
 
     actual_size = part.stat().st_size
-    digest = _hash_file(part).hexdigest()
+    digest = hash_file(part).hexdigest()
     problems = []
     if size is not None and actual_size != size:
         problems.append(f"size mismatch: expected {size:,} bytes, got {actual_size:,}")
@@ -287,7 +280,7 @@ def fetch_snapshot(repo: str, revision: str, dest: str | os.PathLike, *, hub: st
         want_size = lfs.get("size", sib.get("size"))
         target = stage / name
         if target.exists():  # staged by an interrupted earlier run: keep it if it checks out
-            ok = (_hash_file(target).hexdigest() == want_sha) if want_sha else \
+            ok = (hash_file(target).hexdigest() == want_sha) if want_sha else \
                  (git_blob_sha1(target) == want_blob) if want_blob else False
             if not ok:
                 target.unlink()
@@ -298,7 +291,7 @@ def fetch_snapshot(repo: str, revision: str, dest: str | os.PathLike, *, hub: st
             fetched.append(name)
             if not want_sha and not want_blob:
                 print(f"warning: {repo}/{name}: the hub gave no hash for it; recorded as downloaded", file=sys.stderr)
-        files[name] = _hash_file(target).hexdigest()
+        files[name] = hash_file(target).hexdigest()
         total += target.stat().st_size
     for leftover in sorted(stage.rglob("*"), reverse=True):  # from another revision or an older run
         rel = leftover.relative_to(stage).as_posix()

@@ -21,22 +21,34 @@ def cpu_bf16_accelerated() -> bool:
         return False
 
 
-def select_dtype(requested: str, device: torch.device, supports_half: bool, supports_bf16: bool) -> torch.dtype:
-    """auto: fp16 on CUDA where the architecture allows, else bf16 where supported, else fp32;
-    fp32 on the CPU. An explicit choice the architecture cannot run is an error, not a silent switch."""
+def select_dtype(requested: str, device: torch.device, supports_half: bool = True, supports_bf16: bool = True,
+                 prefer: str = "fp16") -> torch.dtype:
+    """The pack's one dtype picker. auto: on CUDA the `prefer`red half type (fp16 or bf16) where the network
+    allows it and the GPU has it, else the other half type, else fp32; fp32 on the CPU. An explicit choice
+    the network or device cannot run is an error, not a silent switch."""
     if requested == "auto":
         if device.type == "cuda":
-            if supports_half:
-                return torch.float16
-            if supports_bf16 and torch.cuda.is_bf16_supported():
-                return torch.bfloat16
+            half_ok = {"fp16": supports_half, "bf16": supports_bf16 and torch.cuda.is_bf16_supported()}
+            for name in (prefer, "bf16" if prefer == "fp16" else "fp16"):
+                if half_ok[name]:
+                    return DTYPES[name]
         return torch.float32
     if requested not in DTYPES:
         raise UpscalerError(f"dtype must be one of auto, {', '.join(DTYPE_NAMES)}; got {requested!r}")
     if requested == "fp16" and not supports_half:
-        raise UpscalerError("dtype fp16: this architecture produces wrong results in fp16; choose bf16, fp32 or auto")
+        raise UpscalerError("dtype fp16: this network produces wrong results in fp16; choose bf16, fp32 or auto")
     if requested == "fp16" and device.type == "cpu":
         raise UpscalerError("dtype fp16 is not supported on the CPU; choose bf16 or fp32 (or auto)")
     if requested == "bf16" and not supports_bf16:
-        raise UpscalerError("dtype bf16: this architecture does not support bfloat16; choose fp32 or auto")
+        raise UpscalerError("dtype bf16: this network does not support bfloat16; choose fp32 or auto")
     return DTYPES[requested]
+
+
+def vae_dtype_for(main: torch.dtype, device: torch.device) -> torch.dtype:
+    """A VAE beside a network in `main`: bf16 beside a half-precision network where the device has it, else
+    fp32 (VAE decoders overflow in fp16, so never that)."""
+    if main == torch.float32:
+        return torch.float32
+    if main == torch.bfloat16 or (device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float32

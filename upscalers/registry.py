@@ -6,7 +6,8 @@ import os
 import re
 from dataclasses import dataclass
 
-from .base import Capabilities, UpscalerError
+from .base import UpscalerError
+from .contract import Capabilities
 
 IMPLS = ("auto", "diffusion", "gan")
 ENV_DEFAULT_IMPL = "DREAMFORGE_DEFAULT_IMPL"  # operators: the impl inputs' default (auto/diffusion/gan)

@@ -8,11 +8,16 @@ from typing import Callable, Union
 
 import torch
 
-from ..tiling import RunHooks, TileOOMError, choose_tile, free_bytes, is_out_of_memory, resize, run_tiled, target_size
+from ..tiling import RunHooks, TileOOMError, free_bytes, is_out_of_memory, resize, run_tiled, target_size
 from ..tiling import cpu_memory
+from ..tiling.resample import ALPHA_NOTE, attach_alpha, split_alpha
 from ..tiling.cost import arch_of, choose_plan, costs_for, max_tiles_per_call, memory_factor
 from ..tiling.memory import BUDGET_FRACTION, canvas_bytes
-from .base import Upscaler, UpscalerError
+from .base import UpscalerError
+from .contract import Conditioning, RunMemo, Upscaler
+from .receipts import (
+    Degraded, FallbackStep, ModelRecord, PassRecord, Policy, PromptRecord, Resampled, TilePrompt, UpscaleReceipt,
+)
 from .dtypes import cpu_bf16_accelerated, dtype_name
 from .registry import plan_scale
 from .size_guard import check_sizes, max_side_limit
@@ -51,52 +56,62 @@ def _device_of(module: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _prompted(upscaler: Upscaler, prompt: Prompt, seed: int | None, record: list):
-    """(fn, per_tile) for the runner: hand the prompt (fixed, or per tile) and the seed to the upscaler.
+def _window_box(plan, r: int, c: int) -> tuple[int, int, int, int]:
+    """Tile (r, c)'s window in the pass input's pixels: left, top, right, bottom."""
+    x0, y0 = plan.cols.window_starts[c], plan.rows.window_starts[r]
+    return x0, y0, min(x0 + plan.cols.window, plan.cols.length), min(y0 + plan.rows.window, plan.rows.length)
 
-    Upscalers without `capabilities.takes_prompt` (GANs) get x only, and per-tile prompts are not
-    made for them at all (a prompt model call per tile would buy nothing); the receipt says so.
-    """
-    if not upscaler.capabilities.takes_prompt:
-        return upscaler.upscale_window, None
 
-    def fn(x, text=prompt if isinstance(prompt, str) else None):
-        return upscaler.upscale_window(x, prompt=text, seed=seed)
+class TilePrompts:
+    """The prompt of each tile window of one pass, made once per window (a retry with smaller tiles makes
+    only the new windows' prompts). Lives for one pass of one call."""
 
-    if not callable(prompt):
-        return fn, None
+    def __init__(self, make: Callable[[tuple[int, int, int, int]], str]):
+        self._make, self._texts = make, {}
+
+    def text(self, box: tuple[int, int, int, int]) -> str:
+        if box not in self._texts:
+            self._texts[box] = self._make(box)
+        return self._texts[box]
+
+    def records(self, plan) -> list[TilePrompt]:
+        """The prompts of the plan that made the image, in tile order."""
+        return [TilePrompt(list(box), self._texts[box], [r, c])
+                for r, c in plan.tiles() if (box := _window_box(plan, r, c)) in self._texts]
+
+
+def _tile_fns(upscaler: Upscaler, cond: Conditioning, prompt: Prompt, hooks: RunHooks):
+    """(fn, per_tile, prompts) for the runner. Unprompted models get x only: no per-tile prompts are made for
+    them (a prompt model call per tile would buy nothing); the receipt says so."""
+    if not (upscaler.capabilities.prompted and callable(prompt)):
+        return (lambda x: upscaler.upscale_window(x, cond, hooks).image), None, None
+    prompts = TilePrompts(prompt)
 
     def per_tile(plan, r, c):
-        """The window box of tile (r, c) and its prompt, made when the runner reaches the tile."""
-        x0, y0 = plan.cols.window_starts[c], plan.rows.window_starts[r]
-        box = (x0, y0, min(x0 + plan.cols.window, plan.cols.length), min(y0 + plan.rows.window, plan.rows.length))
-        text = prompt(box)
-        if (r, c) == (0, 0):
-            record.clear()  # a new plan (first attempt, or a retry after out-of-memory)
-        record.append({"tile": [r, c], "window": list(box), "prompt": text})
-        return lambda x: fn(x, text)
+        tile_cond = dataclasses.replace(cond, prompt=prompts.text(_window_box(plan, r, c)))
+        return lambda x: upscaler.upscale_window(x, tile_cond, hooks).image
 
-    return None, per_tile
+    return None, per_tile, prompts
 
 
-def tiles_internally(caps) -> bool:
-    """Generative backends (SD x4) plan their own tiles (latent tiles, tiled decode) and take options."""
-    return caps.takes_prompt and caps.tiling == "internal"
-
-
-def _generative_pass(upscaler: Upscaler, rgb: torch.Tensor, device: torch.device, hooks: RunHooks,
-                     prompt: Prompt, seed: int | None, options) -> tuple[torch.Tensor, dict]:
-    """Backends that take a prompt tile internally (latent tiles, tiled decode): one call per pass."""
+def _whole_image_pass(upscaler: Upscaler, rgb: torch.Tensor, device: torch.device, hooks: RunHooks,
+                      prompt: Prompt, cond: Conditioning, index: int) -> tuple[torch.Tensor, PassRecord, list]:
+    """Backends that plan their own tiles (latent tiles, tiled decode): one call per pass."""
     batch, height, width, _ = rgb.shape
     _prepare(upscaler, hooks, batch, height, width)
-    text = prompt((0, 0, width, height)) if callable(prompt) else prompt
-    report: dict = {}
+    text = None
+    if upscaler.capabilities.prompted:
+        text = prompt((0, 0, width, height)) if callable(prompt) else prompt
     x = rgb.permute(0, 3, 1, 2).to(device=device, dtype=torch.float32)
-    y = upscaler.upscale_window(x, prompt=text, seed=seed, options=options, hooks=hooks, report=report)
-    report["prompt"] = text
-    if dataclasses.is_dataclass(options):
-        report["options"] = dataclasses.asdict(options)
-    return y.permute(0, 2, 3, 1).to(device=rgb.device, dtype=torch.float32), report
+    result = upscaler.upscale_window(x, dataclasses.replace(cond, prompt=text), hooks)
+    report = dict(result.report)
+    retries = report.pop("retries", [])
+    if dataclasses.is_dataclass(cond.options):
+        report["options"] = dataclasses.asdict(cond.options)
+    out = result.image.permute(0, 2, 3, 1).to(device=rgb.device, dtype=torch.float32)
+    prompts = [TilePrompt([0, 0, width, height], text)] if text is not None else []
+    record = PassRecord(index, [width, height], [out.shape[2], out.shape[1]], None, prompts, report)
+    return out, record, retries
 
 
 def _bytes_per_pixel(upscaler: Upscaler) -> float:
@@ -116,38 +131,24 @@ def _one_pass(upscaler: Upscaler, rgb: torch.Tensor, tile: int, overlap: int, de
     batch, height, width, _ = rgb.shape
     per_px = _bytes_per_pixel(upscaler)
     _prepare(upscaler, hooks, batch, height, width)
-    tiles_per_call = 1
+    tiles_per_call, reuse, keep = 1, True, None
     if tile <= 0:
-        if caps.tiling == "internal":
-            tile = 0  # the model tiles itself; outer tiling would only add seams
-        else:
-            budget = (hooks.free_bytes or free_bytes)(device) * BUDGET_FRACTION
-            if device.type == "cpu":  # the output canvas shares the CPU's memory with the activations
-                budget -= canvas_bytes(batch, height, width, caps.out_channels, upscaler.scale)
-            # the fastest exact plan that fits, by the per-architecture cost model (tiling/cost.py)
-            choice = choose_plan(height, width, batch=batch, scale=upscaler.scale, context=caps.context,
-                                 overlap=overlap, bytes_per_pixel=per_px * memory_factor(device), budget=int(budget),
-                                 cost=costs_for(arch_of(upscaler), device, caps.bytes_per_pixel),
-                                 multiple=caps.size_multiple, minimum=caps.min_size, square=caps.square,
-                                 max_tiles_per_call=max_tiles_per_call(device, per_tile))
-            tile, tiles_per_call = choice.tile, choice.tiles_per_call
-    with cpu_memory.reuse(device):  # CPU: freed activations are reused instead of faulted in again
-        return run_tiled(
-            rgb,
-            fn,
-            upscaler.scale,
-            tile=tile,
-            overlap=overlap,
-            context=caps.context,
-            device=device,
-            dtype=upscaler.dtype,
-            multiple=caps.size_multiple,
-            minimum=caps.min_size,
-            square=caps.square,
-            hooks=hooks,
-            per_tile=per_tile,
-            tiles_per_call=tiles_per_call,
-        )
+        budget = (hooks.free_bytes or free_bytes)(device) * BUDGET_FRACTION
+        if device.type == "cpu":  # the output canvas shares the CPU's memory with the activations
+            budget -= canvas_bytes(batch, height, width, caps.out_channels, upscaler.scale)
+        # the fastest exact plan that fits, by the per-architecture cost model (tiling/cost.py)
+        choice = choose_plan(height, width, batch=batch, scale=upscaler.scale, context=caps.context,
+                             overlap=overlap, bytes_per_pixel=per_px, budget=int(budget),
+                             cost=costs_for(arch_of(upscaler), device, caps.bytes_per_pixel),
+                             multiple=caps.size_multiple, minimum=caps.min_size, square=caps.square,
+                             max_tiles_per_call=max_tiles_per_call(device, per_tile),
+                             reuse_factor=memory_factor(device))
+        tile, tiles_per_call, reuse, keep = choice.tile, choice.tiles_per_call, choice.reuse, choice.memory
+    # CPU: freed activations are reused instead of faulted in again (kept up to what the plan needs)
+    with cpu_memory.reuse(device, enabled=reuse, keep=keep):
+        return run_tiled(rgb, fn, upscaler.scale, tile=tile, overlap=overlap, context=caps.context, device=device,
+                         dtype=upscaler.dtype, multiple=caps.size_multiple, minimum=caps.min_size, square=caps.square,
+                         hooks=hooks, per_tile=per_tile, tiles_per_call=tiles_per_call)
 
 
 def upscale(
@@ -164,17 +165,21 @@ def upscale(
     prompt: Prompt = None,
     seed: int | None = None,
     options=None,
+    memo: RunMemo | None = None,
+    policy: Policy | None = None,
     fallback: Callable[[], Upscaler] | None = None,
     resample_fallback: bool = False,
     max_side: int | None = None,
-) -> tuple[torch.Tensor, dict]:
+) -> tuple[torch.Tensor, UpscaleReceipt]:
     """Upscale a ComfyUI IMAGE (B,H,W,C float) by `scale` (None/0 = native). Returns (image, receipt).
 
     Scales other than the native one run the fewest native passes that reach it, then resample to
     exactly round(H*s) x round(W*s). Alpha is resampled separately and re-attached.
-    `prompt` (text, or a function of a tile's window box giving that tile's text) and `seed` go to
-    upscalers that take them (`capabilities.takes_prompt`, with their per-call `options`) and are
-    recorded in the receipt either way.
+    `prompt` (text, or a function of a tile's window box giving that tile's text), `seed` and the
+    backend's `options` condition prompted backends (`capabilities.prompted`) and are recorded in the
+    receipt either way. `memo` lets a longer run (a zoom loop) share reusable work across its calls.
+    `policy` (which implementation the caller chose, and why) is recorded, with `ran` corrected when a
+    fallback made the image.
 
     Before any work every intermediate and the output are checked against `max_side` (default:
     DREAMFORGE_MAX_SIDE) and the free memory. Out of memory: tiles shrink (tiling/retry.py); at the
@@ -188,10 +193,11 @@ def upscale(
     check_image(image)
     splan = plan_scale(upscaler.capabilities, scale, strict_scale, upscaler.source.file)
     _check_sizes(image, splan, upscaler, max_side, hooks)
+    cond = Conditioning(seed=seed, options=options, memo=memo or RunMemo())
     kw = dict(tile=tile, overlap=overlap, strict_scale=strict_scale, resample=resample, device=device,
-              prompt=prompt, seed=seed, options=options)
+              prompt=prompt, cond=cond)
     started = time.perf_counter()
-    chain: list[dict] = []
+    chain: list[FallbackStep] = []
     candidates: list[Callable[[], Upscaler]] = [lambda: upscaler]
     if fallback is not None and upscaler.capabilities.impl != "gan" and not strict_scale:
         candidates.append(fallback)
@@ -213,19 +219,26 @@ def upscale(
                     "forbids falling back to another method. Fix: free memory (other models), lower 'tile', use a "
                     f"smaller image, or untick strict_scale to allow the fallbacks. ({exc})"
                 ) from None
-            chain.append({"impl": impl, "model": label, "result": "out of memory", "detail": str(exc)[:300]})
+            chain.append(FallbackStep(impl, label, "out of memory", str(exc)[:300]))
             last = exc
             del exc
             continue
         if chain:
-            chain.append({"impl": receipt["impl"], "model": receipt["model"]["file"], "result": "ok"})
+            chain.append(FallbackStep(receipt.impl, receipt.model.file, "ok"))
             _degrade(receipt, chain, started)
+        receipt.policy = _ran(policy, receipt)
         return out, receipt
     if not resample_fallback:
         raise last
     out, receipt = _resample_fallback(image, splan.requested, resample, chain)
     _degrade(receipt, chain, started)
+    receipt.policy = _ran(policy, receipt)
     return out, receipt
+
+
+def _ran(policy: Policy | None, receipt: UpscaleReceipt) -> Policy | None:
+    """The caller's policy, saying what really made the image."""
+    return None if policy is None else dataclasses.replace(policy, ran=receipt.impl)
 
 
 def _check_sizes(image: torch.Tensor, splan, upscaler: Upscaler, max_side: int | None, hooks: RunHooks) -> None:
@@ -242,31 +255,31 @@ def _check_sizes(image: torch.Tensor, splan, upscaler: Upscaler, max_side: int |
                 free=(hooks.free_bytes or free_bytes)(cpu))
 
 
-def _degrade(receipt: dict, chain: list[dict], started: float) -> None:
+def _degrade(receipt: UpscaleReceipt, chain: list[FallbackStep], started: float) -> None:
     """A fallback ran: say so in the log and the receipt, never silently."""
-    receipt["fallbacks"] = chain
-    receipt["degraded"] = {"ran": receipt["impl"], "instead_of": chain[0]["impl"],
-                           "reason": f"out of memory: {chain[0]['detail'][:200]}"}
-    receipt["seconds"] = round(time.perf_counter() - started, 3)
+    receipt.fallbacks = chain
+    receipt.degraded = Degraded(receipt.impl, chain[0].impl, f"out of memory: {(chain[0].detail or '')[:200]}")
+    receipt.seconds = round(time.perf_counter() - started, 3)
     log.warning("DreamForge: %s (%s) ran out of memory; the result was made by %s instead",
-                chain[0]["impl"], chain[0]["model"], receipt["impl"])
+                chain[0].impl, chain[0].model, receipt.impl)
 
 
-def _resample_fallback(image, factor, resample, chain) -> tuple[torch.Tensor, dict]:
+def _resample_fallback(image, factor, resample, chain) -> tuple[torch.Tensor, UpscaleReceipt]:
     """Last resort, only where allowed: an antialiased resize to the requested size (no model); alpha kept."""
     _, height, width, channels = image.shape
     out_h, out_w = target_size(height, width, factor)
-    out = resize(image if channels != 1 else image.expand(-1, -1, -1, 3), out_h, out_w, resample)
-    chain.append({"impl": "resample", "model": resample, "result": "ok"})
-    return out, {
-        "impl": "resample", "model": {"file": resample}, "native_scale": 1, "requested_scale": factor, "passes": 0,
-        "resampled": {"from_scale": 1, "method": resample}, "input_size": [width, height],
-        "output_size": [out_w, out_h], "batch": image.shape[0], "alpha": "resampled" if channels == 4 else None,
-        "dtype": "fp32", "device": "cpu", "tile_plan": None, "retries": [], "fallbacks": chain,
-    }
+    rgb, alpha = split_alpha(image)
+    out = attach_alpha(resize(rgb, out_h, out_w, resample), alpha)
+    chain.append(FallbackStep("resample", resample, "ok"))
+    return out, UpscaleReceipt(
+        impl="resample", model=ModelRecord(resample, None, "resize (no model)", None), native_scale=1,
+        requested_scale=float(factor), pass_count=0, resampled=Resampled(1.0, resample), input_size=[width, height],
+        output_size=[out_w, out_h], batch=image.shape[0], alpha=ALPHA_NOTE if alpha is not None else None,
+        dtype="fp32", device="cpu", passes=[], retries=[], fallbacks=chain, degraded=None, prompt=None, seed=None,
+        policy=None, notes=[], seconds=0.0)
 
 
-def _upscale_batch(upscaler: Upscaler, image: torch.Tensor, scale, **kw) -> tuple[torch.Tensor, dict]:
+def _upscale_batch(upscaler: Upscaler, image: torch.Tensor, scale, **kw) -> tuple[torch.Tensor, UpscaleReceipt]:
     """The whole batch at once; at the out-of-memory floor, one image at a time (less activation memory)."""
     try:
         return _upscale_once(upscaler, image, scale, **kw)
@@ -280,9 +293,13 @@ def _upscale_batch(upscaler: Upscaler, image: torch.Tensor, scale, **kw) -> tupl
         outs.append(out)
         receipts.append(receipt)
     receipt = receipts[0]
-    receipt["retries"] = [note] + [r for rec in receipts for r in rec["retries"]]
-    receipt["batch"] = image.shape[0]
-    receipt["seconds"] = round(sum(r["seconds"] for r in receipts), 3)
+    for i, rec in enumerate(receipts):  # every image's passes (tiles, prompts) stay in the receipt
+        for record in rec.passes:
+            record.image = i
+    receipt.passes = [p for rec in receipts for p in rec.passes]
+    receipt.retries = [note] + [r for rec in receipts for r in rec.retries]
+    receipt.batch = image.shape[0]
+    receipt.seconds = round(sum(r.seconds for r in receipts), 3)
     return torch.cat(outs, dim=0), receipt
 
 
@@ -298,9 +315,8 @@ def _upscale_once(
     device: torch.device | None,
     hooks: RunHooks,
     prompt: Prompt,
-    seed: int | None,
-    options,
-) -> tuple[torch.Tensor, dict]:
+    cond: Conditioning,
+) -> tuple[torch.Tensor, UpscaleReceipt]:
     started = time.perf_counter()
     if tile < 0 or overlap < 0:
         raise UpscalerError(f"tile and overlap must be >= 0 (tile 0 = auto); got tile={tile}, overlap={overlap}")
@@ -311,69 +327,65 @@ def _upscale_once(
     if not getattr(upscaler, "offload", False) and any(p.device != device for p in module.parameters()):
         module.to(device)  # with offload the backend moves one network at a time itself
 
-    batch, height, width, channels = image.shape
-    alpha = image[..., 3:] if channels == 4 else None
-    rgb = image[..., :3] if channels >= 3 else image.expand(-1, -1, -1, 3)
+    batch, height, width, _ = image.shape
+    rgb, alpha = split_alpha(image)
     if caps.in_channels == 1:
         rgb = rgb.mean(dim=-1, keepdim=True)
     elif caps.in_channels != 3:
         raise UpscalerError(f"{upscaler.source.file} takes {caps.in_channels}-channel input; only 1- and 3-channel models are supported")
+    if caps.prompted and not callable(prompt):
+        cond = dataclasses.replace(cond, prompt=prompt)
 
-    passes, retries, tile_prompts = [], [], []
+    passes: list[PassRecord] = []
+    retries: list[dict] = []
     out = rgb
-    for _ in range(splan.passes):
-        if tiles_internally(caps):
-            out, report = _generative_pass(upscaler, out, device, hooks, prompt, seed, options)
-            retries.extend(report.pop("retries", []))
-            passes.append(report)
-            continue
-        record: list = []
-        fn, per_tile = _prompted(upscaler, prompt, seed, record)
-        result = _one_pass(upscaler, out, tile, overlap, device, hooks, fn, per_tile)
-        tile_prompts.append(record)
-        out = result.image
-        passes.append(result.plan.describe())
-        retries.extend(result.retries)
+    for index in range(1, splan.passes + 1):
+        if caps.whole_image:
+            out, record, pass_retries = _whole_image_pass(upscaler, out, device, hooks, prompt, cond, index)
+        else:
+            fn, per_tile, prompts = _tile_fns(upscaler, cond, prompt, hooks)
+            result = _one_pass(upscaler, out, tile, overlap, device, hooks, fn, per_tile)
+            record = PassRecord(index, [out.shape[2], out.shape[1]], [result.image.shape[2], result.image.shape[1]],
+                                result.plan.describe(), prompts.records(result.plan) if prompts else [], {})
+            if caps.prompted and not prompts and cond.prompt is not None:
+                record.prompts = [TilePrompt([0, 0, out.shape[2], out.shape[1]], cond.prompt)]
+            out, pass_retries = result.image, result.retries
+        passes.append(record)
+        retries.extend(pass_retries)
     if out.shape[-1] == 1:
         out = out.expand(-1, -1, -1, 3)
     out_h, out_w = target_size(height, width, splan.requested)
-    out = resize(out, out_h, out_w, resample)
-    if alpha is not None:
-        out = torch.cat([out, resize(alpha, out_h, out_w, "bicubic")], dim=-1)
+    out = attach_alpha(resize(out, out_h, out_w, resample), alpha)
 
-    receipt = {
-        "impl": caps.impl,
-        "model": upscaler.source.describe(),
-        "native_scale": splan.native,
-        "requested_scale": splan.requested,
-        "passes": splan.passes,
-        "resampled": {"from_scale": splan.reached, "method": resample} if splan.resample else None,
-        "input_size": [width, height],
-        "output_size": [out_w, out_h],
-        "batch": batch,
-        "alpha": "resampled separately (bicubic)" if alpha is not None else None,
-        "dtype": dtype_name(upscaler.dtype),
-        "device": str(device),
-        "tile_plan": passes[0] if len(passes) == 1 else passes,
-        "retries": retries,
-        "fallbacks": [],
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-    if prompt is not None or seed is not None:
-        if not caps.takes_prompt:
-            receipt["prompt"] = prompt if isinstance(prompt, str) else {
-                "per_tile": [], "skipped": "the model takes no prompt: no prompt was made for its tiles"}
-        elif callable(prompt) and not tiles_internally(caps):
-            receipt["prompt"] = {"per_tile": tile_prompts[0] if len(tile_prompts) == 1 else tile_prompts}
-        elif callable(prompt):
-            receipt["prompt"] = [p.get("prompt") for p in passes]
-        else:
-            receipt["prompt"] = prompt
-        receipt["prompt_used"] = bool(caps.takes_prompt)
-        receipt["seed"] = seed
-    if tiles_internally(caps):  # the seed drawn when none was given, so the image can be reproduced
-        receipt["seed"] = passes[0].get("seed", seed)
-        receipt["prompt_used"] = True
+    notes = []
     if upscaler.dtype == torch.bfloat16 and device.type == "cpu" and not cpu_bf16_accelerated():
-        receipt["notes"] = ["bf16 is emulated on this CPU (no AVX512-BF16/AMX) and runs slower than fp32"]
+        notes.append("bf16 is emulated on this CPU (no AVX512-BF16/AMX) and runs slower than fp32")
+    for record in passes:
+        notes.extend(n for n in record.backend.pop("notes", []) if n not in notes)
+    seed = next((p.backend["seed"] for p in passes if "seed" in p.backend), cond.seed)
+    receipt = UpscaleReceipt(
+        impl=caps.impl, model=ModelRecord(**upscaler.source.describe()), native_scale=splan.native,
+        requested_scale=splan.requested, pass_count=splan.passes,
+        resampled=Resampled(float(splan.reached), resample) if splan.resample else None,
+        input_size=[width, height], output_size=[out_w, out_h], batch=batch,
+        alpha=ALPHA_NOTE if alpha is not None else None, dtype=dtype_name(upscaler.dtype), device=str(device),
+        passes=passes, retries=retries, fallbacks=[], degraded=None, prompt=_prompt_record(caps, prompt),
+        seed=seed if (caps.prompted or seed is not None) else None, policy=None, notes=notes,
+        seconds=round(time.perf_counter() - started, 3))
     return out, receipt
+
+
+def _prompt_record(caps, prompt: Prompt) -> PromptRecord | None:
+    """How the image was conditioned on text (the texts themselves are in each pass's `prompts`)."""
+    if prompt is None:
+        return PromptRecord("text", None, True, "the model's default prompt") if caps.prompted else None
+    mode = "per_tile" if callable(prompt) else "text"
+    text = None if callable(prompt) else prompt
+    if not caps.prompted:
+        note = ("the model takes no prompt: no prompt was made for its tiles" if callable(prompt)
+                else "the model takes no prompt: the text was not used")
+        return PromptRecord(mode, text, False, note)
+    if callable(prompt) and caps.whole_image:
+        return PromptRecord("per_pass", None, True, "the model plans its own tiles: one prompt per pass, "
+                                                    "made from the whole pass input")
+    return PromptRecord(mode, text, True)

@@ -26,9 +26,13 @@ import torch
 from PIL import Image
 
 from ..tiling import RunHooks
-from ..upscalers.base import Upscaler, UpscalerError
+from ..upscalers.base import UpscalerError
+from ..upscalers.color_fix import METHODS as FIX_METHODS, color_fix as apply_color_fix
+from ..upscalers.contract import RunMemo, Upscaler
+from ..upscalers.receipts import (
+    ColorFixRecord, ModelRecord, ModelSummary, ZoomCrop, ZoomLoopReceipt, ZoomPrompt, ZoomStepReceipt,
+)
 from ..upscalers.upscale import DEFAULT_OVERLAP, check_image, upscale
-from .color_fix import METHODS as FIX_METHODS, color_fix as apply_color_fix
 from .geometry import (
     DEFAULT_PROCESS_SIZE, RECURSIVE_MODES, SR_MODES, ZOOM, check_mode, check_process_size, check_step,
     from_pil, prepare, step_factor, to_pil, zoom_crop,
@@ -65,7 +69,7 @@ def check_color_fix(method: str) -> str:
 class StepResult:
     state: Image.Image  # x_n, w x w 8-bit RGB
     prompt: str
-    receipt: dict
+    receipt: ZoomStepReceipt
     view: Image.Image | None = None  # the bicubic view (colour-fix reference), None for baselines
 
 
@@ -83,6 +87,7 @@ class ZoomSettings:
     overlap: int = DEFAULT_OVERLAP
     device: torch.device | None = None
     hooks: RunHooks = field(default_factory=RunHooks)
+    memo: RunMemo = field(default_factory=RunMemo)  # reusable work (prompt embeddings) across one run's steps
 
     def check(self, upscaler: Upscaler | None) -> None:
         check_mode(self.mode)
@@ -118,15 +123,14 @@ def zoom_step(upscaler: Upscaler | None, state: Image.Image, step: int, settings
     factor = step_factor(s.mode, step)
     crop, box = zoom_crop(source, factor)
     seed = derive_seed(s.seed, step, index)
-    receipt = {
-        "step": step, "mode": s.mode, "magnification": ZOOM**step, "process_size": w,
-        "crop": {"from": f"x{step - 1}" if recursive else "x0", "box": list(box), "factor": factor},
-        "seed": seed,
-    }
+    receipt = ZoomStepReceipt(
+        step=step, image=index, mode=s.mode, magnification=ZOOM**step, process_size=w,
+        crop=ZoomCrop(f"x{step - 1}" if recursive else "x0", list(box), factor), seed=seed, sr_input_size=None,
+        prompt=None, color_fix=None, upscale=None, seconds=0.0)
     if s.mode in ("nearest", "bicubic"):
         method = Image.Resampling.NEAREST if s.mode == "nearest" else Image.Resampling.BICUBIC
         new = crop.resize((w, w), method)
-        receipt.update(prompt=None, upscale=None, color_fix=None, seconds=round(time.perf_counter() - started, 3))
+        receipt.seconds = round(time.perf_counter() - started, 3)
         return StepResult(new, "", receipt)
 
     view = crop.resize((w, w), Image.Resampling.BICUBIC)  # the published SR input / prompt image / colour reference
@@ -137,20 +141,18 @@ def zoom_step(upscaler: Upscaler | None, state: Image.Image, step: int, settings
     if s.hooks.check_interrupt:
         s.hooks.check_interrupt()
     out, up_receipt = upscale(upscaler, from_pil(lr), None, tile=s.tile, overlap=s.overlap, device=s.device,
-                              hooks=s.hooks, prompt=prompt, seed=seed)
+                              hooks=s.hooks, prompt=prompt, seed=seed, memo=s.memo)
     if tuple(out.shape[1:3]) != (w, w):
         raise UpscalerError(f"the upscaler made {tuple(out.shape[1:3])} from a {lr.size} crop; expected {w}x{w}")
     if s.color_fix != "none":
         out = apply_color_fix(out, from_pil(view), s.color_fix)
     new = to_pil(out)  # onto the 8-bit grid, like the reference's PNG round trip
-    receipt.update(
-        sr_input_size=list(lr.size),
-        prompt={"text": prompt, "generated": generated, "provider": (s.provider.name if s.provider else "null"),
-                "images": len(prompt_images) if s.provider else 0},
-        color_fix={"method": s.color_fix, "reference": "bicubic view of the crop"} if s.color_fix != "none" else None,
-        upscale=up_receipt,
-        seconds=round(time.perf_counter() - started, 3),
-    )
+    receipt.sr_input_size = list(lr.size)
+    receipt.prompt = ZoomPrompt(prompt, generated, s.provider.name if s.provider else "null",
+                                len(prompt_images) if s.provider else 0)
+    receipt.color_fix = ColorFixRecord(s.color_fix, "bicubic view of the crop") if s.color_fix != "none" else None
+    receipt.upscale = up_receipt
+    receipt.seconds = round(time.perf_counter() - started, 3)
     return StepResult(new, prompt, receipt, view)
 
 
@@ -158,7 +160,7 @@ def zoom_step(upscaler: Upscaler | None, state: Image.Image, step: int, settings
 class LoopResult:
     states: list[list[Image.Image]]  # per batch image: [x0, x1, ..., x_steps]
     prompts: list[list[str]]  # per batch image: the prompt of each step
-    receipt: dict
+    receipt: ZoomLoopReceipt
 
     def tensor(self) -> torch.Tensor:
         """IMAGE batch: every state of image 0, then every state of image 1, ..."""
@@ -190,24 +192,22 @@ def zoom_loop(upscaler: Upscaler | None, image: torch.Tensor, steps: int, settin
             result = zoom_step(upscaler, states[-1], n, settings, origin=x0, index=index)
             states.append(result.state)
             prompts.append(result.prompt)
-            step_receipts.append({"image": index, **result.receipt})
+            step_receipts.append(result.receipt)
             if on_state:
                 on_state(index, n, result.state)
         all_states.append(states)
         all_prompts.append(prompts)
-    receipt = {
-        "chain_of_zoom": "loop", "mode": settings.mode, "steps": steps, "process_size": settings.process_size,
-        "batch": image.shape[0], "input_size": [image.shape[2], image.shape[1]],
-        "magnifications": [ZOOM**n for n in range(steps + 1)],
-        "seed": settings.seed, "prompts": all_prompts, "color_fix": settings.color_fix,
-        "prompt_provider": settings.provider.name if settings.provider else "null",
-        "upscaler": _describe(upscaler) if settings.mode in SR_MODES else None,
-        "step_receipts": step_receipts, "seconds": round(time.perf_counter() - started, 3),
-    }
+    receipt = ZoomLoopReceipt(
+        mode=settings.mode, steps=steps, process_size=settings.process_size, batch=image.shape[0],
+        input_size=[image.shape[2], image.shape[1]], magnifications=[ZOOM**n for n in range(steps + 1)],
+        seed=settings.seed, prompts=all_prompts, color_fix=settings.color_fix,
+        prompt_provider=settings.provider.name if settings.provider else "null",
+        upscaler=_summary(upscaler) if settings.mode in SR_MODES else None,
+        step_receipts=step_receipts, seconds=round(time.perf_counter() - started, 3))
     return LoopResult(all_states, all_prompts, receipt)
 
 
-def _describe(upscaler: Upscaler | None) -> dict | None:
+def _summary(upscaler: Upscaler | None) -> ModelSummary | None:
     if upscaler is None:
         return None
-    return {"model": upscaler.source.describe(), "impl": upscaler.capabilities.impl, "native_scale": upscaler.scale}
+    return ModelSummary(ModelRecord(**upscaler.source.describe()), upscaler.capabilities.impl, upscaler.scale)

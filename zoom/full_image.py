@@ -16,12 +16,14 @@ from typing import Callable
 import torch
 
 from ..tiling import RunHooks, free_bytes, resize, target_size
-from ..tiling.resample import METHODS as RESAMPLE_METHODS
-from ..upscalers.base import Upscaler, UpscalerError
+from ..tiling.resample import ALPHA_NOTE, METHODS as RESAMPLE_METHODS, attach_alpha, split_alpha
+from ..upscalers.base import UpscalerError
+from ..upscalers.color_fix import color_fix as apply_color_fix
+from ..upscalers.contract import RunMemo, Upscaler
+from ..upscalers.receipts import Resampled, ZoomPass, ZoomUpscaleReceipt
 from ..upscalers.size_guard import check_sizes
 from ..upscalers.upscale import DEFAULT_OVERLAP, check_image, upscale
 from .chain import check_color_fix, check_zoom_upscaler, derive_seed
-from .color_fix import color_fix as apply_color_fix
 from .geometry import ZOOM, to_pil
 from .prompts import PromptProvider, make_prompt
 
@@ -63,7 +65,7 @@ def zoom_upscale(
     device: torch.device | None = None,
     hooks: RunHooks | None = None,
     on_pass: Callable[[int, int, torch.Tensor], None] | None = None,
-) -> tuple[torch.Tensor, dict]:
+) -> tuple[torch.Tensor, ZoomUpscaleReceipt]:
     """Upscale `image` (B,H,W,C) by `scale`; returns (B,round(H*S),round(W*S),C, receipt).
 
     on_pass(pass_number, total_passes, image) is called after each pass (previews).
@@ -79,7 +81,7 @@ def zoom_upscale(
         raise UpscalerError(f"resample must be one of {', '.join(RESAMPLE_METHODS)}; got {resample!r}")
     if not isinstance(max_side, int) or max_side < 1:
         raise UpscalerError(f"max_side must be a positive number of pixels; got {max_side!r}")
-    batch, height, width, channels = image.shape
+    batch, height, width, _ = image.shape
     out_h, out_w = target_size(height, width, scale)
     if max(out_h, out_w) > max_side:
         raise UpscalerError(
@@ -91,8 +93,8 @@ def zoom_upscale(
     stages = [(f"pass {p} of {passes} (x{ZOOM**p})", width * ZOOM**p, height * ZOOM**p) for p in range(1, passes + 1)]
     check_sizes(stages + [("the output", out_w, out_h)], 1, 3, max_side=max_side,
                 free=(hooks.free_bytes or free_bytes)(torch.device("cpu")))
-    alpha = image[..., 3:] if channels == 4 else None
-    rgb = image[..., :3] if channels >= 3 else image.expand(-1, -1, -1, 3)
+    rgb, alpha = split_alpha(image)
+    memo = RunMemo()  # one run: a prompt's embedding is made once across passes and images
 
     outputs, pass_receipts = [], []
     for index in range(batch):
@@ -103,30 +105,25 @@ def zoom_upscale(
             pass_seed = derive_seed(seed, p, index)
             prompt, prompt_note = _pass_prompt(provider, tile_prompts, current, user_prompt, pass_seed, hooks)
             up, up_receipt = upscale(upscaler, current, None, tile=tile, overlap=overlap, device=device,
-                                     hooks=hooks, prompt=prompt, seed=pass_seed)
+                                     hooks=hooks, prompt=prompt, seed=pass_seed, memo=memo)
             if color_fix != "none":
                 up = apply_color_fix(up, current, color_fix)
-            pass_receipts.append({"image": index, "pass": p, "input_size": [current.shape[2], current.shape[1]],
-                                  "output_size": [up.shape[2], up.shape[1]], "prompt_mode": prompt_note,
-                                  "upscale": up_receipt})
+            pass_receipts.append(ZoomPass(index, p, [current.shape[2], current.shape[1]], [up.shape[2], up.shape[1]],
+                                          prompt_note, up_receipt))
             current = up
             if on_pass:
                 on_pass(p, passes, current)
         outputs.append(resize(current, out_h, out_w, resample))
-    out = torch.cat(outputs, dim=0)
-    if alpha is not None:
-        out = torch.cat([out, resize(alpha.float(), out_h, out_w, "bicubic")], dim=-1)
+    out = attach_alpha(torch.cat(outputs, dim=0), alpha)
     reached = ZOOM**passes
-    receipt = {
-        "chain_of_zoom": "full_image", "requested_scale": scale, "passes": passes, "reached_scale": reached,
-        "input_size": [width, height], "output_size": [out_w, out_h],
-        "intermediate_size": [width * reached, height * reached],
-        "resampled": {"from_scale": reached, "method": resample} if (out_h, out_w) != (height * reached, width * reached) else None,
-        "max_side": max_side, "color_fix": color_fix, "seed": seed, "batch": batch,
-        "prompt_provider": provider.name if provider else "null", "user_prompt": user_prompt,
-        "alpha": "resampled separately (bicubic)" if alpha is not None else None,
-        "pass_receipts": pass_receipts, "seconds": round(time.perf_counter() - started, 3),
-    }
+    resampled = (out_h, out_w) != (height * reached, width * reached)
+    receipt = ZoomUpscaleReceipt(
+        requested_scale=scale, pass_count=passes, reached_scale=reached, input_size=[width, height],
+        output_size=[out_w, out_h], intermediate_size=[width * reached, height * reached],
+        resampled=Resampled(float(reached), resample) if resampled else None, max_side=max_side, color_fix=color_fix,
+        seed=seed, batch=batch, prompt_provider=provider.name if provider else "null", user_prompt=user_prompt,
+        alpha=ALPHA_NOTE if alpha is not None else None, passes=pass_receipts,
+        seconds=round(time.perf_counter() - started, 3))
     return out, receipt
 
 

@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 from ..upscalers.base import UpscalerError
+from ..upscalers.dtypes import select_dtype
 from .prompts import build_messages
 
 DEFAULT_MAX_NEW_TOKENS = 32  # the published value of later versions (128 at first)
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def is_model_folder(path: str | os.PathLike) -> bool:
@@ -26,13 +26,8 @@ def is_model_folder(path: str | os.PathLike) -> bool:
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if name not in DTYPES:
-        raise UpscalerError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
-    return DTYPES[name]
+    """auto: bf16 (fp16 where bf16 is missing) on CUDA, fp32 elsewhere."""
+    return select_dtype(name, device, prefer="bf16")
 
 
 @dataclass

@@ -104,13 +104,41 @@ class DreamForgeTestOutOfMemory:
         return (dataclasses.replace(upscaler, upscaler=_OutOfMemory(upscaler.upscaler)),)
 
 
+class DreamForgeTestNodeKinds:
+    """Reports, from inside the server, which registered DreamForge nodes are V3 (io.ComfyNode) classes."""
+
+    CATEGORY = "DreamForge/testing"
+    FUNCTION = "report"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    @classmethod
+    def IS_CHANGED(cls):
+        return float("nan")  # report the registry as it is now, never a cached answer
+
+    def report(self):
+        import nodes
+        from comfy_api.latest import io
+
+        ours = {k: v for k, v in nodes.NODE_CLASS_MAPPINGS.items()
+                if k.startswith("DreamForge") and not k.startswith("DreamForgeTest")}
+        kinds = {k: ("v3" if isinstance(v, type) and issubclass(v, io.ComfyNode) else "v1") for k, v in ours.items()}
+        return {"ui": {"kinds": [kinds]}}
+
+
 NODE_CLASS_MAPPINGS = {
     "DreamForgeTestImage": DreamForgeTestImage,
     "DreamForgeTestSaveText": DreamForgeTestSaveText,
     "DreamForgeTestOutOfMemory": DreamForgeTestOutOfMemory,
+    "DreamForgeTestNodeKinds": DreamForgeTestNodeKinds,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "DreamForgeTestImage": "Test Image (DreamForge tests)",
     "DreamForgeTestSaveText": "Save Text (DreamForge tests)",
     "DreamForgeTestOutOfMemory": "Out of Memory (DreamForge tests)",
+    "DreamForgeTestNodeKinds": "Node Kinds (DreamForge tests)",
 }

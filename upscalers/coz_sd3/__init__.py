@@ -3,6 +3,10 @@ from .backend import CoZSD3Upscaler, Residency, is_coz_base, select_dtypes
 from .components import TokenizerDirs
 from .lora import LORA_FOLDER, TRANSFORMER_LORA, VAE_ENCODER_LORA
 from .step import CoZOptions
+from ..backends import Backend
 
-__all__ = ["CoZOptions", "CoZSD3Upscaler", "LORA_FOLDER", "Residency", "TRANSFORMER_LORA", "TokenizerDirs",
+BACKEND = Backend("coz_sd3", "diffusion", detect=is_coz_base, load=CoZSD3Upscaler.load,
+                  options=("transformer_lora", "vae_lora", "text_files", "tokenizer_dirs", "use_t5", "residency"))
+
+__all__ = ["BACKEND", "CoZOptions", "CoZSD3Upscaler", "LORA_FOLDER", "Residency", "TRANSFORMER_LORA", "TokenizerDirs",
            "VAE_ENCODER_LORA", "is_coz_base", "select_dtypes"]

@@ -14,12 +14,13 @@ from typing import Callable
 import torch
 
 from ...tiling import RunHooks
-from ..base import Capabilities, ModelSource, UpscalerError
-from ..dtypes import DTYPE_NAMES, DTYPES, dtype_name
+from ..base import UpscalerError
+from ..contract import Capabilities, Conditioning, ModelSource, WindowResult
+from ..dtypes import dtype_name, select_dtype, vae_dtype_for
 from . import step
 from .components import CoZComponents, TokenizerDirs, is_sd3_folder, load_diffusers_folder
-from .lora import merge_transformer_lora, merge_vae_encoder_lora
-from .prompt import PromptMemo, encode_prompt
+from .lora import TRANSFORMER_LORA, VAE_ENCODER_LORA, merge_transformer_lora, merge_vae_encoder_lora
+from .prompt import encode_prompt
 from .single_file import load_single_files
 
 ZOOM_PX = step.ZOOM**2  # output px per input px (the memory estimate per input pixel scales by it)
@@ -55,18 +56,10 @@ class Residency:
 def select_dtypes(requested: str, device: torch.device) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
     """(transformer, VAE, text encoders). auto on CUDA: bf16 transformer (fp16 where bf16 is missing), fp32 VAE,
     fp16 text encoders (the reference's); fp32 everywhere on the CPU. The VAE is never fp16."""
-    if requested not in ("auto",) + DTYPE_NAMES:
-        raise UpscalerError(f"dtype must be one of auto, {', '.join(DTYPE_NAMES)}; got {requested!r}")
+    main = select_dtype(requested, device, prefer="bf16")
     if device.type != "cuda":
-        if requested == "fp16":
-            raise UpscalerError("dtype fp16 is not supported on the CPU; choose bf16 or fp32 (or auto)")
-        main = DTYPES.get(requested, torch.float32)
         return main, torch.float32, torch.float32
-    if requested == "auto":
-        main = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    else:
-        main = DTYPES[requested]
-    return main, (torch.bfloat16 if main == torch.bfloat16 else torch.float32), (
+    return main, vae_dtype_for(main, device) if main == torch.bfloat16 else torch.float32, (
         torch.float32 if main == torch.float32 else torch.float16)
 
 
@@ -88,12 +81,11 @@ class CoZSD3Upscaler:
         self.holder = CoZModules(transformer=comps.transformer, vae=comps.vae).eval().requires_grad_(False)
         self.text_holder = CoZModules(**{k: getattr(comps, k) for k in ("clip_l", "clip_g", "t5")
                                          if getattr(comps, k) is not None}).eval().requires_grad_(False)
-        self.memo = PromptMemo()
         per_input_px = ZOOM_PX * step.transformer_bytes_per_latent_px(comps.transformer, torch.float32) / 4
         self.capabilities = Capabilities(
             impl="diffusion", native_scales=(step.ZOOM,), dtypes=("fp32", "fp16", "bf16"), size_multiple=1,
-            min_size=1, square=False, context=0, tiling="internal", bytes_per_pixel=per_input_px,
-            in_channels=3, out_channels=3, takes_prompt=True,
+            min_size=1, square=False, context=0, bytes_per_pixel=per_input_px,
+            in_channels=3, out_channels=3, prompted=True, whole_image=True,
         )
 
     @property
@@ -109,12 +101,15 @@ class CoZSD3Upscaler:
     def text_encoders(self) -> list[torch.nn.Module]:
         return [m for m in (self.comps.clip_l, self.comps.clip_g, self.comps.t5) if m is not None]
 
-    def prompt_embeddings(self, text: str, device: torch.device, hooks: RunHooks | None = None
-                          ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """(seq, pooled, cached): encoders run only for a prompt not seen recently."""
-        hit = self.memo.get(text)
-        if hit is not None:
-            return hit[0], hit[1], True
+    def prompt_embeddings(self, text: str, device: torch.device, cond: Conditioning | None = None,
+                          hooks: RunHooks | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(seq, pooled, reused): within one run (cond.memo) the encoders run once per prompt text."""
+        memo = (cond or Conditioning()).memo
+        (seq, pooled), reused = memo.get_or_make(("coz_sd3 prompt", id(self), text, str(device)),
+                                                 lambda: self._encode(text, device, hooks))
+        return seq, pooled, reused
+
+    def _encode(self, text: str, device: torch.device, hooks: RunHooks | None) -> tuple[torch.Tensor, torch.Tensor]:
         r = self.residency
         if r.text:
             r.text(0)
@@ -122,25 +117,21 @@ class CoZSD3Upscaler:
             self.text_holder.to(device)
         with torch.inference_mode():
             seq, pooled = encode_prompt(self.comps, text, device, self.comps.transformer.config.joint_attention_dim)
-        self.memo.put(text, (seq, pooled))
         if r.release_text:
             r.release_text()
         elif device.type != "cpu":
             # the transformer needs the room more than the encoders
             self.text_holder.to((hooks.offload_device if hooks else None) or torch.device("cpu"))
-        return seq, pooled, False
+        return seq, pooled
 
-    def upscale_window(self, x: torch.Tensor, prompt: str | None = None, seed: int | None = None, options=None,
-                       hooks: RunHooks | None = None, report: dict | None = None) -> torch.Tensor:
-        """x: B,3,h,w in 0..1 -> B,3,4h,4w in 0..1 (float32); `report` gets seed, prompt state, tiles, notes."""
-        opts, note = step.CoZOptions.from_any(options)
+    def upscale_window(self, x: torch.Tensor, cond: Conditioning, hooks: RunHooks) -> WindowResult:
+        """x: B,3,h,w in 0..1 -> B,3,4h,4w in 0..1 (float32); the report has seed, prompt state, tiles, notes."""
+        opts, note = step.CoZOptions.from_any(cond.options)
         opts.check()
-        hooks = hooks or RunHooks()
-        report = report if report is not None else {}
-        seed = secrets.randbits(63) if seed is None else int(seed)
-        text = "" if prompt is None else str(prompt)
+        seed = secrets.randbits(63) if cond.seed is None else int(cond.seed)
+        text = "" if cond.prompt is None else str(cond.prompt)
         device = x.device
-        seq, pooled, cached = self.prompt_embeddings(text, device, hooks)
+        seq, pooled, reused = self.prompt_embeddings(text, device, cond, hooks)
         h, w = x.shape[-2:]
         big = step.pil_bicubic(x, step.ZOOM)
         padded = step.pad_to_multiple(big)
@@ -149,14 +140,15 @@ class CoZSD3Upscaler:
                 self.comps.transformer, self.dtype)))
         else:
             self.holder.to(device)
+        report: dict = {}
         with torch.inference_mode():
             y = step.sr_step(self.comps, padded, seq, pooled, opts, seed, device, self.dtype, self.vae_dtype, hooks, report)
         notes = [FP16_MODULATION_NOTE] + ([NO_T5_NOTE] if self.comps.t5 is None else []) + ([note] if note else [])
         # the weights files with their hashes (base and both LoRA): receipts quote the source by its base file only
-        report.update(seed=seed, sampling=opts.sampling, prompt_embedding="cached" if cached else "encoded",
+        report.update(seed=seed, sampling=opts.sampling, prompt_embedding="reused" if reused else "encoded",
                       sr_input_size=[padded.shape[-1], padded.shape[-2]], notes=notes, networks=self.networks(),
                       model_files=self.files)
-        return y[..., : h * step.ZOOM, : w * step.ZOOM]
+        return WindowResult(y[..., : h * step.ZOOM, : w * step.ZOOM], report)
 
     def networks(self) -> dict:
         return {"transformer": dtype_name(self.dtype), "vae": dtype_name(self.vae_dtype),
@@ -168,12 +160,18 @@ class CoZSD3Upscaler:
                 "dtypes": self.networks()}
 
     @classmethod
-    def load(cls, base: str | os.PathLike, transformer_lora: str | os.PathLike, vae_lora: str | os.PathLike, *,
+    def load(cls, base: str | os.PathLike, transformer_lora: str | os.PathLike | None = None,
+             vae_lora: str | os.PathLike | None = None, *,
              text_files: dict | None = None, tokenizer_dirs: TokenizerDirs = TokenizerDirs(), use_t5: bool = True,
              dtype: str = "auto", device: torch.device | None = None, residency: Residency | None = None
              ) -> "CoZSD3Upscaler":
         """SD3 medium (diffusers folder, or sd3_medium*.safetensors + text encoder files) + the two LoRA files."""
         base = Path(base)
+        if transformer_lora is None or vae_lora is None:
+            raise UpscalerError(
+                f"{base.name} is SD3 medium: as Chain-of-Zoom's super-resolver it needs the authors' two LoRA files "
+                f"(transformer_lora {TRANSFORMER_LORA}, vae_lora {VAE_ENCODER_LORA}); load it with 'Load Chain-of-Zoom "
+                "Model' (or pass both files)")
         device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         main_dtype, vae_dtype, text_dtype = select_dtypes(dtype, device)
         if base.is_dir():

@@ -6,15 +6,10 @@ then T5 on the sequence axis -> (1, 77 + 512, 4096); pooled = [L | G] -> (1, 204
 """
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
-
 import torch
 
 from . import configs
 from .components import CoZComponents
-
-MEMO_SIZE = 8
 
 
 def _ids(tokenizer, text: str, length: int, device) -> torch.Tensor:
@@ -38,27 +33,3 @@ def encode_prompt(comps: CoZComponents, text: str, device: torch.device, joint_d
     else:
         t5 = torch.zeros(1, configs.T5_TOKENS, joint_dim, device=device)
     return torch.cat([clip, t5], dim=-2), torch.cat([pooled_l.float(), pooled_g.float()], dim=-1)
-
-
-class PromptMemo:
-    """Embeddings of the last few prompts, kept on the CPU.
-
-    Embeddings are a pure function of the prompt (the encoders are fixed at load), so a memo changes
-    no result: it only lets a Chain-of-Zoom run with a repeated prompt skip loading the text encoders.
-    """
-
-    def __init__(self, size: int = MEMO_SIZE):
-        self._size, self._items, self._lock = size, OrderedDict(), threading.Lock()
-
-    def get(self, text: str):
-        with self._lock:
-            if text in self._items:
-                self._items.move_to_end(text)
-                return self._items[text]
-        return None
-
-    def put(self, text: str, value: tuple[torch.Tensor, torch.Tensor]) -> None:
-        with self._lock:
-            self._items[text] = tuple(v.detach().to("cpu") for v in value)
-            while len(self._items) > self._size:
-                self._items.popitem(last=False)

@@ -8,7 +8,9 @@
 
 The posterior noise is drawn on the CPU from the seed (the same image on every device) for the whole
 latent at once, so tiling does not change it. Large inputs: the transformer runs on latent tiles blended
-with cos^2 weights (one step: the tiles are independent predictions of v); the VAE encoder and decoder
+with cos^2 weights (one step: the tiles are independent predictions of v), the fewest equal windows of at
+most the tile, several per call on a GPU where memory allows (docs/coz_model.md, "Tiled overhead"); the
+VAE encoder and decoder
 run whole whenever that fits the memory budget, and on overlapping windows with GroupNorm statistics
 shared across windows (tiling/vae_decode.py) only when it does not.
 """
@@ -22,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ...tiling import RunHooks, choose_tile, free_bytes, shrink_on_oom
+from ...tiling import RunHooks, free_bytes, shrink_on_oom
+from ...tiling.cost import max_tiles_per_call
 from ...tiling.latent_denoise import predict_tiled
 from ...tiling.memory import BUDGET_FRACTION
 from ...tiling.plan import plan_tiles
@@ -158,39 +161,67 @@ def encode(vae, x: torch.Tensor, opts: CoZOptions, seed: int, device, dtype, hoo
     return z * configs.SCALING_FACTOR
 
 
+def transformer_tile(height: int, width: int, per_px: float, budget: int, patch: int, limit: int) -> int:
+    """Auto transformer tile in latent px: 0 (one call) when the latent fits the budget and the position grid,
+    else the largest window that fits both, to the patch multiple (the pack's 32 px tile step would cost an
+    extra row or column of windows for nothing: windows need no other multiple)."""
+    if height * width * per_px <= budget and max(height, width) <= limit:
+        return 0
+    side = int((max(0, budget) / per_px) ** 0.5) // patch * patch
+    return max(MIN_LATENT_TILE, min(side, limit))
+
+
+def tiles_per_call(count: int, window_bytes: float, budget: int, cap: int) -> int:
+    """Equal windows stacked into one transformer call: as many as the budget holds, at most `cap`."""
+    return max(1, min(count, cap, int(max(0, budget) // max(1.0, window_bytes))))
+
+
 def predict_v(transformer, z: torch.Tensor, seq: torch.Tensor, pooled: torch.Tensor, opts: CoZOptions, device,
-              dtype, hooks: RunHooks, report: dict) -> torch.Tensor:
-    """v over latent tiles (cos^2-blended), float32; tiles halve on out-of-memory down to MIN_LATENT_TILE."""
+              dtype, hooks: RunHooks, report: dict, max_per_call: int | None = None) -> torch.Tensor:
+    """v over latent tiles (cos^2-blended), float32; tiles halve on out-of-memory down to MIN_LATENT_TILE.
+
+    Equal windows go through the transformer several per call where memory allows (`max_per_call`, default
+    the pack's device policy: batched on a GPU only, where it saves launches; on the CPU it is no faster);
+    out of memory first halves the windows per call, then the tile (tiling/runner.py, tiling/retry.py).
+    """
     batch, _, height, width = z.shape
     patch, limit = transformer.config.patch_size, max_latent_side(transformer)
-    seq, pooled = seq.to(device, dtype).expand(batch, -1, -1), pooled.to(device, dtype).expand(batch, -1)
-    t = torch.full((batch,), configs.TIMESTEP, device=device, dtype=dtype)
-    tile = opts.tile
-    if not tile:
-        per_px = transformer_bytes_per_latent_px(transformer, dtype) * batch
-        tile = choose_tile(height, width, 1, per_px, _budget(hooks, device), 0)
-    if max(height, width) > limit:
-        tile = min(tile or limit, limit)  # the position-embedding grid caps one call at `limit` latent px
-    tile = min(tile, limit) if tile else 0
+    seq, pooled = seq.to(device, dtype), pooled.to(device, dtype)
+    per_px = transformer_bytes_per_latent_px(transformer, dtype) * batch
+    budget = _budget(hooks, device)
+    tile = min(opts.tile, limit) if opts.tile else transformer_tile(height, width, per_px, budget, patch, limit)
+    tile = tile or max(height, width)  # 0: one tile
+    cap = max_tiles_per_call(device) if max_per_call is None else max_per_call
+    retries = report.setdefault("retries", [])
 
     def predict(window: torch.Tensor) -> torch.Tensor:
-        return transformer(hidden_states=window, timestep=t, encoder_hidden_states=seq, pooled_projections=pooled,
-                           return_dict=False)[0]
+        n = window.shape[0]  # image batch x windows stacked in this call; the conditioning is one prompt
+        t = torch.full((n,), configs.TIMESTEP, device=device, dtype=dtype)
+        return transformer(hidden_states=window, timestep=t, encoder_hidden_states=seq.expand(n, -1, -1),
+                           pooled_projections=pooled.expand(n, -1), return_dict=False)[0]
 
     def plan_for(size: int):
         return plan_tiles(height, width, size, opts.overlap, context=0, multiple=patch)
 
+    def per_call_for(plan) -> int:
+        # a window holds its latent px and, as tokens of patch^2 px each, the prompt's tokens
+        window_bytes = per_px * (plan.rows.window * plan.cols.window + seq.shape[1] * patch**2)
+        return tiles_per_call(plan.count, window_bytes, budget, cap)
+
     def attempt(size: int):
-        return predict_tiled(z, predict, plan_for(size), dtype, hooks), size
+        plan = plan_for(size)
+        per_call = per_call_for(plan)
+        return predict_tiled(z, predict, plan, dtype, hooks, per_call, retries), plan, per_call
 
     def window_pixels(size: int) -> int:
         plan = plan_for(size)
         return plan.rows.window * plan.cols.window
 
-    tile = tile or max(height, width)  # 0: one tile
-    v, tile = shrink_on_oom(attempt, tile, cost=window_pixels, floor=min(MIN_LATENT_TILE, tile), stage="transformer",
-                            device=device, retries=report.setdefault("retries", []), oom_errors=hooks.oom_errors)
-    report["transformer_tiles"] = plan_for(tile).describe()
+    v, plan, per_call = shrink_on_oom(attempt, tile, cost=window_pixels, floor=min(MIN_LATENT_TILE, tile),
+                                      stage="transformer", device=device, retries=retries,
+                                      oom_errors=hooks.oom_errors)
+    report["transformer_tiles"] = {**plan.describe(), "tiles_per_call": per_call,
+                                   "window_area_ratio": round(plan.window_area_ratio, 4)}
     return v
 
 

@@ -7,14 +7,16 @@ from pathlib import Path
 import torch
 
 from ...tiling import RunHooks
-from ..base import Capabilities, ModelSource, UpscalerError
-from ..dtypes import DTYPE_NAMES, DTYPES, dtype_name
+from ..base import UpscalerError
+from ..contract import Capabilities, Conditioning, ModelSource, WindowResult
+from ..dtypes import dtype_name, select_dtype, vae_dtype_for
 from ..loading import read_weights, sha256_of
 from ..provenance import receipt_provenance
 from . import sampler
-from .components import SDX4Components, is_sdx4_folder, load_diffusers_folder
+from .components import SDX4Components, load_diffusers_folder
+from .detect import is_sdx4_state_dict
 from .sampler import SDX4Options
-from .single_file import is_sdx4_state_dict, load_single_file
+from .single_file import load_single_file
 
 DEFAULT_PROMPT = "high quality, detailed"
 
@@ -29,18 +31,9 @@ class SDX4Modules(torch.nn.Module):
 
 
 def select_dtypes(requested: str, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
-    """(UNet + text encoder dtype, VAE dtype). The VAE decoder breaks in fp16: fp32 or bf16 only."""
-    if requested not in ("auto",) + DTYPE_NAMES:
-        raise UpscalerError(f"dtype must be one of auto, {', '.join(DTYPE_NAMES)}; got {requested!r}")
-    if requested == "auto":
-        if device.type != "cuda":
-            return torch.float32, torch.float32
-        vae = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-        return torch.float16, vae
-    if requested == "fp16" and device.type == "cpu":
-        raise UpscalerError("dtype fp16 is not supported on the CPU; choose bf16 or fp32 (or auto)")
-    unet = DTYPES[requested]
-    return unet, (torch.bfloat16 if unet == torch.bfloat16 else torch.float32)
+    """(UNet + text encoder dtype, VAE dtype). auto: fp16 UNet on CUDA; the VAE decoder breaks in fp16."""
+    unet = select_dtype(requested, device, prefer="fp16")
+    return unet, vae_dtype_for(unet, device)
 
 
 class SDX4Upscaler:
@@ -64,9 +57,9 @@ class SDX4Upscaler:
         self.holder = SDX4Modules(comps.unet, comps.vae, comps.text_encoder).eval().requires_grad_(False)
         self.capabilities = Capabilities(
             impl="diffusion", native_scales=(sampler.VAE_SCALE,), dtypes=("fp32", "fp16", "bf16"), size_multiple=1,
-            min_size=1, square=False, context=0, tiling="internal",
+            min_size=1, square=False, context=0,
             bytes_per_pixel=sampler.unet_bytes_per_pixel(comps, torch.float32, cfg=True),
-            in_channels=3, out_channels=3, takes_prompt=True,
+            in_channels=3, out_channels=3, prompted=True, whole_image=True,
         )
 
     @property
@@ -86,27 +79,23 @@ class SDX4Upscaler:
                     m.to(parked)
         module.to(device)
 
-    def upscale_window(self, x: torch.Tensor, prompt: str | None = None, seed: int | None = None,
-                       options: SDX4Options | None = None, hooks: RunHooks | None = None,
-                       report: dict | None = None) -> torch.Tensor:
-        """x: B,3,h,w in 0..1 -> B,3,4h,4w in 0..1 (float32). `report` receives tiles, retries and the seed."""
-        opts = options or SDX4Options()
+    def upscale_window(self, x: torch.Tensor, cond: Conditioning, hooks: RunHooks) -> WindowResult:
+        """x: B,3,h,w in 0..1 -> B,3,4h,4w in 0..1 (float32); the report has the seed, tiles and retries."""
+        opts = cond.options or SDX4Options()
         opts.check(self.comps.max_noise_level)
-        hooks = hooks or RunHooks()
-        report = report if report is not None else {}
-        seed = sampler.new_seed() if seed is None else int(seed)
-        report["seed"] = seed
+        seed = sampler.new_seed() if cond.seed is None else int(cond.seed)
+        report: dict = {"seed": seed}
         device = x.device
         cfg = opts.guidance > 1.0
         with torch.inference_mode():
             self._use(self.comps.text_encoder, device, hooks)
-            embeds = sampler.encode_prompt(self.comps, DEFAULT_PROMPT if prompt is None else prompt,
+            embeds = sampler.encode_prompt(self.comps, DEFAULT_PROMPT if cond.prompt is None else cond.prompt,
                                            opts.negative_prompt, x.shape[0], cfg, device).to(self.dtype)
             self._use(self.comps.unet, device, hooks)
             latents = sampler.denoise(self.comps, x, embeds, opts, seed, device, self.dtype, hooks, report)
             self._use(self.comps.vae, device, hooks)
             image = sampler.decode(self.comps, latents, opts, device, self.vae_dtype, hooks, report)
-        return image.permute(0, 3, 1, 2)
+        return WindowResult(image.permute(0, 3, 1, 2), report)
 
     @classmethod
     def load(cls, path: str | os.PathLike, dtype: str = "auto", device: torch.device | None = None,
@@ -136,10 +125,3 @@ class SDX4Upscaler:
     def describe(self) -> dict:
         return {**self.source.describe(), "impl": "diffusion", "native_scale": self.scale,
                 "dtype": dtype_name(self.dtype), "vae_dtype": dtype_name(self.vae_dtype)}
-
-
-def is_sdx4_path(path: str | os.PathLike) -> bool:
-    from ..loading import is_sd_x4_upscaler
-
-    path = Path(path)
-    return is_sdx4_folder(path) if path.is_dir() else is_sd_x4_upscaler(path)

@@ -14,6 +14,7 @@ import torch
 
 from ..base import UpscalerError, error_text
 from . import configs
+from .detect import is_sdx4_folder
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 
@@ -50,25 +51,6 @@ def clip_tokenizer(folder: str | os.PathLike | None):
         )
     folder = Path(folder)
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="!", model_max_length=77)
-
-
-def is_sdx4_folder(path: str | os.PathLike) -> bool:
-    """A diffusers folder of the x4 upscaler: model_index.json naming the pipeline, or a 7-channel UNet."""
-    path = Path(path)
-    index = path / "model_index.json"
-    if index.is_file():
-        try:
-            if json.loads(index.read_text()).get("_class_name") == "StableDiffusionUpscalePipeline":
-                return True
-        except (OSError, ValueError):
-            return False
-    unet_config = path / "unet" / "config.json"
-    if unet_config.is_file():
-        try:
-            return json.loads(unet_config.read_text()).get("in_channels") == 7
-        except (OSError, ValueError):
-            return False
-    return False
 
 
 def load_diffusers_folder(path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None) -> SDX4Components:

@@ -13,13 +13,8 @@ import torch
 from ..base import UpscalerError
 from . import configs
 from .components import SDX4Components, clip_tokenizer
+from .detect import LDM_UNET_IN, state_dict_layout
 
-UNET_IN_KEY = configs.UNET_PREFIX + "input_blocks.0.0.weight"
-
-
-def is_sdx4_state_dict(sd: dict) -> bool:
-    t = sd.get(UNET_IN_KEY)
-    return isinstance(t, torch.Tensor) and t.ndim == 4 and t.shape[1] == 7
 
 
 def _load_exact(module: torch.nn.Module, converted: dict, what: str, name: str) -> None:
@@ -51,8 +46,9 @@ def load_single_file(path: str | os.PathLike, tokenizer_dir: str | os.PathLike |
     name = Path(path).name
     tokenizer = clip_tokenizer(tokenizer_dir)  # fail early: before reading gigabytes
     sd = sd if sd is not None else read_weights(path)
-    if not is_sdx4_state_dict(sd):
-        raise UpscalerError(f"{name} is not the Stable Diffusion x4 upscaler (no 7-channel UNet at {UNET_IN_KEY})")
+    if state_dict_layout(sd) != "ldm":
+        raise UpscalerError(f"{name} is not the Stable Diffusion x4 upscaler single file (no 7-channel UNet at "
+                            f"{LDM_UNET_IN}); a diffusers UNet's weights load from the whole diffusers folder")
     cfg = configs.sized_original_config(sd)
     unet_cfg, vae_cfg = configs.unet_config(cfg, sd), configs.vae_config(cfg, sd)
     with torch.device("meta"):  # skip random init of 900M parameters; every tensor is loaded below

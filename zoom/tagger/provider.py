@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ...upscalers.base import UpscalerError
+from ...upscalers.dtypes import select_dtype
 from ..prompts import join_tags
 from .model import LoadInfo, RamTagger, load_ram
 from .tags import TagOptions, Vocabulary, ram_vocabulary, select
@@ -26,16 +27,11 @@ from .tags import TagOptions, Vocabulary, ram_vocabulary, select
 log = logging.getLogger("dreamforge_upscale.tagger")
 MEAN = (0.485, 0.456, 0.406)  # ImageNet normalisation, as RAM's transform
 STD = (0.229, 0.224, 0.225)
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def tagger_dtype(name: str, device: torch.device) -> torch.dtype:
     """auto: fp16 on CUDA (the reference's precision for DAPE), fp32 elsewhere."""
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise UpscalerError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
-    return DTYPES[name]
+    return select_dtype(name, device, prefer="fp16")
 
 
 def to_pixels(images: Sequence[Image.Image], size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..tiling import resize
+from ..tiling.resample import attach_alpha, resize, split_alpha
 
 METHODS = ("wavelet", "adain")
 WAVELET_LEVELS = 5
@@ -75,12 +75,10 @@ def color_fix(image: torch.Tensor, reference: torch.Tensor, method: str = "wavel
         raise ValueError(
             f"reference batch ({reference.shape[0]}) must be 1 or match the image batch ({image.shape[0]})"
         )
-    rgb, alpha = image[..., :3].float(), image[..., 3:]
-    ref = reference[..., :3].float()
-    if ref.shape[-1] == 1:
-        ref = ref.expand(-1, -1, -1, 3)
-    ref = resize(ref, rgb.shape[1], rgb.shape[2], "bicubic").to(rgb.device)
+    rgb, alpha = split_alpha(image)
+    rgb = rgb.float()
+    ref = resize(split_alpha(reference)[0].float(), rgb.shape[1], rgb.shape[2], "bicubic").to(rgb.device)
     ref = ref.expand(rgb.shape[0], -1, -1, -1)
     fix = wavelet_fix if method == "wavelet" else adain_fix
     out = fix(rgb.permute(0, 3, 1, 2), ref.permute(0, 3, 1, 2)).clamp_(0, 1).permute(0, 2, 3, 1)
-    return torch.cat([out, alpha.to(out)], dim=-1) if alpha.shape[-1] else out
+    return attach_alpha(out, alpha)

@@ -11,10 +11,13 @@ from spandrel import (
     canonicalize_state_dict,
 )
 
-from .base import Capabilities, ModelSource, UpscalerError, error_text
-from .dtypes import DTYPE_NAMES, dtype_name, select_dtype
-from .loading import SD_X4_MESSAGE, looks_like_sd_x4_state_dict, read_state_dict, sha256_of
-from .provenance import receipt_provenance
+from ...tiling import RunHooks
+from ..base import UpscalerError, error_text
+from ..contract import Capabilities, Conditioning, ModelSource, WindowResult
+from ..dtypes import dtype_name, select_dtype
+from ..loading import read_weights, sha256_of
+from ..provenance import receipt_provenance
+from ..sdx4.detect import SD_X4_MESSAGE, is_sdx4_file, is_sdx4_state_dict
 
 # Input pixels of real context a tile needs for its centre to match an untiled pass, per spandrel
 # architecture id. Measured on real weights where we have them (tests/test_gan.py re-measures
@@ -66,7 +69,7 @@ class _SDX4Refusal(Architecture):
 
     def __init__(self):
         super().__init__(id="DreamForgeSDX4Upscaler", name="Stable Diffusion x4 upscaler",
-                         detect=looks_like_sd_x4_state_dict)
+                         detect=is_sdx4_state_dict)
 
     def load(self, state_dict):
         raise UpscalerError(f"this file is the {SD_X4_MESSAGE}")
@@ -93,8 +96,6 @@ def capabilities_of(descriptor: ImageModelDescriptor) -> Capabilities:
         dtypes.append("fp16")
     if descriptor.supports_bfloat16:
         dtypes.append("bf16")
-    tiling = {ModelTiling.SUPPORTED: "supported", ModelTiling.DISCOURAGED: "discouraged",
-              ModelTiling.INTERNAL: "internal"}[descriptor.tiling]
     return Capabilities(
         impl="gan",
         native_scales=(descriptor.scale,),
@@ -103,7 +104,9 @@ def capabilities_of(descriptor: ImageModelDescriptor) -> Capabilities:
         min_size=req.minimum,
         square=req.square,
         context=CONTEXT_BY_ARCH.get(descriptor.architecture.id, DEFAULT_CONTEXT),
-        tiling=tiling,
+        # spandrel's INTERNAL: the model tiles itself, so outer tiles would only add seams
+        whole_image=descriptor.tiling == ModelTiling.INTERNAL,
+        tiling_hint="discouraged" if descriptor.tiling == ModelTiling.DISCOURAGED else "supported",
         bytes_per_pixel=_bytes_per_pixel(descriptor),
         in_channels=descriptor.input_channels,
         out_channels=descriptor.output_channels,
@@ -143,7 +146,13 @@ class GANUpscaler:
     def module(self) -> torch.nn.Module:
         return self.descriptor.model
 
-    def upscale_window(self, x: torch.Tensor) -> torch.Tensor:
+    def upscale_window(self, x: torch.Tensor, cond: Conditioning | None = None,
+                       hooks: RunHooks | None = None) -> WindowResult:
+        """The contract's call; a GAN takes no prompt, seed or options."""
+        return WindowResult(self.forward(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """B,C,h,w -> B,C,h*s,w*s in the load-time dtype (fp16/bf16 under autocast)."""
         reduced = self.dtype != next(self.descriptor.model.parameters()).dtype
         with torch.inference_mode(), torch.autocast(x.device.type, dtype=self.dtype, enabled=reduced):
             return self._compiled(x) if self._compiled is not None else self.descriptor(x)
@@ -160,11 +169,11 @@ class GANUpscaler:
         """Load a GAN checkpoint safely; `dtype` is one of auto/fp32/fp16/bf16 for `device`.
 
         `compile`: wrap the network in torch.compile; None = DREAMFORGE_TORCH_COMPILE=1 on a CUDA device."""
-        if dtype not in ("auto",) + DTYPE_NAMES:
-            raise UpscalerError(f"dtype must be one of auto, {', '.join(DTYPE_NAMES)}; got {dtype!r}")
         path = Path(path)
-        sd = canonicalize_state_dict(read_state_dict(path))  # unwraps params_ema / state_dict / module.
-        if looks_like_sd_x4_state_dict(sd):
+        if is_sdx4_file(path):  # from the header: the multi-GB file is not read
+            raise UpscalerError(f"{path.name} is the {SD_X4_MESSAGE}")
+        sd = canonicalize_state_dict(read_weights(path))  # unwraps params_ema / state_dict / module.
+        if is_sdx4_state_dict(sd):
             raise UpscalerError(f"{path.name} is the {SD_X4_MESSAGE}")
         try:
             descriptor = ModelLoader().load_from_state_dict(sd)

@@ -1,0 +1,333 @@
+"""Upscale family: Load Upscaler, ESRGAN Upscale, Tiled Upscale, SDX4 Upscale, Load Chain-of-Zoom Model.
+
+Thin V3 nodes: schema -> a backend call (upscalers/) with ComfyUI's hooks from the bridge -> outputs.
+The tiling inputs and the SD x4 inputs are built here, once.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..upscalers import DEFAULT_OVERLAP, IMPLS, GANUpscaler, UpscalerError, upscale
+from ..upscalers.coz_sd3 import LORA_FOLDER, TRANSFORMER_LORA, VAE_ENCODER_LORA, CoZSD3Upscaler, TokenizerDirs
+from ..upscalers.coz_sd3.components import is_sd3_folder
+from ..upscalers.coz_sd3.single_file import is_sd3_checkpoint
+from ..upscalers.dtypes import DTYPE_NAMES
+from ..upscalers.receipts import Policy
+from ..upscalers.registry import choose_run, strict_scale_error
+from ..upscalers.sdx4 import DEFAULT_PROMPT, SDX4Options, is_sdx4_file, is_sdx4_folder
+from ..tiling.resample import METHODS as RESAMPLE_METHODS
+from . import bridge
+from .bridge import UPSCALER, Choice, advanced, io, schema
+
+CATEGORY = "DreamForge/upscale"
+ZOOM_CATEGORY = "DreamForge/zoom"
+SEED_MAX = 0xFFFFFFFFFFFFFFFF
+
+
+def upscaler_input(name: str, tooltip: str) -> io.Input:
+    """Our UPSCALER or ComfyUI's UPSCALE_MODEL on one socket ("UPSCALER,UPSCALE_MODEL" in /object_info)."""
+    return io.MultiType.Input(name, types=[UPSCALER, io.UpscaleModel], tooltip=tooltip)
+
+
+def tiling_inputs() -> list[io.Input]:
+    return [
+        io.Int.Input("tile", default=0, min=0, max=8192, step=8,
+                     tooltip="Tile side in input pixels. 0 = auto: the largest tile that fits free memory "
+                             "(one pass when the whole image fits)."),
+        advanced(io.Int.Input("overlap", default=DEFAULT_OVERLAP, min=0, max=512, step=1,
+                              tooltip="Feathered (cos²) overlap between tiles in input pixels, at least this much. "
+                                      "Each tile also reads the context its architecture needs.")),
+        advanced(Choice("resample", options=list(RESAMPLE_METHODS), default="lanczos",
+                        tooltip="Filter for scales other than the model's native one.")),
+    ]
+
+
+def diffusion_inputs(optional: bool = False) -> list[io.Input]:
+    """The SD x4 settings (Tiled Upscale takes them as optional inputs, SDX4 Upscale as required)."""
+    return [
+        io.String.Input("prompt", default=DEFAULT_PROMPT, multiline=True, optional=optional,
+                        tooltip="What the image shows / should look like (SD x4 only; GANs ignore it)."),
+        io.String.Input("negative_prompt", default="", multiline=True, optional=optional,
+                        tooltip="What to steer away from, e.g. 'blurry, jpeg artifacts' (SD x4 only)."),
+        io.Int.Input("seed", default=0, min=0, max=SEED_MAX, control_after_generate=True, optional=optional,
+                     tooltip="Noise seed (SD x4): the same seed gives the same image on the same device."),
+        io.Int.Input("steps", default=50, min=1, max=1000, optional=optional,
+                     tooltip="DDIM denoising steps (SD x4). 20-30 is faster, 50 is the quality default."),
+        io.Float.Input("guidance", default=7.5, min=0.0, max=30.0, step=0.1, round=0.01, optional=optional,
+                       tooltip="Classifier-free guidance (SD x4); 1 or less turns it off (2x faster)."),
+        io.Int.Input("noise_level", default=20, min=0, max=350, optional=optional,
+                     tooltip="Noise added to the low-res input (SD x4): higher invents more detail, lower stays "
+                             "closer to the input. ComfyUI's noise_augmentation x 350."),
+    ]
+
+
+def image_and_receipt(image_tooltip: str, receipt_tooltip: str) -> list[io.Output]:
+    return [io.Image.Output(display_name="image", tooltip=image_tooltip),
+            io.String.Output(display_name="receipt", tooltip=receipt_tooltip)]
+
+
+def run_upscale(handle: bridge.UpscalerHandle, image, scale, *, tile: int, overlap: int, resample: str,
+                strict_scale: bool = False, prompt=None, seed=None, options=None, policy: Policy | None = None,
+                fallbacks: bool = False) -> io.NodeOutput:
+    """Run the handle's upscaler with ComfyUI's hooks. `fallbacks`: on out-of-memory at the smallest tiles a
+    diffusion run may fall back to a GAN, then to Lanczos (never under strict_scale); a degraded result is
+    also reported to the UI / API client (`dreamforge_degraded`) besides the receipt and the log."""
+    diffusion = handle.upscaler.capabilities.impl == "diffusion"
+    out, receipt = upscale(
+        handle.upscaler, image, scale, tile=tile, overlap=overlap, strict_scale=strict_scale, resample=resample,
+        device=bridge.device(), hooks=bridge.run_hooks(handle), prompt=prompt, seed=seed, options=options,
+        fallback=bridge.gan_fallback if fallbacks and diffusion else None, resample_fallback=fallbacks,
+        policy=policy,
+    )
+    ui = {"dreamforge_degraded": [receipt.to_dict()["degraded"]]} if receipt.degraded else None
+    return io.NodeOutput(bridge.to_output(out), receipt.to_json(), ui=ui)
+
+
+class LoadUpscaler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        # checkpoints: .safetensors headers only (a .ckpt would have to be unpickled to be recognised)
+        sdx4 = bridge.prefixed_model_names(is_sdx4_folder, lambda f: f.lower().endswith(".safetensors")
+                                           and is_sdx4_file(f))
+        return schema(
+            node_id="DreamForgeLoadUpscaler", display_name="Load Upscaler (DreamForge)", category=CATEGORY,
+            description="Loads an upscaler: a GAN from models/upscale_models (any single-image model spandrel "
+                        "loads: Real-ESRGAN, Compact, SwinIR, HAT, DAT...; ships with realesr-animevideov3), or "
+                        "the Stable Diffusion x4 upscaler (a diffusers folder in models/diffusers, or "
+                        "x4-upscaler-ema.safetensors in models/checkpoints or models/upscale_models), fully offline.",
+            aliases=("real-esrgan", "esrgan", "upscale model", "sd upscaler", "stable diffusion x4", "load model"),
+            inputs=[
+                Choice("model_name", options=bridge.upscale_model_names() + sdx4,
+                       tooltip="A GAN file in models/upscale_models (or the local mirror / runtime cache), "
+                               "'diffusers/<folder>' for an SD x4 diffusers folder, or "
+                               "'checkpoints/<file>' for the SD x4 single file."),
+                Choice("impl", options=list(IMPLS), default=bridge.default_impl_choice(),
+                       tooltip="auto: whatever the file is. gan / diffusion: insist on that kind (an error says so "
+                               "when the file is the other kind). The default comes from DREAMFORGE_DEFAULT_IMPL."),
+                Choice("dtype", options=["auto", *DTYPE_NAMES], default="auto",
+                       tooltip="auto: fp16 on CUDA where the model allows (SD x4: UNet fp16, VAE bf16/fp32), fp32 "
+                               "on the CPU."),
+                advanced(io.Boolean.Input("attention_slicing", default=False, optional=True,
+                                          tooltip="SD x4: compute attention in slices (less VRAM, slower).")),
+                advanced(io.Boolean.Input("cpu_offload", default=False, optional=True,
+                                          tooltip="SD x4: keep only the network in use (text encoder, UNet, VAE) "
+                                                  "on the GPU; the others wait in system RAM.")),
+            ],
+            outputs=[
+                UPSCALER.Output(display_name="upscaler", tooltip="For DreamForge upscale nodes."),
+                io.UpscaleModel.Output(display_name="upscale_model",
+                                       tooltip="For ComfyUI's 'Upscale Image (using Model)' (GAN models only; "
+                                               "empty for SD x4)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model_name, impl, dtype, attention_slicing=False, cpu_offload=False) -> io.NodeOutput:
+        handle = bridge.load_upscaler(bridge.upscaler_path(model_name), impl, dtype, attention_slicing, cpu_offload)
+        gan = handle.upscaler.descriptor if isinstance(handle.upscaler, GANUpscaler) else None
+        return io.NodeOutput(handle, gan)
+
+
+class ESRGANUpscale(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="DreamForgeESRGANUpscale", display_name="ESRGAN Upscale (DreamForge)", category=CATEGORY,
+            description="Upscales with a GAN model, tiled and seam-free, to any scale (native passes, then an exact "
+                        "antialiased resample). Takes our UPSCALER or ComfyUI's UPSCALE_MODEL.",
+            aliases=("real-esrgan", "esrgan", "gan upscale", "4x", "2x", "upscale image", "tiled upscale"),
+            inputs=[
+                io.Image.Input("image", tooltip="The image(s) to upscale: RGB, RGBA (alpha kept) or grey; "
+                                                "batches work."),
+                upscaler_input("upscale_model", "From Load Upscaler or Load Upscale Model."),
+                io.Float.Input("scale", default=0.0, min=0.0, max=16.0, step=0.05,
+                               tooltip="Output/input size ratio. 0 = the model's native scale."),
+                *tiling_inputs(),
+            ],
+            outputs=image_and_receipt("The upscaled image.",
+                                      "JSON: what ran (model, sha256, tiles, retries, seconds)."),
+        )
+
+    @classmethod
+    def execute(cls, image, upscale_model, scale, tile, overlap, resample) -> io.NodeOutput:
+        handle = bridge.as_handle(upscale_model)
+        if handle.upscaler.capabilities.impl != "gan":
+            raise UpscalerError("ESRGAN Upscale runs GAN models, but upscale_model is the Stable Diffusion x4 upscaler: "
+                                "connect it to 'SDX4 Upscale (DreamForge)' or 'Tiled Upscale (DreamForge)' instead")
+        return run_upscale(handle, image, scale or None, tile=tile, overlap=overlap, resample=resample)
+
+
+def _sdx4_options(steps, guidance, noise_level, negative_prompt, tile=0, overlap=32, vae_tile=0) -> SDX4Options:
+    return SDX4Options(steps=steps, guidance=guidance, noise_level=noise_level, negative_prompt=negative_prompt,
+                       tile=tile, overlap=overlap, vae_tile=vae_tile)
+
+
+class TiledUpscale(io.ComfyNode):
+    CHECKED = ("impl", "scale", "strict_scale")  # the inputs validate_inputs names (ComfyUI skips its checks)
+
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="DreamForgeTiledUpscale", display_name="Tiled Upscale (DreamForge)", category=CATEGORY,
+            description="Tiled upscaler over any UPSCALER with an implementation policy: auto runs a GAN around 2x "
+                        "and the SD x4 model for 4x (when one is loaded); strict_scale refuses scales the model "
+                        "cannot reach without resampling. Out of memory: smaller tiles, then (unless strict) GAN, "
+                        "then Lanczos.",
+            aliases=("tiled upscale", "ultimate upscale", "sd upscaler", "real-esrgan", "esrgan", "4x", "2x",
+                     "seamless upscale"),
+            inputs=[
+                io.Image.Input("image", tooltip="The image(s) to upscale: RGB, RGBA (alpha kept) or grey; "
+                                                "batches work."),
+                UPSCALER.Input("upscaler", tooltip="From Load Upscaler: a GAN or the SD x4 upscaler."),
+                Choice("impl", options=list(IMPLS), default=bridge.default_impl_choice(),
+                       tooltip="auto: GAN for ~2x (x2plus when present), SD x4 for 4x when loaded. diffusion: the "
+                               "SD x4 model (scale 2 = x4 then downsample). gan: a GAN (from models/upscale_models "
+                               "when the connected one is SD x4)."),
+                io.Float.Input("scale", default=4.0, min=0.05, max=16.0, step=0.05,
+                               tooltip="Output/input size ratio; exact output size round(W*s) x round(H*s)."),
+                io.Boolean.Input("strict_scale", default=False,
+                                 tooltip="Refuse scales the model cannot produce natively (no resampling), and no "
+                                         "fallback to another method on out-of-memory."),
+                *tiling_inputs(),
+                *diffusion_inputs(optional=True),
+            ],
+            outputs=image_and_receipt("The upscaled image.",
+                                      "JSON: what ran (impl, model, tiles, retries, fallbacks, seed)."),
+        )
+
+    @classmethod
+    def validate_inputs(cls, impl=None, scale=None, strict_scale=None):
+        # Queue time (ComfyUI answers /prompt with HTTP 400). Naming these inputs switches ComfyUI's own
+        # range and choice checks off for them, so the schema's are repeated first; every problem is listed.
+        problems = bridge.declared_input_errors(cls, {"impl": impl, "scale": scale, "strict_scale": strict_scale})
+        if strict_scale is True and impl is not None and scale is not None and not problems:
+            if error := strict_scale_error(impl, scale):
+                problems["strict_scale"] = error
+        return "; ".join(problems.values()) or True
+
+    @classmethod
+    def execute(cls, image, upscaler, impl, scale, strict_scale, tile, overlap, resample, prompt=DEFAULT_PROMPT,
+                negative_prompt="", seed=0, steps=50, guidance=7.5, noise_level=20) -> io.NodeOutput:
+        handle = bridge.as_handle(upscaler)
+        choice = choose_run(impl, scale, handle.upscaler.capabilities.impl)
+        if strict_scale and (error := strict_scale_error(choice.impl, scale)):
+            raise UpscalerError(error)
+        chosen = handle if choice.use_loaded else bridge.folder_gan(choice.gan_scale)
+        common = dict(tile=tile, overlap=overlap, resample=resample, strict_scale=strict_scale,
+                      policy=Policy(impl, choice.impl, choice.reason), fallbacks=not strict_scale)
+        if choice.impl == "diffusion":
+            # the latent is the input's size, so the user's tile and overlap are the UNet's latent tiles
+            options = _sdx4_options(steps, guidance, noise_level, negative_prompt, tile=tile, overlap=overlap)
+            return run_upscale(chosen, image, scale, prompt=prompt, seed=seed, options=options, **common)
+        return run_upscale(chosen, image, scale, **common)
+
+
+class SDX4Upscale(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="DreamForgeSDX4Upscale", display_name="SDX4 Upscale (DreamForge)", category=CATEGORY,
+            description="Stable Diffusion x4 upscaler: prompt-guided 4x with latent-tiled denoising (one coherent "
+                        "image, no seams) and a tiled 4x VAE decode that keeps one tone across tiles. Out of memory: "
+                        "smaller tiles, then a GAN, then Lanczos (the receipt lists each step).",
+            aliases=("sd upscaler", "stable diffusion x4", "sd x4", "x4 upscaler", "4x", "diffusion upscale"),
+            inputs=[
+                io.Image.Input("image", tooltip="The image(s) to upscale 4x (the latent is this size: 512 px -> "
+                                                "2048 px)."),
+                UPSCALER.Input("upscaler", tooltip="The SD x4 upscaler from Load Upscaler (impl diffusion or auto)."),
+                *diffusion_inputs(),
+                io.Int.Input("tile", default=0, min=0, max=4096, step=8,
+                             tooltip="UNet tile side in input pixels (the latent is the input's size). 0 = auto: "
+                                     "untiled when it fits free memory."),
+                advanced(io.Int.Input("overlap", default=32, min=0, max=256, step=1,
+                                      tooltip="cos² blend between UNet tiles, in input pixels.")),
+                advanced(io.Int.Input("vae_tile", default=0, min=0, max=4096, step=8,
+                                      tooltip="Decode tile side in input pixels. 0 = auto (at most 224 + padding, so "
+                                              "the decoder's attention never sees a large latent at once).")),
+            ],
+            outputs=image_and_receipt("The 4x image.", "JSON: model, seed, steps, tiles, retries, fallbacks, seconds."),
+        )
+
+    @classmethod
+    def execute(cls, image, upscaler, prompt, negative_prompt, seed, steps, guidance, noise_level, tile, overlap,
+                vae_tile) -> io.NodeOutput:
+        handle = bridge.as_handle(upscaler)
+        if handle.upscaler.capabilities.impl != "diffusion":
+            raise UpscalerError(
+                "SDX4 Upscale needs the Stable Diffusion x4 upscaler, but the connected upscaler is a GAN "
+                f"({handle.upscaler.source.file}); load x4-upscaler-ema.safetensors or its diffusers folder with "
+                "'Load Upscaler' (impl diffusion), or use 'ESRGAN Upscale' / 'Tiled Upscale' for GANs."
+            )
+        options = _sdx4_options(steps, guidance, noise_level, negative_prompt, tile, overlap, vae_tile)
+        return run_upscale(handle, image, 4, tile=0, overlap=0, resample="lanczos", prompt=prompt, seed=seed,
+                           options=options, fallbacks=True)
+
+
+FROM_CHECKPOINT = "(from checkpoint)"
+NO_T5 = "none (no T5)"
+
+
+def _lora_choices(wanted: str) -> list[str]:
+    # the authors' file names first (models/loras/chain-of-zoom/ by convention), then any other file
+    return sorted(bridge.filenames("loras"), key=lambda n: (Path(n).name != wanted,
+                                                            not n.startswith(LORA_FOLDER + "/"), n))
+
+
+def _text_encoder_path(name: str) -> str | None:
+    return None if name in (FROM_CHECKPOINT, NO_T5) else str(bridge.full_path("text_encoders", name))
+
+
+class LoadCoZModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        text = bridge.filenames("text_encoders")
+        return schema(
+            node_id="DreamForgeLoadCoZModel", display_name="Load Chain-of-Zoom Model (DreamForge)",
+            category=ZOOM_CATEGORY,
+            description="Loads Chain-of-Zoom's own super-resolver: Stable Diffusion 3 medium with the authors' LoRA "
+                        f"(models/loras/{LORA_FOLDER}/{TRANSFORMER_LORA} and {VAE_ENCODER_LORA}), merged at load. "
+                        "A 4x upscaler (bicubic 4x, then one SR step) for the Chain-of-Zoom nodes and Tiled Upscale. "
+                        "Offline; weights only.",
+            aliases=("chain of zoom", "coz", "sd3 upscaler", "extreme zoom", "load model"),
+            inputs=[
+                Choice("base_model", options=bridge.prefixed_model_names(is_sd3_folder, is_sd3_checkpoint),
+                       tooltip="SD3 medium: 'diffusers/<folder>' (models/diffusers) or "
+                               "'checkpoints/sd3_medium*.safetensors' (models/checkpoints)."),
+                Choice("transformer_lora", options=_lora_choices(TRANSFORMER_LORA),
+                       tooltip=f"The authors' SR_LoRA/{TRANSFORMER_LORA} (put it in models/loras/{LORA_FOLDER}/)."),
+                Choice("vae_lora", options=_lora_choices(VAE_ENCODER_LORA),
+                       tooltip=f"The authors' SR_VAE/{VAE_ENCODER_LORA} (put it in models/loras/{LORA_FOLDER}/)."),
+                Choice("clip_l", options=[FROM_CHECKPOINT, *text],
+                       tooltip="clip_l.safetensors when the checkpoint has no CLIP-L (models/text_encoders or "
+                               "models/clip)."),
+                Choice("clip_g", options=[FROM_CHECKPOINT, *text],
+                       tooltip="clip_g.safetensors when the checkpoint has no CLIP-G."),
+                Choice("t5xxl", options=[FROM_CHECKPOINT, NO_T5, *text],
+                       tooltip="t5xxl_fp16 / fp8 file, or none: the prompt embedding then differs from the paper's "
+                               "(noted in the receipt) and loading needs ~9 GB less."),
+                Choice("dtype", options=["auto", *DTYPE_NAMES], default="auto",
+                       tooltip="Transformer precision. auto: bf16 on CUDA (fp16 text encoders, fp32 VAE), fp32 on "
+                               "the CPU. fp32 = the paper's."),
+            ],
+            outputs=[UPSCALER.Output(display_name="upscaler",
+                                     tooltip="For Chain-of-Zoom Step / Loop / Upscale and Tiled Upscale.")],
+        )
+
+    @classmethod
+    def execute(cls, base_model, transformer_lora, vae_lora, clip_l, clip_g, t5xxl, dtype) -> io.NodeOutput:
+        base = bridge.prefixed_model_path(base_model, "base_model")
+        if base is None:
+            raise UpscalerError(f"base_model must be 'diffusers/<folder>' or 'checkpoints/<file>'; got {base_model!r}")
+        text_files = {"clip_l": _text_encoder_path(clip_l), "clip_g": _text_encoder_path(clip_g),
+                      "t5": _text_encoder_path(t5xxl)}
+        upscaler = CoZSD3Upscaler.load(
+            base, str(bridge.full_path("loras", transformer_lora)), str(bridge.full_path("loras", vae_lora)),
+            text_files=text_files, tokenizer_dirs=TokenizerDirs(bridge.CLIP_TOKENIZER_DIR, bridge.T5_TOKENIZER_DIR),
+            use_t5=t5xxl != NO_T5, dtype=dtype, device=bridge.device())
+        main, text = bridge.patcher_for(upscaler.module()), bridge.patcher_for(upscaler.text_module())
+        upscaler.residency = bridge.residency(text, main)
+        upscaler.text_patcher = text  # the manager keeps weak references: the upscaler keeps this one alive
+        return io.NodeOutput(bridge.UpscalerHandle(upscaler, main))
+
+
+NODES = [LoadUpscaler, ESRGANUpscale, TiledUpscale, SDX4Upscale, LoadCoZModel]

@@ -1,0 +1,61 @@
+"""The registered backend families, and loading a model file or folder with the one it belongs to.
+
+Each family is one folder under upscalers/ (gan/, sdx4/, coz_sd3/) exposing a `BACKEND`: how to recognise
+its models cheaply (headers, configs) and how to load one into an object that keeps the upscaler contract
+(upscalers/contract.py). A new family is its folder plus one line in BACKENDS.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .contract import Upscaler
+from .registry import resolve_load_impl
+
+
+@dataclass(frozen=True)
+class Backend:
+    id: str
+    impl: str  # "gan" | "diffusion": what the impl policy calls it
+    detect: Callable[[Path], bool]  # is this file/folder one of this family's models (cheap: headers only)
+    load: Callable[..., Upscaler]  # load(path, dtype=, device=, **options)
+    options: tuple[str, ...] = ()  # load-time options this family takes (others are not passed to it)
+
+
+def _families() -> tuple[Backend, ...]:
+    from .coz_sd3 import BACKEND as COZ_SD3
+    from .gan import BACKEND as GAN
+    from .sdx4 import BACKEND as SDX4
+
+    return (SDX4, COZ_SD3, GAN)  # first match wins; spandrel (GAN) recognises the rest when it loads
+
+
+def backend_for(path: str | os.PathLike) -> Backend:
+    path = Path(path)
+    families = _families()
+    return next((b for b in families if b.detect(path)), families[-1])
+
+
+def load_upscaler(path: str | os.PathLike, *, impl: str = "auto", dtype: str = "auto",
+                  device: torch.device | None = None, **options) -> Upscaler:
+    """Load `path` with its family's backend. impl auto follows the file; gan / diffusion insist on that kind
+    (an error names the mismatch). Options a family does not take are not passed to it (they are SD x4's
+    attention_slicing / offload, or the Chain-of-Zoom model's LoRA files)."""
+    path = Path(path)
+    backend = backend_for(path)
+    resolve_load_impl(impl, backend.impl == "diffusion", path.name)
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    given = {k: v for k, v in options.items() if k in backend.options}
+    return backend.load(path, dtype=dtype, device=device, **given)
+
+
+def is_diffusion_model(path: str | os.PathLike) -> bool:
+    return backend_for(path).impl == "diffusion"
+
+
+__all__ = ["Backend", "backend_for", "is_diffusion_model", "load_upscaler"]
+
