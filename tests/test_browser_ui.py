@@ -138,7 +138,7 @@ def _run_and_check_outputs(ui, workflow: dict, example) -> dict:
     """Click Run; the run succeeds and every image node shows its images (decoded, the expected sizes).
     The `executed` outputs by node id."""
     prompt_id = ui.queue_from_ui()
-    events = ui.wait_for_prompt(prompt_id, timeout=240)
+    events = ui.wait_for_prompt(prompt_id, timeout=600)  # the tiny SD x4 runs 20 steps: minutes on a loaded CPU
     executed = {e["detail"]["node"]: e["detail"]["output"] for e in events if e["type"] == "executed"}
     image_nodes = [n for n in workflow["nodes"] if n["type"] in IMAGE_NODES]
     assert image_nodes, f"{example.title} has no image output node"

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import io
 import json
 import struct
@@ -28,7 +27,6 @@ from PIL import Image
 
 from comfy_headless import ComfyServer, comfyui_dir  # noqa: E402 - conftest puts scripts/ on sys.path
 from object_info_compare import input_differences
-from pack_as_custom_node import load_pack
 
 REPO = Path(__file__).resolve().parents[1]
 SNAPSHOT = json.loads((REPO / "tests" / "data" / "object_info_v1.json").read_text())
@@ -101,11 +99,18 @@ def test_every_pack_node_is_a_v3_node_in_the_server(comfy):
 
 
 def test_outside_comfyui_the_pack_exposes_no_nodes():
-    assert importlib.util.find_spec("comfy") is None  # this process has no ComfyUI on its path
-    pack = load_pack("dreamforge_outside")
-    assert pack.__all__ == [] and not hasattr(pack, "comfy_entrypoint")
-    assert not hasattr(pack, "NODE_CLASS_MAPPINGS")
-    assert "dreamforge_outside.nodes" not in sys.modules
+    # a fresh interpreter: earlier tests of the suite may have put ComfyUI on this process's path
+    code = (
+        "import importlib.util, sys; from pack_as_custom_node import load_pack\n"
+        "assert importlib.util.find_spec('comfy') is None, 'ComfyUI is on the path'\n"
+        "pack = load_pack('dreamforge_outside')\n"
+        "assert pack.__all__ == [] and not hasattr(pack, 'comfy_entrypoint')\n"
+        "assert not hasattr(pack, 'NODE_CLASS_MAPPINGS')\n"
+        "assert 'dreamforge_outside.nodes' not in sys.modules\n"
+        "print('no nodes')\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "no nodes" in done.stdout, done.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------------- newer-ComfyUI extras
