@@ -296,10 +296,10 @@ def newest(server, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def newest_browser(newest):
-    with ComfyBrowser(viewport=(1600, 1000)) as b:
-        yield b
-        (ARTIFACTS / "console_newest.log").write_text("\n".join(b.console) + "\n")
+def newest_browser(newest, browser):
+    """The module's browser: Playwright's sync API runs one instance per thread, so the newest frontend gets
+    its own page there (a second instance beside the pinned one's fails with "Sync API inside the asyncio loop")."""
+    return browser
 
 
 @pytest.fixture
