@@ -162,13 +162,15 @@ def test_api_twin_runs_as_it_is(server, path):
         assert receipt["retries"] == [] and receipt["fallbacks"] == [], receipt
         assert receipt["output_size"] == [INPUT_SIDE * 4] * 2 and receipt["resampled"] is None
         # with the workflow's prompt, seed and sampler settings ...
-        assert receipt["prompt"] == sd["prompt"] and receipt["prompt_used"] is True
-        assert receipt["seed"] == sd["seed"] == receipt["tile_plan"]["seed"]
-        options = receipt["tile_plan"]["options"]
+        backend = receipt["passes"][0]["backend"]
+        assert receipt["prompt"]["text"] == sd["prompt"] and receipt["prompt"]["used"] is True
+        assert [p["text"] for p in receipt["passes"][0]["prompts"]] == [sd["prompt"]]
+        assert receipt["seed"] == sd["seed"] == backend["seed"]
+        options = backend["options"]
         for key in ("negative_prompt", "steps", "guidance", "noise_level", "tile", "overlap", "vae_tile"):
             assert options[key] == sd[key], (key, options[key], sd[key])
         # ... denoised in latent tiles no larger than the workflow's tile (really tiled on the 128 px input)
-        tiles = receipt["tile_plan"]["unet_tiles"]
+        tiles = backend["unet_tiles"]
         assert tiles["count"] > 1 and tiles["count"] == tiles["grid"][0] * tiles["grid"][1], tiles
         assert max(tiles["tile"]) <= sd["tile"] and tiles["overlap"] >= sd["overlap"], tiles
     if path.stem == "color_fix_after_gan":
