@@ -17,7 +17,7 @@ Cases (pick with --cases):
 * bf16    -- Compact on a 256x256 crop: ours in bf16 vs core in fp32 (speed, deviation);
 * memory  -- Compact on retina resized to 2048x2048: peak resident memory above the loaded model
              and input, one fresh subprocess per variant, against the float32 output canvas.
-* unseen  -- photos and models nothing was tuned on (UNSEEN: astronaut, hubble_deep_field, motorcycle,
+* unseen  -- (each case in its own process) photos and models nothing was tuned on (UNSEEN: astronaut, hubble_deep_field, motorcycle,
              immunohistochemistry, coffee, rocket x Compact bundled / shared, RRDB 6 blocks random, RRDB 23B):
              untiled / core / ours / ours with DREAMFORGE_CPU_MALLOC=0, interleaved; seconds, peak RSS,
              RSS after the call, ours/core and ours/untiled (targets 0.8x, 0.75x), max deviation.
@@ -528,6 +528,28 @@ def unseen_case(label: str, photo_name: str, kind: str, weights: Path, repeats: 
     }
 
 
+def unseen_in_subprocess(label: str, repeats: int, args, log) -> dict:
+    """One unseen case in a fresh interpreter. A pass whose heap bound is lifted (> 2 GiB of activations,
+    tiling/cpu_memory.py) leaves glibc's heap laid out so that later plain calls in the same process fault
+    far less (a plain Compact call on 600x400: 6.6 s before, 3.3 s after one), which would time the next
+    case's untiled and core variants in a state no fresh ComfyUI process has."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "case.json"
+        cmd = [sys.executable, __file__, "--cases", "unseen", "--unseen", label, "--unseen-worker", "--repeats",
+               str(repeats), "--weights", str(args.weights), "--comfy", str(args.comfy), "--json", str(out)]
+        cmd += ["--crop", args.crop] if args.crop else []
+        cmd += ["--quick"] if args.quick else []
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout.splitlines():
+            if line.startswith(("==", "    rep")):
+                log(line)
+        if proc.returncode != 0:
+            raise SystemExit(f"unseen case {label!r} failed:\n{proc.stdout[-3000:]}")
+        return json.loads(out.read_text())["unseen"][0]
+
+
 def unseen_report(cases: list[dict], quick: bool) -> list[str]:
     L = ["\n#### Unseen photos and models (fp32, medians of interleaved repeats; peak/after = RSS above the "
          "call's start, MiB)\n",
@@ -697,6 +719,7 @@ def main() -> None:
     ap.add_argument("--crop", default="", help="centre crops for unseen cases, e.g. immuno=192,motorcycle=256 "
                     "(label substring=side): RRDB on a whole photo takes minutes per call on a loaded 2-core CPU")
     ap.add_argument("--memory-worker", choices=MEMORY_VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--unseen-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--memory-size", type=int, default=2048, help=argparse.SUPPRESS)
     ap.add_argument("--memory-tile", type=int, default=FIDELITY_TILE, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -746,8 +769,11 @@ def main() -> None:
         elif case == "unseen":
             picked = [u for u in UNSEEN if not args.unseen or any(k in u[0] for k in args.unseen.split(","))]
             crops = parse_crops(args.crop)
-            results[case] = [unseen_case(label, name, kind, args.weights, repeats, crop_for(label, crops, size), log)
-                             for label, name, kind in picked]
+            if len(picked) == 1 or args.unseen_worker:
+                results[case] = [unseen_case(label, name, kind, args.weights, repeats, crop_for(label, crops, size), log)
+                                 for label, name, kind in picked]
+            else:  # one process per case: what one case's passes leave in glibc must not time the next one
+                results[case] = [unseen_in_subprocess(label, repeats, args, log) for label, _, _ in picked]
     results["env"]["total_seconds"] = time.perf_counter() - started
     print()
     print(report(results, args))

@@ -130,6 +130,10 @@ def test_reuse_stops_page_faults_in_a_worker_thread_and_gives_the_memory_back(ch
     assert r["plain"] > 8_000  # every activation is a fresh mmap: faulted in again on each pass
     assert r["reused"] < r["plain"] / 4 and r["after_nested"] < r["plain"] / 4
     assert r["restored"] > r["plain"] / 2  # defaults back after the last pass
+    # mallopt switches off glibc's adaptive mmap threshold for the rest of the process: code that runs
+    # after our pass (other nodes) must not fault clearly more than before it. Plain passes here fault
+    # 3-7 of their 8 MiB activations (glibc's own adaptation varies), restored ones 7: hence 1.5x.
+    assert r["restored"] <= 1.5 * r["plain"]
     assert r["rss_grown_after"] < 32 * 2**20  # the freed heap went back to the OS
 
 

@@ -17,8 +17,9 @@ Where each constant comes from: docs/speed.md ("Where every constant comes from"
 Calibration (this repository's CPU: AMD EPYC Zen 3 KVM guest, 2 cores, torch 2.14.1, fp32, memory reuse
 on). `calibrate()` fits per_call + per_pixel * px over windows of 96-384 px. In the session that wrote
 this the 2 cores were shared with three other jobs (load average 4-10), and the fits moved 2-60x between
-runs, so CPU_COSTS holds per-pixel costs from quiet-machine whole passes instead (issue 14: RRDB x4plus
-640x768 in 29 s with reuse = 5.9e-5 s/px; Compact 500x500 in 6-7 s here = 2.5e-5 s/px under load, about
+runs, so CPU_COSTS holds per-pixel costs from quiet-machine passes instead (RealESRGAN_x4plus: 3.0-3.6e-4
+s/px at every window side from 64 to 320 px; an RRDB with 6 blocks 0.91-1.08e-4 from 128 px to the whole
+741x500 photo, i.e. no growth with the window; Compact 500x500 in 6-7 s = 2.5e-5 s/px under load, about
 1.2e-5 quiet) and a per-call cost of a few 96 px windows. On the CPU every candidate's cost is dominated by
 per_pixel, so the choice is: one tile when it fits, else the plan reading the fewest pixels.
 
@@ -62,7 +63,7 @@ class ArchCost:
 # Measured with calibrate() on this repository's CPU (see the module docstring).
 CPU_COSTS = {
     "Compact": ArchCost(per_call=0.02, per_pixel=1.2e-5),
-    "ESRGAN": ArchCost(per_call=0.05, per_pixel=5.9e-5),
+    "ESRGAN": ArchCost(per_call=0.05, per_pixel=3.3e-4),  # RealESRGAN_x4plus, quiet: flat over 64-320 px windows
 }
 # Not measured here (no GPU in the calibration session): per-call latency dominates small tiles on a GPU.
 CUDA_COSTS = {
