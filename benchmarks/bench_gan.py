@@ -17,15 +17,16 @@ Cases (pick with --cases):
 * bf16    -- Compact on a 256x256 crop: ours in bf16 vs core in fp32 (speed, deviation);
 * memory  -- Compact on retina resized to 2048x2048: peak resident memory above the loaded model
              and input, one fresh subprocess per variant, against the float32 output canvas.
-* unseen  -- (each case in its own process) photos and models nothing was tuned on (UNSEEN: astronaut, hubble_deep_field, motorcycle,
-             immunohistochemistry, coffee, rocket x Compact bundled / shared, RRDB 6 blocks random, RRDB 23B):
+* unseen  -- photos and models nothing was tuned on, each case in its own process (UNSEEN: astronaut,
+             hubble_deep_field, motorcycle, immunohistochemistry, coffee, rocket x Compact bundled /
+             shared, RRDB 6 blocks random, RRDB 23B):
              untiled / core / ours / ours with DREAMFORGE_CPU_MALLOC=0, interleaved; seconds, peak RSS,
              RSS after the call, ours/core and ours/untiled (targets 0.8x, 0.75x), max deviation.
 
 Timings on a shared CPU are noisy: variants are interleaved (the order rotates every repeat) and
 the ratios are taken from medians. Usage:
 
-    .venv/bin/python benchmarks/bench_gan.py                     # full run (~15 min on 2 idle cores)
+    .venv/bin/python benchmarks/bench_gan.py                     # full run (~1 h on 2 idle cores, 45 min of it unseen)
     .venv/bin/python benchmarks/bench_gan.py --quick             # small sizes, smoke run
     .venv/bin/python benchmarks/bench_gan.py --cases compact,memory --json out.json
     .venv/bin/python benchmarks/bench_gan.py --cases unseen --unseen astronaut,hubble   # some unseen cases

@@ -53,6 +53,8 @@ def profile_table(fn, x, rows: int = 10) -> list[str]:
     named = []
     for e in events:
         name = e.key
+        if name in ("aten::conv2d", "aten::convolution", "aten::_convolution"):
+            continue  # dispatch wrappers of the backend kernel below: counted once, there
         if "convolution" in name and e.input_shapes and len(e.input_shapes[0]) == 4 and len(e.input_shapes[1]) == 4:
             (_, cin, h, _), (cout, _, kh, kw) = e.input_shapes[0], e.input_shapes[1]
             name = f"conv {cin}->{cout} {kh}x{kw} at {round(h / x.shape[-2])}x"  # padded phase windows round down

@@ -137,6 +137,21 @@ def trim_threshold(keep: int) -> int:
     return keep if keep <= MAX_KEEP_MB * 2**20 else -1
 
 
+def release_for_retry() -> bool:
+    """After an out-of-memory inside a pass: glibc's defaults back and the free heap returned now, for the
+    rest of the pass. Memory is tight by then, and with every block served from the heap a fragmented
+    heap top can refuse what fresh mappings would still fit. The pass's end restores and trims again
+    (idempotent). Returns whether a pass was active."""
+    with _lock:
+        if _state["depth"] == 0 or _glibc() is None:
+            return False
+        libc = _glibc()
+        libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
+        libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+        libc.malloc_trim(0)
+        return True
+
+
 @contextmanager
 def reuse(device=None, enabled: bool = True, keep: int | None = None):
     """Around one CPU pass: reuse freed heap memory; afterwards defaults back and free pages returned.

@@ -45,6 +45,10 @@ def free_cache(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    elif device.type == "cpu":
+        from .cpu_memory import release_for_retry
+
+        release_for_retry()  # the retries run with glibc's defaults: no heap reuse once memory ran out
 
 
 def shrink_on_oom(
