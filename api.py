@@ -11,7 +11,9 @@
 Models are found as the `assets` command finds them: a path, or a name in the models root
 (--models-root / $DF_MODELS_ROOT / ~/.cache/dreamforge-upscale/models), in a ComfyUI install's
 models/ folders (`comfyui_root`), in the local mirror ($DF_LOCAL_MIRROR) or the runtime cache;
-nothing is downloaded. `diffusers/<folder>` and `checkpoints/<file>` name the SD x4 upscaler.
+nothing is downloaded. `diffusers/<folder>` and `checkpoints/<file>` name the SD x4 upscaler or SD3
+medium, which with the Chain-of-Zoom LoRA files (loras/chain-of-zoom/) loads Chain-of-Zoom's own model;
+`load_tagger()` loads the DAPE tag prompts from RAM/.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from .upscalers.loading import WEIGHT_EXTENSIONS
 from .upscalers.receipts import Policy, UpscaleReceipt, ZoomLoopReceipt
 from .upscalers.registry import IMPLS, choose_run, pick_gan, resolve_load_impl
 from .upscalers.sdx4 import SDX4Options, is_sdx4_file
+from .upscalers.size_guard import check_request
 from .upscalers.upscale import DEFAULT_OVERLAP, upscale
 from .zoom import DEFAULT_PROCESS_SIZE, ZoomSettings, zoom_loop
 
@@ -104,6 +107,67 @@ class ModelPlaces:
         comfy = self.comfy_models()
         return comfy.parent / "comfy" / "sd1_tokenizer" if comfy is not None else None
 
+    def t5_tokenizer_dir(self) -> Path | None:
+        """The T5 tokenizer for SD3 single files: ComfyUI's bundled one when a ComfyUI is given."""
+        comfy = self.comfy_models()
+        return comfy.parent / "comfy" / "text_encoders" / "t5_tokenizer" if comfy is not None else None
+
+
+def resolve_file(name: str | os.PathLike, kinds: tuple[str, ...], places: ModelPlaces, what: str) -> Path:
+    """A weights file from a path, or a name inside one of the model folders `kinds` (e.g. loras, text_encoders)."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path.resolve()
+    locations = places.locations()
+    if not path.is_absolute():
+        for kind in kinds:
+            try:
+                return discovery.locate(str(name), kind, locations).path
+            except UpscalerError:
+                continue
+    searched = ", ".join(str(Path(d)) for kind in kinds for d in locations.folders(kind))
+    raise UpscalerError(f"{what} {str(name)!r} not found: it is not a file, nor a name in {searched}; give its path "
+                        "or put it in one of those folders")
+
+
+# the text encoder files an SD3 checkpoint may lack, by role, as ComfyUI users name them (first found is used)
+TEXT_ENCODER_NAMES = {"clip_l": ("clip_l.safetensors",), "clip_g": ("clip_g.safetensors",),
+                      "t5": ("t5xxl_fp16.safetensors", "t5xxl_fp8_e4m3fn_scaled.safetensors",
+                             "t5xxl_fp8_e4m3fn.safetensors")}
+TEXT_ENCODER_FOLDERS = ("text_encoders", "clip")
+
+
+def coz_load_options(base: Path, places: ModelPlaces, transformer_lora=None, vae_lora=None,
+                     text_encoders: dict | None = None, use_t5: bool = True, clip_tokenizer=None,
+                     t5_tokenizer=None) -> dict:
+    """The load options of Chain-of-Zoom's own model, files resolved as the Load Chain-of-Zoom Model node
+    lists them: the two LoRA files (default: the authors' names in loras/chain-of-zoom/), the text encoders a
+    single-file checkpoint lacks (given, or found under their usual names in text_encoders/ or clip/; the
+    ones inside the checkpoint win), the tokenizers (a diffusers folder carries its own)."""
+    from .upscalers.coz_sd3 import LORA_FOLDER, TRANSFORMER_LORA, VAE_ENCODER_LORA, TokenizerDirs
+
+    loras = {}
+    for key, given, default in (("transformer_lora", transformer_lora, TRANSFORMER_LORA),
+                                ("vae_lora", vae_lora, VAE_ENCODER_LORA)):
+        loras[key] = resolve_file(given or f"{LORA_FOLDER}/{default}", ("loras",), places,
+                                  f"Chain-of-Zoom {key.replace('_', ' ')}")
+    text_files: dict[str, Path | None] = {}
+    if base.is_file():
+        given = dict(text_encoders or {})
+        unknown = sorted(set(given) - set(TEXT_ENCODER_NAMES))
+        if unknown:
+            raise UpscalerError(f"text_encoders: unknown role {unknown[0]!r}; the roles are clip_l, clip_g and t5")
+        for role, names in TEXT_ENCODER_NAMES.items():
+            if role == "t5" and not use_t5:
+                continue
+            if given.get(role):
+                text_files[role] = resolve_file(given[role], TEXT_ENCODER_FOLDERS, places, f"{role} text encoder")
+                continue
+            folders = [Path(d) for kind in TEXT_ENCODER_FOLDERS for d in places.locations().folders(kind)]
+            text_files[role] = next((d / n for n in names for d in folders if (d / n).is_file()), None)
+    dirs = TokenizerDirs(clip_tokenizer or places.tokenizer_dir(), t5_tokenizer or places.t5_tokenizer_dir())
+    return {**loras, "text_files": text_files, "tokenizer_dirs": dirs, "use_t5": use_t5}
+
 
 def resolve_model(name: str, places: ModelPlaces = ModelPlaces()) -> Path:
     """A model path from a path, `diffusers/<folder>`, `checkpoints/<file>` or an upscale_models name."""
@@ -125,15 +189,32 @@ def resolve_model(name: str, places: ModelPlaces = ModelPlaces()) -> Path:
 def load_upscaler(model: str | os.PathLike | None = None, *, impl: str = "auto", dtype: str = "auto",
                   device: str | torch.device | None = None, places: ModelPlaces = ModelPlaces(),
                   tokenizer_dir: str | os.PathLike | None = None, attention_slicing: bool = False,
-                  cpu_offload: bool = False) -> Upscaler:
-    """Load one upscaler: a GAN (spandrel) or the SD x4 upscaler. `model` None = the bundled model.
+                  cpu_offload: bool = False, transformer_lora: str | os.PathLike | None = None,
+                  vae_lora: str | os.PathLike | None = None, text_encoders: dict | None = None, use_t5: bool = True,
+                  t5_tokenizer_dir: str | os.PathLike | None = None) -> Upscaler:
+    """Load one upscaler: a GAN (spandrel), the SD x4 upscaler, or Chain-of-Zoom's own model. `model` None = the
+    bundled model.
 
     `impl` auto follows the file; gan / diffusion insist on that kind (an error names the mismatch).
+    Chain-of-Zoom's own model is SD3 medium (`diffusers/<folder>`, `checkpoints/sd3_medium*.safetensors` or a
+    path) with the authors' LoRA files: `transformer_lora` / `vae_lora` (paths or names in loras/; default
+    chain-of-zoom/model_20001.pkl and chain-of-zoom/vae_encoder_20001.pt), `text_encoders` {"clip_l", "clip_g",
+    "t5": path or name in text_encoders/ or clip/} for a single file that lacks them (default: clip_l.safetensors,
+    clip_g.safetensors, t5xxl_fp16.safetensors where present), `use_t5` False to load without T5; `tokenizer_dir`
+    / `t5_tokenizer_dir`: the CLIP / T5 tokenizers for a single file (ComfyUI's with `comfyui_root`). The same
+    model as the Load Chain-of-Zoom Model node loads from the same files.
     """
     path = resolve_model(str(model) if model is not None else BUNDLED_MODEL, places)
+    extra = {}
+    if backends.backend_for(path).id == "coz_sd3":
+        extra = coz_load_options(path, places, transformer_lora, vae_lora, text_encoders, use_t5, tokenizer_dir,
+                                 t5_tokenizer_dir)
+    elif transformer_lora or vae_lora:
+        raise UpscalerError(f"transformer_lora / vae_lora are Chain-of-Zoom's LoRA files for SD3 medium; {path.name} is "
+                            "not SD3 medium (a diffusers folder or sd3_medium*.safetensors)")
     return backends.load_upscaler(path, impl=impl, dtype=dtype, device=pick_device(device),
                                   tokenizer_dir=tokenizer_dir or places.tokenizer_dir(),
-                                  attention_slicing=attention_slicing, offload=cpu_offload)
+                                  attention_slicing=attention_slicing, offload=cpu_offload, **extra)
 
 
 def _folder_gan_names(places: ModelPlaces) -> list[str]:
@@ -141,6 +222,20 @@ def _folder_gan_names(places: ModelPlaces) -> list[str]:
     listed = [p.name for d in locations.folders("upscale_models") if Path(d).is_dir() for p in sorted(Path(d).iterdir())
               if p.suffix.lower() in WEIGHT_EXTENSIONS and not is_sdx4_file(p)]
     return discovery.model_names("upscale_models", locations, listed)
+
+
+def plan_upscaler(scale: float | None, model: str | os.PathLike | None = None, *, impl: str = "auto",
+                  places: ModelPlaces = ModelPlaces()):
+    """select_upscaler's choice without loading anything: (the model's path, the impl policy's RunChoice);
+    the weights that run are `path` when choice.use_loaded, else folder_gan(choice.gan_scale)'s."""
+    if impl not in IMPLS:
+        raise UpscalerError(f"impl must be one of {', '.join(IMPLS)}; got {impl!r}")
+    if model is None and impl == "diffusion":
+        raise UpscalerError("impl diffusion needs the Stable Diffusion x4 upscaler: give its diffusers folder "
+                            "(diffusers/<folder> or a path) or x4-upscaler-ema.safetensors as the model")
+    path = resolve_model(str(model) if model is not None else BUNDLED_MODEL, places)
+    kind = resolve_load_impl(impl, backends.is_diffusion_model(path), path.name)
+    return path, choose_run(impl, scale, kind)
 
 
 def select_upscaler(scale: float | None, model: str | os.PathLike | None = None, *, impl: str = "auto",
@@ -151,14 +246,7 @@ def select_upscaler(scale: float | None, model: str | os.PathLike | None = None,
     auto with the SD x4 model below 3x runs a GAN from the model folders instead (x2plus for ~2x,
     else a x4 GAN, else the bundled model); the SD x4 weights are then never loaded.
     """
-    if impl not in IMPLS:
-        raise UpscalerError(f"impl must be one of {', '.join(IMPLS)}; got {impl!r}")
-    if model is None and impl == "diffusion":
-        raise UpscalerError("impl diffusion needs the Stable Diffusion x4 upscaler: give its diffusers folder "
-                            "(diffusers/<folder> or a path) or x4-upscaler-ema.safetensors as the model")
-    path = resolve_model(str(model) if model is not None else BUNDLED_MODEL, places)
-    kind = resolve_load_impl(impl, backends.is_diffusion_model(path), path.name)
-    choice = choose_run(impl, scale, kind)
+    path, choice = plan_upscaler(scale, model, impl=impl, places=places)
     policy = Policy(impl, choice.impl, choice.reason)
     if choice.use_loaded:
         return load_upscaler(path, impl=impl, dtype=dtype, device=device, places=places, **load_kw), policy
@@ -187,22 +275,50 @@ def pick_device(device: str | torch.device | None) -> torch.device:
 
 
 # ------------------------------------------------------------------------------------- images
-def as_image(image: ImageLike) -> torch.Tensor:
-    """A path, PIL image, H,W,C uint8/float array or 1,H,W,C / H,W,C tensor -> 1,H,W,C float32 in 0..1."""
+def as_image(image: ImageLike, *, check: Callable[[int, int, int], None] | None = None) -> torch.Tensor:
+    """A path, PIL image, H,W[,C] array or 1,H,W,C / H,W,C tensor -> 1,H,W,C float32 in 0..1.
+
+    Floats are taken as 0..1; uint8 is scaled by 1/255 and uint16 by 1/65535 (white stays white); other
+    dtypes (bool, signed or wider integers, complex) are refused by name, as their white is unknown. For a
+    path or a PIL image, `check(width, height, channels)` sees the size (a file's header) before a pixel is
+    decoded.
+    """
     if isinstance(image, (str, os.PathLike)):
         from .cli.images import read_image
 
-        return read_image(image)
+        return read_image(image, check=check)
     if isinstance(image, Image.Image):
-        alpha = image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info)
-        image = np.asarray(image.convert("RGBA" if alpha else "RGB"))
+        from .cli.images import has_alpha, pil_pixels
+
+        if check is not None:  # Image.open is lazy: nothing is decoded yet
+            check(*image.size, 4 if has_alpha(image) else 3)
+        image = pil_pixels(image)  # as the file would read: 16-bit grey keeps its precision
+    white = {"uint8": 255.0, "uint16": 65535.0}  # the integer dtypes pixels come in, and their white
+
+    def refuse(kind: str, dtype: str) -> UpscalerError:
+        return UpscalerError(
+            f"image: a {kind} of dtype {dtype} is not a pixel type this pack can scale; expected float (0..1), "
+            "uint8 (0..255) or uint16 (0..65535). Fix: convert it first, e.g. x.astype(np.float32) / x.max() "
+            "(x.float() / x.max() for a tensor) for other integer data, x.astype(np.float32) for a bool mask, "
+            "or x.astype(np.uint8) when it holds 0..255")
+
     if isinstance(image, np.ndarray):
-        arr = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
+        name = image.dtype.name
+        if image.dtype.kind == "f":
+            arr = image.astype(np.float32)
+        elif name in white:
+            arr = image.astype(np.float32) / np.float32(white[name])
+        else:
+            raise refuse("numpy array", name)
         image = torch.from_numpy(np.ascontiguousarray(arr))
     if isinstance(image, torch.Tensor):
+        name = str(image.dtype).removeprefix("torch.")
+        if not (image.is_floating_point() or name in white):
+            raise refuse("tensor", name)
         if image.ndim == 2:
             image = image[..., None]
-        return (image[None] if image.ndim == 3 else image).float()
+        image = (image[None] if image.ndim == 3 else image).float()
+        return image / white[name] if name in white else image
     raise UpscalerError(f"image must be a path, PIL image, numpy array or tensor; got {type(image).__name__}")
 
 
@@ -219,7 +335,9 @@ def upscale_image(upscaler: Upscaler, image: ImageLike, scale: float | None = No
     """
     dev = pick_device(device)
     options = (sdx4 or SDX4Options()) if upscaler.capabilities.impl == "diffusion" else None
-    out, receipt = upscale(upscaler, as_image(image), scale, tile=tile, overlap=overlap, strict_scale=strict_scale,
+    # a file's size is checked from its header: an upscale refused anyway never decodes the image
+    pixels = as_image(image, check=lambda w, h, c: check_request(upscaler, w, h, c, scale, strict_scale=strict_scale))
+    out, receipt = upscale(upscaler, pixels, scale, tile=tile, overlap=overlap, strict_scale=strict_scale,
                            resample=resample, device=dev, hooks=RunHooks(progress=progress), prompt=prompt, seed=seed,
                            options=options, fallback=fallback, policy=policy)
     return UpscaleResult(out.cpu(), receipt)
@@ -241,14 +359,37 @@ def load_prompt_model(model: str | os.PathLike, *, dtype: str = "auto", device: 
                                   temperature=temperature)
 
 
+def load_tagger(ram_model: str | os.PathLike = "ram_swin_large_14m.pth", dape: str | os.PathLike | None = "DAPE.pth",
+                *, max_tags: int = 0, drop_tags: str = "", keep_tags: str = "", threshold_offset: float = 0.0,
+                dtype: str = "auto", device: str | torch.device | None = None, places: ModelPlaces = ModelPlaces()):
+    """The DAPE / RAM tag prompt model (the published `dape` prompt, as the Load Tagger node): RAM Swin-L with the
+    DAPE LoRA merged (`dape` None: plain RAM). Paths, or names in the models root's RAM/ folder."""
+    from .zoom.tagger import TaggerProvider, tagger_dtype
+
+    dev = pick_device(device)
+    ram_path = resolve_file(ram_model, ("RAM",), places, "RAM model")
+    dape_path = None if dape in (None, "", "none") else resolve_file(dape, ("RAM",), places, "DAPE LoRA")
+    if dape_path is not None and dape_path.resolve() == ram_path.resolve():
+        raise UpscalerError(f"dape: {dape} is the RAM checkpoint itself; give DAPE.pth or None")
+    provider = TaggerProvider.load(ram_path, dape_path, dtype=tagger_dtype(dtype, dev), max_tags=max_tags,
+                                   drop_tags=drop_tags, keep_tags=keep_tags, threshold_offset=threshold_offset)
+    provider.module().to(dev)
+    return provider
+
+
 def chain_of_zoom(upscaler: Upscaler | None, image: ImageLike, steps: int = 4, *, mode: str = "recursive_multiscale",
                   process_size: int = DEFAULT_PROCESS_SIZE, prompt: str = "", prompt_model=None,
-                  color_fix: str = "wavelet", seed: int = 0, tile: int = 0, overlap: int = DEFAULT_OVERLAP,
-                  device: str | torch.device | None = None,
+                  color_fix: str = "wavelet", seed: int = 0, sampling: str = "sample", tile: int = 0,
+                  overlap: int = DEFAULT_OVERLAP, device: str | torch.device | None = None,
                   on_state: Callable[[int, Image.Image], None] | None = None) -> ZoomResult:
-    """Chain-of-Zoom extreme zoom of one image: x0 and `steps` 4x scale-states (what the Loop node runs)."""
+    """Chain-of-Zoom extreme zoom of one image: x0 and `steps` 4x scale-states (what the Loop node runs).
+
+    `prompt_model`: load_prompt_model() (a VLM) or load_tagger() (DAPE tags). `sampling` (Chain-of-Zoom's own
+    model): "sample", the paper's posterior sample with noise from `seed`, or "mean", the posterior mean.
+    """
     settings = ZoomSettings(mode=mode, process_size=process_size, user_prompt=prompt, provider=prompt_model,
-                            color_fix=color_fix, seed=seed, tile=tile, overlap=overlap, device=pick_device(device))
+                            color_fix=color_fix, seed=seed, sampling=sampling, tile=tile, overlap=overlap,
+                            device=pick_device(device))
     tensor = as_image(image)[:1]
     callback = (lambda _index, n, state: on_state(n, state)) if on_state else None
     result = zoom_loop(upscaler, tensor, steps, settings, on_state=callback)
@@ -256,4 +397,5 @@ def chain_of_zoom(upscaler: Upscaler | None, image: ImageLike, steps: int = 4, *
 
 
 __all__ = ["ModelPlaces", "folder_gan", "UpscaleResult", "ZoomResult", "as_image", "chain_of_zoom", "load_prompt_model",
-           "load_upscaler", "pick_device", "resolve_model", "select_upscaler", "upscale_image"]
+           "load_tagger", "load_upscaler", "pick_device", "plan_upscaler", "resolve_file", "resolve_model",
+           "select_upscaler", "upscale_image"]

@@ -47,6 +47,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "scripts"), str(REPO / "tests")]
 
+import bench_smoke  # noqa: E402
 import pack_import  # noqa: E402
 
 pack_import.install()
@@ -100,6 +101,8 @@ class Case:
 
 
 def cases(quick: bool) -> list[Case]:
+    if bench_smoke.smoke():  # DREAMFORGE_BENCH_SMOKE=1: the code path only, still 2+ tiles a side
+        return [Case("forced", 64, 16, 4), Case("limit", 80, 24, 4)]
     if quick:
         return [Case("forced", 128, 32, 8), Case("limit", 160, 40, 8)]
     return [Case("forced", 256, 64, 16), Case("limit", 384, 96, 16)]
@@ -212,7 +215,9 @@ def main() -> None:
     ap.add_argument("--skip-step", action="store_true", help="only the tiled-overhead cases")
     ap.add_argument("--case", action="append", choices=("forced", "limit"), help="only these cases (default: both)")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    if bench_smoke.smoke():
+        args.repeats = 1
+    torch.set_num_threads(1 if bench_smoke.smoke() else args.threads)
     chosen = [c for c in cases(args.quick) if not args.case or c.name in args.case]
     largest = max(c.photo for c in chosen) * step.ZOOM // 8
     root = Path(tempfile.mkdtemp(prefix="bench-coz-"))
@@ -226,10 +231,13 @@ def main() -> None:
                      "sd3_medium_estimate": sd3_medium_estimate()}
     with torch.inference_mode():
         if not args.skip_step:
-            results["step_seconds"] = step_seconds(model, 128 if args.quick else 256, args.repeats)
+            process = 64 if bench_smoke.smoke() else 128 if args.quick else 256
+            results["step_seconds"] = step_seconds(model, process, args.repeats)
         results["tiled_overhead"] = {c.name: tiled_overhead(model, clock, c, args.repeats, args.memory_short)
                                      for c in chosen}
     print(json.dumps(results, indent=1))
+    if bench_smoke.smoke():
+        print(bench_smoke.note())
 
 
 if __name__ == "__main__":

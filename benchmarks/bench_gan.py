@@ -52,6 +52,8 @@ from peak_memory import measure_peak  # benchmarks/ is on sys.path when this scr
 from receipt_fields import dtype as receipt_dtype, tile_plan
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))  # pack_import, bench_smoke
+import bench_smoke  # noqa: E402
 PACKAGE = "dreamforge_upscale"
 ALL_CASES = ("compact", "x4plus", "bf16", "memory", "unseen")
 COMPACT = "realesr-animevideov3.pth"
@@ -60,6 +62,9 @@ X4PLUS = "RealESRGAN_x4plus.pth"
 # (size, repeats) per case; sizes are input pixels per side.
 FULL = {"compact": (1000, 3), "x4plus": (600, 1), "bf16": (256, 3), "memory": (2048, 1), "unseen": (0, 3)}
 QUICK = {"compact": (352, 2), "x4plus": (96, 1), "bf16": (96, 2), "memory": (384, 1), "unseen": (64, 1)}
+# DREAMFORGE_BENCH_SMOKE=1 (scripts/bench_smoke.py): every case's code path at tiny sizes, one repeat, the
+# memory variants in one subprocess and the unseen cases in one (numbers mean nothing)
+SMOKE = {"compact": (64, 1), "x4plus": (24, 1), "bf16": (24, 1), "memory": (32, 1), "unseen": (24, 1)}
 # Photos and models the pack was never tuned on (issue 14): (case, skimage photo, model, untiled-size note).
 # "bundled" = the Compact file shipped in upscalers/bundled; "rrdb6" = an RRDB x4 with 6 blocks built here
 # with random weights (RealESRGAN_x4plus_anime_6B's shape); sizes are the photos' own.
@@ -72,7 +77,7 @@ UNSEEN = (
     ("rocket 640×427 / Compact (bundled)", "rocket", "bundled"),
 )
 UNSEEN_TARGETS = {"ours_core": 0.8, "ours_untiled": 0.75}
-FIDELITY_TILE = 256
+FIDELITY_TILE = 32 if bench_smoke.smoke() else 256  # smoke: still a forced multi-tile plan on the tiny input
 MEMORY_VARIANTS = ("ours_tiled", "ours_auto", "core", "untiled")
 
 TARGETS = {
@@ -266,7 +271,7 @@ def gan_case(name: str, weights: Path, size: int, repeats: int, tiled: bool, log
     ours = load_ours(weights)
     scale = ours.scale
 
-    warm = photo(64)
+    warm = photo(min(64, size))
     warm_nchw = warm.permute(0, 3, 1, 2).contiguous()
     run_untiled(model, warm_nchw), run_core(model, warm), run_ours(ours, warm)
 
@@ -338,7 +343,7 @@ def bf16_case(weights: Path, size: int, repeats: int, log) -> dict:
     except Exception as exc:  # noqa: BLE001 - reported, not fatal
         res["error"] = f"{type(exc).__name__}: {exc}"
         return res
-    warm = photo(64)
+    warm = photo(min(64, size))
     run_core(model, warm), run_ours(ours32, warm), run_ours(ours16, warm)
     ref = as_bhwc(run_untiled(model, x_nchw))
     variants = {
@@ -391,20 +396,23 @@ def memory_worker(variant: str, size: int, tile: int, weights: Path) -> dict:
 def memory_case(size: int, tile: int, weights: Path, comfy_dir: Path, log) -> dict:
     log(f"== memory: {weights.name}, retina resized to {size}x{size}, one subprocess per variant")
     results = {}
-    for variant in MEMORY_VARIANTS:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", variant,
+    # one fresh process per variant; a smoke run starts one for all four (the same worker, imports paid once)
+    groups = [MEMORY_VARIANTS] if bench_smoke.smoke() else [(v,) for v in MEMORY_VARIANTS]
+    for group in groups:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", ",".join(group),
                "--memory-size", str(size), "--memory-tile", str(tile), "--weights", str(weights.parent),
                "--comfy", str(comfy_dir)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if proc.returncode != 0 or line is None:
-            results[variant] = {"error": (proc.stderr or proc.stdout)[-2000:]}
-            log(f"    {variant:<10} FAILED: {(proc.stderr or '').strip().splitlines()[-1:]}")
-            continue
-        r = json.loads(line[len("RESULT "):])
-        results[variant] = r
-        log(f"    {variant:<10} +{r['peak_above'] / 2**20:8.0f} MiB above {r['baseline_rss'] / 2**20:.0f} MiB "
-            f"= {r['ratio']:.2f}x canvas  ({r['seconds']:.1f} s)")
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        done = {r["variant"]: r for r in (json.loads(ln[len("RESULT "):]) for ln in lines)}
+        for variant in group:
+            if variant not in done:
+                results[variant] = {"error": (proc.stderr or proc.stdout)[-2000:]}
+                log(f"    {variant:<10} FAILED: {(proc.stderr or '').strip().splitlines()[-1:]}")
+                continue
+            r = results[variant] = done[variant]
+            log(f"    {variant:<10} +{r['peak_above'] / 2**20:8.0f} MiB above {r['baseline_rss'] / 2**20:.0f} MiB "
+                f"= {r['ratio']:.2f}x canvas  ({r['seconds']:.1f} s)")
     return {"model": weights.name, "input": [size, size], "tile": tile, "variants": results,
             "canvas_bytes": size * 4 * size * 4 * 3 * 4}
 
@@ -529,7 +537,7 @@ def unseen_case(label: str, photo_name: str, kind: str, weights: Path, repeats: 
     }
 
 
-def unseen_in_subprocess(label: str, repeats: int, args, log) -> dict:
+def unseen_in_subprocess(label: str | list[str], repeats: int, args, log) -> list[dict]:
     """One unseen case in a fresh interpreter. A pass whose heap bound is lifted (> 2 GiB of activations,
     tiling/cpu_memory.py) leaves glibc's heap laid out so that later plain calls in the same process fault
     far less (a plain Compact call on 600x400: 6.6 s before, 3.3 s after one), which would time the next
@@ -538,7 +546,8 @@ def unseen_in_subprocess(label: str, repeats: int, args, log) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "case.json"
-        cmd = [sys.executable, __file__, "--cases", "unseen", "--unseen", label, "--unseen-worker", "--repeats",
+        labels = label if isinstance(label, list) else [label]
+        cmd = [sys.executable, __file__, "--cases", "unseen", "--unseen", ",".join(labels), "--unseen-worker", "--repeats",
                str(repeats), "--weights", str(args.weights), "--comfy", str(args.comfy), "--json", str(out)]
         cmd += ["--crop", args.crop] if args.crop else []
         cmd += ["--quick"] if args.quick else []
@@ -548,7 +557,7 @@ def unseen_in_subprocess(label: str, repeats: int, args, log) -> dict:
                 log(line)
         if proc.returncode != 0:
             raise SystemExit(f"unseen case {label!r} failed:\n{proc.stdout[-3000:]}")
-        return json.loads(out.read_text())["unseen"][0]
+        return json.loads(out.read_text())["unseen"]
 
 
 def unseen_report(cases: list[dict], quick: bool) -> list[str]:
@@ -576,7 +585,7 @@ def unseen_report(cases: list[dict], quick: bool) -> list[str]:
         L.append(f"| {text} | " + " | ".join(f"{r[key]:.2f}× {ok(r[key] <= UNSEEN_TARGETS[key])}" for r in cases) + " |")
     L.append("| no fidelity loss (ours max dev ≤ 1/255) | " + " | ".join(
         f"{r['ours_dev']['max']:.3f} {ok(r['ours_dev']['max'] <= 1.0)}" for r in cases) + " |")
-    if quick:
+    if quick or bench_smoke.smoke():
         L.append("\n(quick run: cropped photos, sizes too small for a verdict)")
     return L
 
@@ -601,7 +610,7 @@ def ok(flag: bool) -> str:
 def report(results: dict, args) -> str:
     L = []
     env = results["env"]
-    L.append(f"### DreamForge GAN benchmark ({'quick' if args.quick else 'full'} run)\n")
+    L.append(f"### DreamForge GAN benchmark ({'smoke' if bench_smoke.smoke() else 'quick' if args.quick else 'full'} run)\n")
     L.append(f"- date: {env['date']}; CPU: {env['cpu']} ({env['cores']} cores, torch threads {env['threads']}); "
              f"torch {env['torch']}, spandrel {env['spandrel']}; native bf16: {env['bf16_native']}")
     L.append(f"- command: `{env['command']}`\n")
@@ -697,7 +706,8 @@ def report(results: dict, args) -> str:
         L.extend(unseen_report(results["unseen"], args.quick))
 
     if targets:
-        L.append("\n#### Targets" + (" (quick smoke run: sizes too small for a verdict, use the full run)" if args.quick else "") + "\n")
+        small = args.quick or bench_smoke.smoke()
+        L.append("\n#### Targets" + (" (quick smoke run: sizes too small for a verdict, use the full run)" if small else "") + "\n")
         L.append("| target | measured | met |")
         L.append("|---|---|---|")
         for name, val, flag in targets:
@@ -719,17 +729,21 @@ def main() -> None:
     ap.add_argument("--unseen", default="", help="only the unseen cases whose label contains one of these (comma list)")
     ap.add_argument("--crop", default="", help="centre crops for unseen cases, e.g. immuno=192,motorcycle=256 "
                     "(label substring=side): RRDB on a whole photo takes minutes per call on a loaded 2-core CPU")
-    ap.add_argument("--memory-worker", choices=MEMORY_VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--memory-worker", help=argparse.SUPPRESS)  # a variant, or a comma list (smoke run)
     ap.add_argument("--unseen-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--memory-size", type=int, default=2048, help=argparse.SUPPRESS)
     ap.add_argument("--memory-tile", type=int, default=FIDELITY_TILE, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     setup_imports(args.comfy)
+    bench_smoke.limit_threads()
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_suite's random RRDB builder
     if args.memory_worker:
-        res = memory_worker(args.memory_worker, args.memory_size, args.memory_tile, args.weights / COMPACT)
-        print("RESULT " + json.dumps(res), flush=True)
+        for variant in args.memory_worker.split(","):
+            if variant not in MEMORY_VARIANTS:
+                raise SystemExit(f"--memory-worker: {variant!r} is not one of {', '.join(MEMORY_VARIANTS)}")
+            res = memory_worker(variant, args.memory_size, args.memory_tile, args.weights / COMPACT)
+            print("RESULT " + json.dumps(res), flush=True)
         return
 
     import spandrel
@@ -742,7 +756,7 @@ def main() -> None:
     for f in (COMPACT, X4PLUS):
         if not (args.weights / f).exists():
             raise SystemExit(f"missing weights {args.weights / f} (set --weights or DF_SHARED_WEIGHTS)")
-    sizes = QUICK if args.quick else FULL
+    sizes = SMOKE if bench_smoke.smoke() else QUICK if args.quick else FULL
 
     def log(msg):
         print(msg, flush=True)
@@ -758,7 +772,7 @@ def main() -> None:
     started = time.perf_counter()
     for case in cases:
         size, repeats = sizes[case]
-        repeats = args.repeats or repeats
+        repeats = bench_smoke.capped(args.repeats or repeats, 1)
         if case == "compact":
             results[case] = gan_case(case, args.weights / COMPACT, size, repeats, not args.skip_tiled, log)
         elif case == "x4plus":
@@ -773,14 +787,20 @@ def main() -> None:
             if len(picked) == 1 or args.unseen_worker:
                 results[case] = [unseen_case(label, name, kind, args.weights, repeats, crop_for(label, crops, size), log)
                                  for label, name, kind in picked]
+            elif bench_smoke.smoke():  # the same worker, one process for all of them (imports paid once)
+                results[case] = unseen_in_subprocess([label for label, _, _ in picked], repeats, args, log)
             else:  # one process per case: what one case's passes leave in glibc must not time the next one
-                results[case] = [unseen_in_subprocess(label, repeats, args, log) for label, _, _ in picked]
+                results[case] = [unseen_in_subprocess(label, repeats, args, log)[0] for label, _, _ in picked]
     results["env"]["total_seconds"] = time.perf_counter() - started
     print()
     print(report(results, args))
     print(f"(total {results['env']['total_seconds']:.0f} s)")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1, default=str))
+    if bench_smoke.smoke() and not args.unseen_worker:
+        print(bench_smoke.note())
+    if args.json:  # an unseen worker's --json is its parent's scratch file, never redirected
+        path = args.json if args.unseen_worker else bench_smoke.out_path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1, default=str))
 
 
 if __name__ == "__main__":

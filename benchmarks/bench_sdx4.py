@@ -28,20 +28,24 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "scripts"), str(REPO / "tests"), str(REPO / "benchmarks")]
 
+import bench_smoke  # noqa: E402
+
 MEMORY_CHILD = r'''
 import json, sys
 sys.path[:0] = sys.argv[1:4]
 import pack_import; pack_import.install()
 import numpy as np, torch
+import bench_smoke; bench_smoke.limit_threads()
 from PIL import Image
 from skimage import data
 import tiny_sdx4
 from peak_memory import measure_peak, trim_heap
 from dreamforge_upscale.tiling import RunHooks
 from dreamforge_upscale.upscalers import upscale
-from dreamforge_upscale.upscalers.base import ModelSource
+from dreamforge_upscale.upscalers.contract import ModelSource
 from dreamforge_upscale.upscalers.sdx4 import SDX4Options, SDX4Upscaler
 from dreamforge_upscale.upscalers.sdx4.components import SDX4Components, clip_tokenizer
+from receipt_fields import first_pass
 size, budget = int(sys.argv[4]), int(sys.argv[5])
 unet, vae, text = tiny_sdx4.build_components(0, unet_channels=8, vae_channels=8, groups=8)
 model = SDX4Upscaler(SDX4Components(unet, vae, text, clip_tokenizer(tiny_sdx4.clip_tokenizer_dir())),
@@ -53,9 +57,9 @@ upscale(model, image[:, :32, :32], options=opts, seed=0)
 trim_heap()
 r = measure_peak(lambda: upscale(model, image, options=opts, seed=0, hooks=RunHooks(free_bytes=lambda d: budget)))
 out, receipt = r.value
+plan = first_pass(receipt)["backend"]
 print(json.dumps({"size": size, "seconds": r.seconds, "peak_above": r.above, "canvas": out.numel() * 4,
-                  "unet_tiles": receipt["tile_plan"]["unet_tiles"]["count"],
-                  "vae_tiles": receipt["tile_plan"]["vae_tiles"]["count"]}))
+                  "unet_tiles": plan["unet_tiles"]["count"], "vae_tiles": plan["vae_tiles"]["count"]}))
 '''
 
 
@@ -69,7 +73,7 @@ def photo(size: int):
     return torch.from_numpy(np.asarray(img).copy()).float().div(255).permute(2, 0, 1)[None]
 
 
-def overhead(size: int, repeats: int, steps: int) -> dict:
+def overhead(size: int, repeats: int, steps: int, narrow: bool = False) -> dict:
     import pack_import
 
     pack_import.install()
@@ -78,15 +82,16 @@ def overhead(size: int, repeats: int, steps: int) -> dict:
     import tiny_sdx4
     from dreamforge_upscale.tiling import RunHooks
     from dreamforge_upscale.tiling.latent_denoise import plan_latent
-    from dreamforge_upscale.upscalers.base import ModelSource
+    from dreamforge_upscale.upscalers.contract import ModelSource
     from dreamforge_upscale.upscalers.sdx4 import SDX4Options, SDX4Upscaler, sampler
     from dreamforge_upscale.upscalers.sdx4.components import SDX4Components, clip_tokenizer
 
-    unet, vae, text = tiny_sdx4.build_components(0)
+    widths = dict(unet_channels=8, vae_channels=8, groups=8) if narrow else {}
+    unet, vae, text = tiny_sdx4.build_components(0, **widths)
     model = SDX4Upscaler(SDX4Components(unet, vae, text, clip_tokenizer(tiny_sdx4.clip_tokenizer_dir())),
                          ModelSource("tiny", None, "bench"))
     x = photo(size)
-    tile = (size + 32) // 2 + 16  # 2x2 latent tiles with the default overlap
+    tile = (size + 32) // 2 + (16 if size > 64 else 0)  # 2x2 latent tiles with the default overlap (32)
     hooks = RunHooks()
     with torch.inference_mode():
         embeds = sampler.encode_prompt(model.comps, "a photo", "", 1, True, x.device)
@@ -139,8 +144,12 @@ def main() -> None:
     args = ap.parse_args()
     size, repeats, steps = (128, 1, 2) if args.quick else (384, 3, 4)
     sizes = (128, 256) if args.quick else (256, 512, 1024)
+    narrow = bench_smoke.smoke()  # the code path only: narrow components, one step, 48 px in 2x2 tiles, one child
+    if narrow:
+        size, repeats, steps, sizes = 48, 1, 1, (32,)
+    bench_smoke.limit_threads()
     budget = 1536 * 2**20
-    o = overhead(size, repeats, steps)
+    o = overhead(size, repeats, steps, narrow)
     mem = [memory(s, budget) for s in sizes]
     print(f"\nSD x4 tiling overhead, tiny model, {o['size']}x{o['size']} input, {o['steps']} steps (medians of {repeats})")
     print("| stage | untiled s | tiled s | tiled / untiled | target |")
@@ -160,8 +169,12 @@ def main() -> None:
         canvas = f"{m['canvas'] / prev['canvas']:.2f}x" if prev else "-"
         print(f"| {m['size']}² | {4 * m['size']}² | {m['unet_tiles']} | {m['vae_tiles']} | {m['seconds']:.1f} | "
               f"{m['peak_above'] / 2**20:.0f} | {m['canvas'] / 2**20:.0f} | {growth} | {canvas} |")
+    if narrow:
+        print(bench_smoke.note())
     if args.json:
-        args.json.write_text(json.dumps({"overhead": o, "memory": mem}, indent=1))
+        path = bench_smoke.out_path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"overhead": o, "memory": mem}, indent=1))
 
 
 if __name__ == "__main__":

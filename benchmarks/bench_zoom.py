@@ -40,9 +40,14 @@ from peak_memory import measure_peak  # benchmarks/ is on sys.path when this scr
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # pack_import, tiny_vlm
+sys.path.insert(0, str(REPO / "scripts"))  # bench_smoke
+
+import bench_smoke  # noqa: E402
+from receipt_fields import as_dict  # noqa: E402
 
 FULL = {"loop": (512, 3), "full16": (256, 1)}  # (size, repeats)
 QUICK = {"loop": (128, 2), "full16": (64, 1)}
+SMOKE = {"loop": (32, 1), "full16": (16, 1)}  # DREAMFORGE_BENCH_SMOKE=1: the code path only
 TARGET_LOOP_RATIO = 1.1
 
 
@@ -83,7 +88,8 @@ def bench_loop(size: int, repeats: int) -> dict:
 
     from dreamforge_upscale.upscalers import GANUpscaler, upscale
     from dreamforge_upscale.upscalers.assets import bundled_model_path
-    from dreamforge_upscale.zoom import ZoomSettings, color_fix, from_pil, zoom_loop
+    from dreamforge_upscale.upscalers.color_fix import color_fix
+    from dreamforge_upscale.zoom import ZoomSettings, from_pil, zoom_loop
     from dreamforge_upscale.zoom.geometry import centre_box
     from dreamforge_upscale.zoom.prompts import TWO_IMAGE_INSTRUCTION
     from dreamforge_upscale.zoom.vlm import VLMPromptProvider
@@ -108,7 +114,8 @@ def bench_loop(size: int, repeats: int) -> dict:
             result = zoom_loop(compact, image, steps, settings)
             loops.append(time.perf_counter() - started)
             # the same run's own SR + prompt time (receipts, timed provider): no run-to-run noise
-            in_loop.append(sum(r["upscale"]["seconds"] for r in result.receipt["step_receipts"]) + timed.seconds)
+            in_loop.append(sum(r["upscale"]["seconds"] for r in as_dict(result.receipt)["step_receipts"])
+                           + timed.seconds)
             states = result.states[0]
             sr = prompt = fixing = 0.0
             for n in range(1, steps + 1):
@@ -158,7 +165,7 @@ def full16_worker(variant: str, size: int) -> dict:
 
     measured = measure_peak(run, interval=0.01)
     out, receipt = measured.value
-    passes, seconds = receipt["passes"], measured.seconds
+    passes, seconds = as_dict(receipt)["pass_count"], measured.seconds
     return {"variant": variant, "size": size, "output": list(out.shape[1:3]), "passes": passes,
             "seconds": round(seconds, 2), "peak_above_baseline_mb": round(measured.above / 2**20, 1),
             "output_mb": round(out.numel() * 4 / 2**20, 1)}
@@ -166,13 +173,16 @@ def full16_worker(variant: str, size: int) -> dict:
 
 def bench_full16(size: int, threads: int = 0) -> dict:
     rows = []
-    for variant in ("chained_gan", "coz_nofix", "coz"):
-        proc = subprocess.run([sys.executable, __file__, "--worker", variant, "--size", str(size),
+    variants = ("chained_gan", "coz_nofix", "coz")
+    # one fresh process per variant; a smoke run starts one for all three (the same worker, imports paid once)
+    groups = [variants] if bench_smoke.smoke() else [(v,) for v in variants]
+    for group in groups:
+        proc = subprocess.run([sys.executable, __file__, "--worker", ",".join(group), "--size", str(size),
                                "--threads", str(threads)],
                               capture_output=True, text=True, timeout=1800)
         if proc.returncode != 0:
-            raise RuntimeError(f"{variant} failed:\n{proc.stderr[-3000:]}")
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            raise RuntimeError(f"{','.join(group)} failed:\n{proc.stderr[-3000:]}")
+        rows += [json.loads(line) for line in proc.stdout.strip().splitlines()[-len(group):]]
     return {"case": "full16", "input": [size, size], "scale": 16, "rows": rows}
 
 
@@ -192,9 +202,10 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
     if args.worker:
-        print(json.dumps(full16_worker(args.worker, args.size)))
+        for variant in args.worker.split(","):
+            print(json.dumps(full16_worker(variant, args.size)), flush=True)
         return
-    sizes = QUICK if args.quick else FULL
+    sizes = SMOKE if bench_smoke.smoke() else QUICK if args.quick else FULL
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "python": platform.python_version(),
               "machine": platform.machine(), "cpus": os.cpu_count(), "cases": []}
     for case in args.cases.split(","):
@@ -202,8 +213,10 @@ def main() -> None:
         result = bench_loop(size, repeats) if case == "loop" else bench_full16(size, args.threads)
         report["cases"].append(result)
         print(json.dumps(result, indent=1), flush=True)
+    if bench_smoke.smoke():
+        print(bench_smoke.note())
     if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
+        bench_smoke.out_path(args.json).write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

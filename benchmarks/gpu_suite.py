@@ -35,6 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "scripts"), str(REPO / "tests"), str(REPO / "benchmarks")]
 
+import bench_smoke  # noqa: E402
 import pack_import  # noqa: E402
 
 pack_import.install()
@@ -352,10 +353,17 @@ def calibrate(model: Path, dtype: str) -> None:
     from dreamforge_upscale.upscalers import GANUpscaler
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if bench_smoke.smoke() and device.type == "cpu" and dtype == "fp16":  # a CUDA dtype: the CPU fit in fp32
+        print("(smoke run on the CPU: fp16 is a CUDA dtype, fitting fp32 instead)")
+        dtype = "fp32"
     up = GANUpscaler.load(model, dtype=dtype, device=device)
     up.module().to(device)
+    # smoke (DREAMFORGE_BENCH_SMOKE=1): the same fit on tiny windows, one call each
+    sides, repeats = ((16, 32), 1) if bench_smoke.smoke() else ((96, 192, 384), 2)
+    bench_smoke.limit_threads()
     # the bare model call (the typed contract's upscale_window wraps it in a WindowResult)
-    cost = fit(getattr(up, "forward", up.upscale_window), device, up.dtype, channels=up.capabilities.in_channels)
+    cost = fit(getattr(up, "forward", up.upscale_window), device, up.dtype, sides=sides, repeats=repeats,
+               channels=up.capabilities.in_channels)
     table = "CUDA_COSTS" if device.type == "cuda" else "CPU_COSTS"
     print(f'{table}: "{up.descriptor.architecture.id}": ArchCost(per_call={cost.per_call:.3g}, '
           f'per_pixel={cost.per_pixel:.3g}),')
@@ -373,6 +381,7 @@ def main(argv=None) -> None:
     if args.calibrate:
         calibrate(args.calibrate, args.dtype)
         return
+    args.smoke = args.smoke or bench_smoke.smoke()  # DREAMFORGE_BENCH_SMOKE=1: the --smoke run
     started = time.perf_counter()
     rows, device = run(args.smoke, tuple(s.strip() for s in args.sections.split(",")), args.vram_gb)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke)"
@@ -381,6 +390,7 @@ def main(argv=None) -> None:
     print(table(rows, device))
     print(f"\n(total {time.perf_counter() - started:.0f} s)")
     if args.json:
+        args.json = bench_smoke.out_path(args.json)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps([r.__dict__ for r in rows], indent=1))
 

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "scripts"), str(Path(__file__).resolve().parent)]
+import bench_smoke  # noqa: E402
 import pack_import  # noqa: E402
 
 pack_import.install()
@@ -49,6 +50,9 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=384, help="centre crop side (0: the whole photo)")
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
+    if bench_smoke.smoke():  # the code path only: a 1-block RRDB on a 32 px crop, one repeat, one thread
+        args.blocks, args.side, args.repeats = 1, min(args.side or 32, 32), 1
+        bench_smoke.limit_threads()
 
     from dreamforge_upscale.upscalers import GANUpscaler
 
@@ -75,6 +79,8 @@ def main() -> None:
         m = {k: statistics.median(r[k] for r in runs[reuse]) for k in runs[reuse][0]}
         print(f"| {'on' if reuse else 'off'} | {m['wall']:.1f} | {m['user']:.1f} | {m['sys']:.1f} | "
               f"{m['user'] + m['sys']:.1f} | {m['faults'] / 1e6:.2f} M | {m['peak_mib']:.0f} |")
+    if bench_smoke.smoke():
+        print(bench_smoke.note())
 
 
 if __name__ == "__main__":

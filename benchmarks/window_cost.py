@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "scripts"), str(Path(__file__).resolve().parent)]
+import bench_smoke  # noqa: E402
 import pack_import  # noqa: E402
 
 pack_import.install()
@@ -81,6 +82,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="best of this many calls per side and variant")
     ap.add_argument("--profile", type=int, default=0, help="also profile one ours pass at this side")
     args = ap.parse_args()
+    if bench_smoke.smoke():  # the code path only: a 1-block RRDB, windows of 16 and 32 px, one call each
+        args.blocks, args.sides, args.repeats = 1, "16,32", 1
+        args.profile = min(args.profile, 32)
+        bench_smoke.limit_threads()
 
     from spandrel import ModelLoader
 
@@ -130,6 +135,8 @@ def main() -> None:
     if args.profile:
         x = torch.rand(1, 3, args.profile, args.profile).contiguous(memory_format=torch.channels_last)
         print("\n".join(profile_table(run_ours, x)))
+    if bench_smoke.smoke():
+        print(bench_smoke.note())
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
     python -m <pack> upscale INPUT... [--scale 2.5] [--impl auto|gan|diffusion] [--model NAME] [--out DIR]
                      [--tile N] [--prompt TEXT] [--seed N] [--skip-existing] [--ray [ADDRESS]]
-    python -m <pack> zoom IMAGE [--steps 4] [--mode recursive_multiscale] [--prompt-model PATH]
+    python -m <pack> zoom IMAGE [--steps 4] [--mode recursive_multiscale] [--prompt-model PATH | --tagger RAM]
+                     [--coz-model BASE [--transformer-lora F] [--vae-lora F]] [--sampling sample|mean]
     python -m <pack> assets prefetch|verify|list ...
     dreamforge-upscale ...            (the console script of `pip install .`)
 
@@ -21,7 +22,9 @@ from ..upscalers.discovery import ENV_MIRROR, ENV_MODELS_ROOT
 from ..upscalers.dtypes import DTYPE_NAMES
 from ..upscalers.registry import IMPLS
 from ..upscalers.upscale import DEFAULT_OVERLAP
-from ..zoom import COLOR_FIX_CHOICES, DEFAULT_PROCESS_SIZE, MODES
+from ..upscalers.coz_sd3.lora import LORA_FOLDER, TRANSFORMER_LORA, VAE_ENCODER_LORA
+from ..zoom import COLOR_FIX_CHOICES, DEFAULT_PROCESS_SIZE, MODES, SAMPLING_CHOICES
+from .progress import shown
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -87,9 +90,37 @@ def _zoom_parser(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--color-fix", choices=COLOR_FIX_CHOICES, default="wavelet")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampling", choices=SAMPLING_CHOICES, default="sample",
+                   help="Chain-of-Zoom's own model: sample = the paper's posterior sample (noise from --seed), "
+                        "mean = the posterior mean, no noise (deterministic)")
     p.add_argument("--tile", type=int, default=0)
     p.add_argument("--out", default="zoomed", metavar="DIR", help="output folder (default ./zoomed)")
     _model_args(p)
+    g = p.add_argument_group("Chain-of-Zoom's own model: SD3 medium + the authors' LoRA (Load Chain-of-Zoom Model)")
+    g.add_argument("--coz-model", metavar="BASE",
+                   help="SD3 medium: a diffusers folder or sd3_medium*.safetensors (a path, diffusers/<folder> or "
+                        "checkpoints/<file>); instead of --model")
+    g.add_argument("--transformer-lora", metavar="FILE", help=f"the authors' SR_LoRA/{TRANSFORMER_LORA} (a path or a "
+                                                              f"name in loras/; default {LORA_FOLDER}/{TRANSFORMER_LORA})")
+    g.add_argument("--vae-lora", metavar="FILE", help=f"the authors' SR_VAE/{VAE_ENCODER_LORA} (default "
+                                                      f"{LORA_FOLDER}/{VAE_ENCODER_LORA})")
+    g.add_argument("--clip-l", metavar="FILE", help="clip_l.safetensors when the checkpoint has no CLIP-L (a path or a "
+                                                    "name in text_encoders/ or clip/; default: clip_l.safetensors there)")
+    g.add_argument("--clip-g", metavar="FILE", help="clip_g.safetensors when the checkpoint has no CLIP-G")
+    g.add_argument("--t5xxl", metavar="FILE", help="the T5 file when the checkpoint has none (default: "
+                                                   "t5xxl_fp16.safetensors there); 'none': no T5")
+    g.add_argument("--clip-tokenizer", metavar="DIR", help="CLIP tokenizer folder for a single file (default: "
+                                                           "ComfyUI's, with --comfyui-root)")
+    g.add_argument("--t5-tokenizer", metavar="DIR", help="T5 tokenizer folder for a single file (default: ComfyUI's)")
+    g = p.add_argument_group("DAPE tag prompts (Load Tagger): Recognize Anything + the DAPE LoRA")
+    g.add_argument("--tagger", metavar="RAM", help="ram_swin_large_14m.pth (a path or a name in RAM/); instead of "
+                                                   "--prompt-model")
+    g.add_argument("--dape", default="DAPE.pth", metavar="FILE", help="the DAPE LoRA merged into RAM (default "
+                                                                      "DAPE.pth in RAM/); 'none': plain RAM")
+    g.add_argument("--max-tags", type=int, default=0, help="0 = every tag that fires")
+    g.add_argument("--drop-tags", default="", metavar="TAGS", help="tags never to use, comma-separated")
+    g.add_argument("--keep-tags", default="", metavar="TAGS", help="tags always to use, comma-separated")
+    g.add_argument("--threshold-offset", type=float, default=0.0, help="added to every tag's threshold")
     p.set_defaults(func="zoom")
 
 
@@ -120,5 +151,5 @@ def main(argv: list[str] | None = None, prog: str = "dreamforge-upscale") -> int
 
         return cmd_zoom(args)
     except (UpscalerError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {shown(exc)}", file=sys.stderr)  # it may quote a file name: one safe line
         return 1

@@ -15,6 +15,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -112,26 +113,64 @@ def plan_jobs(inputs: list[str], out_dir: str | os.PathLike, scale: float) -> tu
 
 
 # ------------------------------------------------------------------------------------- reading
-def read_image(source: str | os.PathLike | bytes, label: str | None = None) -> torch.Tensor:
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")
+
+
+def has_alpha(im: Image.Image) -> bool:
+    return im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
+
+
+def pil_pixels(im: Image.Image) -> np.ndarray:
+    """A PIL image -> H,W,C float32 in 0..1 (C = 4 with alpha, else 3); 16-bit grey keeps its precision."""
+    if im.mode in _SIXTEEN_BIT:
+        grey = np.asarray(im, dtype=np.float32) / 65535.0
+        return np.repeat(np.clip(grey, 0, 1)[..., None], 3, axis=-1)
+    return np.asarray(im.convert("RGBA" if has_alpha(im) else "RGB"), dtype=np.float32) / 255.0
+
+
+def _bomb_error(name: str, exc: Exception) -> UpscalerError:
+    return UpscalerError(f"{name}: refused before decoding: {exc} It is a possible decompression bomb (far more "
+                         "pixels than its size on disk suggests). Fix: use a smaller image; if you trust the file, "
+                         f"raise PIL.Image.MAX_IMAGE_PIXELS (now {Image.MAX_IMAGE_PIXELS}) in your own code before "
+                         "calling the library")
+
+
+def _open_checked(source, name: str) -> Image.Image:
+    """Image.open: lazy, it reads the header only. PIL's decompression-bomb guard stays as PIL sets it
+    (Image.MAX_IMAGE_PIXELS: a warning above it, an error above twice it); its error gets our message."""
+    try:
+        return Image.open(source)
+    except Image.DecompressionBombError as exc:
+        raise _bomb_error(name, exc) from None
+
+
+def read_image(source: str | os.PathLike | bytes, label: str | None = None,
+               check: Callable[[int, int, int], None] | None = None) -> torch.Tensor:
     """An image file (path or its bytes) -> 1,H,W,C float32 in 0..1 (C = 4 when it has alpha, else 3).
 
     The EXIF orientation is applied (what a viewer shows); 16-bit grey keeps its precision.
+    `check(width, height, channels)` sees the size from the file's header before a
+    pixel is decoded, and raises to refuse it (e.g. size_guard.check_request: a 230 KB PNG of 9000x9000
+    would take gigabytes to decode only to be refused). PIL's decompression-bomb limit is always kept.
     """
     name = label or (str(source) if not isinstance(source, bytes) else "image")
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+        with _open_checked(io.BytesIO(source) if isinstance(source, bytes) else source, name) as im:
+            if check is not None:
+                try:  # the stored size: a quarter turn (EXIF) changes no side length or area the guard weighs
+                    check(*im.size, 4 if has_alpha(im) else 3)
+                except UpscalerError as exc:
+                    raise UpscalerError(f"{name}: {exc}") from None
             im.load()  # decode everything now: a truncated file fails here, not half way through
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                grey = np.asarray(im, dtype=np.float32) / 65535.0
-                arr = np.repeat(np.clip(grey, 0, 1)[..., None], 3, axis=-1)
-            else:
-                alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
-                arr = np.asarray(im.convert("RGBA" if alpha else "RGB"), dtype=np.float32) / 255.0
+            arr = pil_pixels(ImageOps.exif_transpose(im))
+    except UpscalerError:
+        raise  # already names the file and the fix (the size check, the bomb guard)
+    except Image.DecompressionBombError as exc:  # some formats only know their size once decoding
+        raise _bomb_error(name, exc) from None
     except UnidentifiedImageError:
         raise UpscalerError(f"{name}: not an image format Pillow can read (damaged, or not an image): replace it "
                             "or remove it from the input") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+    except (OSError, ValueError) as exc:
         raise UpscalerError(f"{name}: not a readable image ({type(exc).__name__}: {str(exc)[:160]}); the file is "
                             "damaged or truncated: replace it or remove it from the input") from None
     return torch.from_numpy(np.ascontiguousarray(arr))[None]
@@ -179,6 +218,8 @@ def unfinished_reason(job: Job, settings: dict) -> str | None:
         recorded, expected_sha = done["settings"], done["output_sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         return "receipt incomplete"
+    if not isinstance(recorded, dict) or recorded.get("model_sha256") != settings.get("model_sha256"):
+        return "made by other model weights"  # also a receipt from before the weights' hash was recorded
     if recorded != settings:
         return "made with other settings"
     try:

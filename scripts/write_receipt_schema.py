@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_smoke  # noqa: E402  (DREAMFORGE_BENCH_OUT: where the file goes instead)
 import pack_import  # noqa: E402
 
 pack_import.install()
@@ -16,5 +17,6 @@ from dreamforge_upscale.upscalers.receipts import json_schema  # noqa: E402
 SCHEMA_FILE = Path(__file__).resolve().parents[1] / "docs" / "receipt.schema.json"
 
 if __name__ == "__main__":
-    SCHEMA_FILE.write_text(json.dumps(json_schema(), indent=1) + "\n")
-    print(f"wrote {SCHEMA_FILE}")
+    path = bench_smoke.out_path(SCHEMA_FILE)
+    path.write_text(json.dumps(json_schema(), indent=1) + "\n")
+    print(f"wrote {path}")

@@ -294,7 +294,7 @@ def test_comfyui_root_and_models_root_are_searched(tmp_path):
 def test_pyproject_lists_every_subpackage_and_data_file():
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     listed = set(config["packages"])
-    skip = {"tests", "scripts", "benchmarks", "example_workflows", "docs", ".venv", ".git", ".ci", "out"}
+    skip = {"tests", "scripts", "benchmarks", "example_workflows", "docs", ".venv", ".git", ".ci", "out", "build"}
     found = {"dreamforge_upscale"} | {
         "dreamforge_upscale." + ".".join(p.parent.relative_to(REPO).parts)
         for p in REPO.rglob("__init__.py") if p.parent != REPO and p.relative_to(REPO).parts[0] not in skip

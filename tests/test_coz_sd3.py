@@ -74,10 +74,10 @@ def low_res(seed: int = 0, size=(16, 16)) -> torch.Tensor:
 
 
 def pil_bicubic_4x(x: torch.Tensor) -> torch.Tensor:
-    planes = [np.asarray(Image.fromarray(x[0, c].numpy(), mode="F").resize((x.shape[3] * 4, x.shape[2] * 4),
-                                                                               Image.Resampling.BICUBIC))
-              for c in range(3)]
-    return torch.from_numpy(np.stack(planes))[None]
+    """The authors' SR input: the 8-bit RGB image resized with PIL BICUBIC, then ToTensor (/255)."""
+    rgb = Image.fromarray((x[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), "RGB")
+    big = rgb.resize((x.shape[3] * 4, x.shape[2] * 4), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(big, np.float32) / 255).permute(2, 0, 1)[None]
 
 
 def unmerged(files):
@@ -132,6 +132,27 @@ def test_one_step_matches_the_unmerged_reference(files, model):
     ref = reference_step(files, x, PROMPT, SEED)
     assert ours.shape == ref.shape == (1, 3, 64, 64) and ref.std() > 0.02
     assert (ours - ref).abs().max() <= 1e-4
+
+
+def test_the_sr_input_is_the_8bit_bicubic_of_the_whole_pass_input(model, monkeypatch):
+    """Issue 21: PIL BICUBIC on the 8-bit RGB image (rounded, clipped: a hard edge does not overshoot), /255 - and
+    for a tiled pass the bicubic of the whole input, so tiles are cut from it (a crop's bicubic differs at borders)."""
+    edge = torch.zeros(1, 3, 12, 12)
+    edge[..., 6:] = 1.0
+    big = step.bicubic_8bit(edge, 4)
+    assert big.shape == (1, 3, 48, 48) and big.min() == 0 and big.max() == 1
+    assert torch.equal(big * 255, (big * 255).round())  # on the 8-bit grid
+    assert torch.equal(big, pil_bicubic_4x(edge))
+    seen = []
+    real = step.sr_step
+    monkeypatch.setattr(step, "sr_step", lambda comps, image, *a, **k: seen.append(image.clone()) or real(comps, image, *a, **k))
+    x = low_res(9, (40, 28))
+    result = run(model, x, options=CoZOptions(tile=8, overlap=2, sampling="mean"))
+    assert result.report["transformer_tiles"]["count"] > 1 and result.report["sr_input"].startswith("8-bit")
+    assert torch.equal(seen[0], pil_bicubic_4x(x))  # one bicubic of the whole pass input
+    notes = result.report["notes"]
+    assert any("tiles blended" in n or "latent tiles" in n for n in notes) and any("posterior mean" in n for n in notes)
+    assert any("modulation to fp16" in n for n in notes) and any("text encoders run in fp32" in n for n in notes)
 
 
 def test_merged_equals_unmerged_per_network(files, model):

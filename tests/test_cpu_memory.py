@@ -62,10 +62,14 @@ def test_non_cpu_devices_are_not_touched():
 
 
 def test_logged_once(monkeypatch, caplog):
-    monkeypatch.setitem(cpu_memory._state, "logged", False)
+    for name in (cpu_memory.ENV_SWITCH, *cpu_memory.USER_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(cpu_memory, "_glibc", lambda: _RecordingGlibc())
+    monkeypatch.setattr(cpu_memory, "_state", {**cpu_memory._state, "logged": False, "depth": 0})
     with caplog.at_level(logging.INFO, logger="dreamforge_upscale"):
-        cpu_memory.configure()
-        cpu_memory.configure()
+        for _ in range(2):
+            with cpu_memory.reuse(torch.device("cpu")):
+                pass
     assert caplog.text.count("DreamForge CPU memory reuse") == 1
 
 
@@ -75,9 +79,12 @@ CHILD = textwrap.dedent(r"""
     sys.path.insert(0, sys.argv[1]); import pack_import; pack_import.install()
     from dreamforge_upscale.tiling import cpu_memory
     torch.set_num_threads(1)
-    cpu_memory.configure()  # before the worker thread starts, as the ComfyUI bridge does at import
-    net = torch.nn.Sequential(*[torch.nn.Conv2d(32, 32, 3, padding=1) for _ in range(4)]).eval()
-    x = torch.rand(1, 32, 256, 256)  # 8 MiB activations: far over glibc's 128 KiB mmap threshold
+    os.environ[cpu_memory.ENV_ARENA] = "1"  # the opt-in: the worker thread below shares the main arena
+    assert cpu_memory.configure().active  # before the worker thread starts, as the ComfyUI bridge does
+    net = torch.nn.Sequential(*[torch.nn.Conv2d(4, 4, 3, padding=1) for _ in range(4)]).eval()
+    # 36 MiB activations: over the 32 MiB up to which glibc raises its mmap threshold as blocks are freed,
+    # so without reuse every pass maps them afresh however glibc has adapted
+    x = torch.rand(1, 4, 1536, 1536)
 
     def faults(fn):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -116,7 +123,7 @@ CHILD = textwrap.dedent(r"""
 def child() -> dict:
     import os
 
-    env = {k: v for k, v in os.environ.items() if k not in cpu_memory.USER_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in cpu_memory.USER_ENV and k != cpu_memory.ENV_ARENA}
     proc = subprocess.run([sys.executable, "-c", CHILD, str(REPO / "scripts")], capture_output=True, text=True,
                           env=env, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -200,3 +207,96 @@ def test_the_heap_keeps_what_the_pass_needs(monkeypatch, keep_mb, expected):
         assert ("mallopt", cpu_memory.M_TRIM_THRESHOLD, expected) in fake.calls
     assert fake.calls[-2:] == [("mallopt", cpu_memory.M_TRIM_THRESHOLD, cpu_memory.DEFAULT_TRIM_THRESHOLD),
                                ("malloc_trim", 0)]
+
+
+def _clean_env(monkeypatch):
+    for name in (cpu_memory.ENV_SWITCH, cpu_memory.ENV_KEEP_MB, cpu_memory.ENV_ARENA, *cpu_memory.USER_ENV):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_a_pass_never_changes_the_arenas_and_ends_with_glibcs_defaults(monkeypatch):
+    """The arena setting is process-wide and permanent, so a pass (API, command line, node) never makes it;
+    what a pass does change is undone when it ends."""
+    fake = _RecordingGlibc()
+    _clean_env(monkeypatch)
+    monkeypatch.setattr(cpu_memory, "_glibc", lambda: fake)
+    monkeypatch.setattr(cpu_memory, "_state", {**cpu_memory._state, "arena_set": False, "depth": 0})
+    with cpu_memory.reuse(torch.device("cpu")) as st:
+        assert st.active
+        assert fake.calls[:1] == [("mallopt", cpu_memory.M_MMAP_MAX, 0)]
+    assert not [c for c in fake.calls if c[:2] == ("mallopt", cpu_memory.M_ARENA_MAX)]
+    assert fake.calls[-3:] == [("mallopt", cpu_memory.M_MMAP_MAX, cpu_memory.DEFAULT_MMAP_MAX),
+                               ("mallopt", cpu_memory.M_TRIM_THRESHOLD, cpu_memory.DEFAULT_TRIM_THRESHOLD),
+                               ("malloc_trim", 0)]
+
+
+def test_configure_changes_nothing_unless_the_host_opts_in(monkeypatch):
+    fake = _RecordingGlibc()
+    _clean_env(monkeypatch)
+    monkeypatch.setattr(cpu_memory, "_glibc", lambda: fake)
+    monkeypatch.setattr(cpu_memory, "_state", {**cpu_memory._state, "arena_set": False, "depth": 0})
+    cpu_memory.configure(torch.device("cpu"))
+    assert fake.calls == []
+    monkeypatch.setenv(cpu_memory.ENV_SWITCH, "0")  # the master switch wins over the opt-in
+    monkeypatch.setenv(cpu_memory.ENV_ARENA, "1")
+    cpu_memory.configure(torch.device("cpu"))
+    assert fake.calls == []
+    monkeypatch.delenv(cpu_memory.ENV_SWITCH)
+    cpu_memory.configure(torch.device("cpu"))
+    cpu_memory.configure(torch.device("cpu"))  # once per process
+    assert fake.calls == [("mallopt", cpu_memory.M_ARENA_MAX, 1)]
+
+
+# A fresh interpreter that loads the pack the way ComfyUI does and builds its node list, with every
+# mallopt made through ctypes recorded (the pack reaches glibc through ctypes only).
+REGISTER = textwrap.dedent(r"""
+    import ctypes, json, sys
+    calls = []
+    class RecordingCDLL(ctypes.CDLL):
+        def __getattr__(self, name):
+            fn = super().__getattr__(name)
+            if name != "mallopt":
+                return fn
+            def mallopt(param, value):
+                calls.append((param, value))
+                return fn(param, value)
+            setattr(self, name, mallopt)
+            return mallopt
+    ctypes.CDLL = RecordingCDLL
+    sys.path[:0] = [sys.argv[1], sys.argv[2]]
+    from comfy.cli_args import args; args.cpu = True  # a CPU-only server: where the arena used to be set
+    import asyncio
+    from pack_as_custom_node import load_pack
+    pack = load_pack("dreamforge_pack")
+    nodes = asyncio.run(asyncio.run(pack.comfy_entrypoint()).get_node_list())
+    assert nodes
+    print("CALLS " + json.dumps(calls))
+""")
+
+
+def _register_in_fresh_comfy(extra_env: dict) -> list:
+    import os
+
+    from comfy_headless import comfyui_dir  # conftest puts scripts/ on sys.path
+
+    try:
+        root = comfyui_dir()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    env = {k: v for k, v in os.environ.items()
+           if k not in (*cpu_memory.USER_ENV, cpu_memory.ENV_SWITCH, cpu_memory.ENV_ARENA)}
+    proc = subprocess.run([sys.executable, "-c", REGISTER, str(root), str(REPO / "tests")], capture_output=True,
+                          text=True, env={**env, **extra_env}, cwd=root, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("CALLS "))
+    return [tuple(c) for c in __import__("json").loads(line[len("CALLS "):])]
+
+
+@on_glibc
+def test_loading_and_registering_the_pack_leaves_the_allocator_alone():
+    assert _register_in_fresh_comfy({}) == []
+
+
+@on_glibc
+def test_the_host_can_opt_in_to_sharing_the_main_arena():
+    assert _register_in_fresh_comfy({cpu_memory.ENV_ARENA: "1"}) == [(cpu_memory.M_ARENA_MAX, 1)]

@@ -232,3 +232,147 @@ def write_lora_files(folder: Path, seed: int = 0) -> dict[str, Path]:
 
 def model_index(folder: Path) -> dict:
     return json.loads((folder / "model_index.json").read_text())
+
+
+# ------------------------------------------------------------------------------- every user layout
+# What a ComfyUI user may have for SD3 medium, in each file's own key layout and dtype (see docs/coz_model.md,
+# "File layouts"): the published single files are fp16 (MMDiT, VAE, CLIP-L/G, t5xxl_fp16), the T5 of
+# sd3_medium_incl_clips_t5xxlfp8 is float8_e4m3fn throughout (layer norms too), t5xxl_fp8_e4m3fn stores its
+# Linear weights (and the token embedding) in float8_e4m3fn, and t5xxl_fp8_e4m3fn_scaled is ComfyUI's
+# scaled fp8: a `scaled_fp8` marker tensor and per Linear an fp32 `<layer>.scale_weight` (some with a
+# `scale_input`), dequantised as weight.to(fp32) * scale_weight (comfy/ops.py).
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+CHECKPOINTS = ("sd3_medium.safetensors", "sd3_medium_incl_clips.safetensors",
+               "sd3_medium_incl_clips_t5xxlfp16.safetensors", "sd3_medium_incl_clips_t5xxlfp8.safetensors")
+T5_FILES = ("t5xxl_fp16.safetensors", "t5xxl_fp8_e4m3fn.safetensors", "t5xxl_fp8_e4m3fn_scaled.safetensors")
+T5_PREFIX = "text_encoders.t5xxl.transformer."
+
+
+def layout_components(seed: int = 0) -> dict:
+    """build_components(seed) with every weight rounded to fp16 (kept in fp32): the values the published fp16
+    files hold, so a diffusers folder of these and the fp16 single files describe the same network."""
+    comps = build_components(seed)
+    with torch.no_grad():
+        for module in comps.values():
+            for t in (*module.parameters(), *module.buffers()):
+                if t.is_floating_point():
+                    t.copy_(t.half().float())
+    return comps
+
+
+def t5_linears(t5: torch.nn.Module) -> set[str]:
+    return {f"{n}.weight" for n, m in t5.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def t5_file_tensors(t5: torch.nn.Module, layout: str) -> dict[str, torch.Tensor]:
+    """T5's tensors as the named layout stores them: fp16, fp8 (Linear + token embedding; norms and the
+    relative position bias fp16), fp8_all (every tensor, as inside the incl_clips_t5xxlfp8 checkpoint) or
+    fp8_scaled (ComfyUI's scaled fp8)."""
+    sd = text_state_dict(t5, "t5")
+    linears = t5_linears(t5)
+    if layout == "fp16":
+        return {k: v.half() for k, v in sd.items()}
+    if layout == "fp8_all":
+        return {k: v.to(FP8) for k, v in sd.items()}
+    if layout == "fp8":
+        return {k: v.to(FP8) if k in linears or k == "shared.weight" else v.half() for k, v in sd.items()}
+    if layout == "fp8_scaled":
+        out: dict[str, torch.Tensor] = {"scaled_fp8": torch.empty(0, dtype=FP8)}  # ComfyUI's marker
+        for k, v in sd.items():
+            if k in linears:
+                layer = k[: -len(".weight")]
+                scale = (v.abs().max().float() / FP8_MAX).reshape(())
+                out[k] = (v.float() / scale).to(FP8)
+                out[f"{layer}.scale_weight"] = scale
+                if ".block.0." in k:  # present in some files; ComfyUI's text encoders do not use it
+                    out[f"{layer}.scale_input"] = torch.ones((), dtype=torch.float32)
+            else:
+                out[k] = v.half()
+        return out
+    raise ValueError(layout)
+
+
+def dequantised(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A written T5 file's tensors in fp32 as ComfyUI's ops read them: weight.to(fp32) * scale_weight for a
+    layer with a scale (scaled fp8), a plain upcast otherwise; markers dropped."""
+    out = {}
+    for k, v in sd.items():
+        if k == "scaled_fp8" or k.endswith((".scale_weight", ".scale_input")):
+            continue
+        scale = sd.get(k[: -len(".weight")] + ".scale_weight") if k.endswith(".weight") else None
+        out[k] = v.to(torch.float32) * scale.to(torch.float32) if scale is not None else v.to(torch.float32)
+    return out
+
+
+def t5_from(t5: torch.nn.Module, sd: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A copy of `t5` holding the fp32 tensors of `sd` (strict: every tensor)."""
+    import copy
+
+    ref = copy.deepcopy(t5)
+    ref.load_state_dict({**sd, "encoder.embed_tokens.weight": sd["shared.weight"]}, strict=True)
+    return ref.eval()
+
+
+def _save(sd: dict, path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return path
+
+
+def write_layouts(root: Path, seed: int = 0) -> dict:
+    """Every layout of the same (fp16-valued) tiny SD3: `folder` (diffusers, fp32), the four checkpoints by file
+    name, clip_l / clip_g / the three t5xxl files by file name, and `t5_reference` {file name: the fp32 T5 that
+    file's weights dequantise to} (the folder's own T5 for the fp16 files)."""
+    comps = layout_components(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    out: dict = {"folder": root / "stable-diffusion-3-medium-diffusers", "root": root}
+    pipeline(comps).save_pretrained(out["folder"], safe_serialization=True)
+    base = {k: v.half() for k, v in {**mmdit_state_dict(comps["transformer"]), **vae_state_dict(comps["vae"])}.items()}
+    clips = {f"text_encoders.{r}.transformer." + k: v.half() for r in ("clip_l", "clip_g")
+             for k, v in text_state_dict(comps[r], r).items()}
+    t5_layouts = {"t5xxl_fp16.safetensors": "fp16", "t5xxl_fp8_e4m3fn.safetensors": "fp8",
+                  "t5xxl_fp8_e4m3fn_scaled.safetensors": "fp8_scaled"}
+    t5_sd = {file: t5_file_tensors(comps["t5"], layout) for file, layout in t5_layouts.items()}
+    t5_all8 = t5_file_tensors(comps["t5"], "fp8_all")
+    inside = {
+        "sd3_medium.safetensors": {},
+        "sd3_medium_incl_clips.safetensors": clips,
+        "sd3_medium_incl_clips_t5xxlfp16.safetensors": {**clips, **{T5_PREFIX + k: v for k, v in
+                                                                   t5_sd["t5xxl_fp16.safetensors"].items()}},
+        "sd3_medium_incl_clips_t5xxlfp8.safetensors": {**clips, **{T5_PREFIX + k: v for k, v in t5_all8.items()}},
+    }
+    for file, extra in inside.items():
+        out[file] = _save({**base, **extra}, root / "checkpoints" / file)
+    for role in ("clip_l", "clip_g"):
+        out[f"{role}.safetensors"] = _save({k: v.half() for k, v in text_state_dict(comps[role], role).items()},
+                                           root / "text_encoders" / f"{role}.safetensors")
+    for file, sd in t5_sd.items():
+        out[file] = _save(sd, root / "text_encoders" / file)
+    out["t5_reference"] = {file: t5_from(comps["t5"], dequantised(sd)) for file, sd in t5_sd.items()}
+    out["t5_reference"]["sd3_medium_incl_clips_t5xxlfp8.safetensors"] = t5_from(comps["t5"], dequantised(t5_all8))
+    out["t5_reference"]["sd3_medium_incl_clips_t5xxlfp16.safetensors"] = out["t5_reference"]["t5xxl_fp16.safetensors"]
+    return out
+
+
+def write_t5_file(path: Path, d_model: int, layers: int, d_ff: int, vocab: int = 32128, heads: int = 8,
+                  seed: int = 0) -> int:
+    """A random T5 v1.1 encoder of the given size in t5xxl_fp16.safetensors' layout (for memory tests); returns
+    its parameter count. Built on the meta device and filled tensor by tensor, so writing it stays small too."""
+    from transformers import T5Config, T5EncoderModel
+
+    with torch.device("meta"):
+        t5 = T5EncoderModel(T5Config(vocab_size=vocab, d_model=d_model, num_heads=heads, d_kv=d_model // heads,
+                                     d_ff=d_ff, num_layers=layers, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+                                     is_encoder_decoder=False, use_cache=False))
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, v in t5.state_dict().items():
+        if k == "encoder.embed_tokens.weight":
+            continue
+        sd[k] = (torch.randn(v.shape, generator=gen) * 0.05).half() if "layer_norm" not in k else torch.ones(
+            v.shape, dtype=torch.float16)
+    _save(sd, path)
+    return sum(v.numel() for v in sd.values())

@@ -15,9 +15,8 @@ time), so a memory-tight CPU runs one tile without reuse rather than tiles that 
 Where each constant comes from: docs/speed.md ("Where every constant comes from").
 
 Calibration (this repository's CPU: AMD EPYC Zen 3 KVM guest, 2 cores, torch 2.14.1, fp32, memory reuse
-on). `calibrate()` fits per_call + per_pixel * px over windows of 96-384 px. In the session that wrote
-this the 2 cores were shared with three other jobs (load average 4-10), and the fits moved 2-60x between
-runs, so CPU_COSTS holds per-pixel costs from quiet-machine passes instead (RealESRGAN_x4plus: 3.0-3.6e-4
+on). `calibrate()` fits per_call + per_pixel * px over windows of 96-384 px. On a loaded machine the fits
+move 2-60x between runs (docs/speed.md), so CPU_COSTS holds per-pixel costs from quiet-machine passes instead (RealESRGAN_x4plus: 3.0-3.6e-4
 s/px at every window side from 64 to 320 px; an RRDB with 6 blocks 0.91-1.08e-4 from 128 px to the whole
 741x500 photo, i.e. no growth with the window; Compact 500x500 in 6-7 s = 2.5e-5 s/px under load, about
 1.2e-5 quiet) and a per-call cost of a few 96 px windows. On the CPU every candidate's cost is dominated by
@@ -31,7 +30,7 @@ recalibrate on another machine (e.g. a GPU):
 (or call `calibrate(upscaler.upscale_window, device, ...)`) on a quiet machine and put the printed line
 into CPU_COSTS or CUDA_COSTS under the architecture id (`costs_for(arch, device)` picks the table; a GPU
 needs its own: per_call is launch latency there, which batching tiles divides). CUDA_COSTS below are
-placeholders of the right order until someone runs that on a GPU.
+placeholders of the right order until that runs on a GPU.
 """
 from __future__ import annotations
 
@@ -65,7 +64,7 @@ CPU_COSTS = {
     "Compact": ArchCost(per_call=0.02, per_pixel=1.2e-5),
     "ESRGAN": ArchCost(per_call=0.05, per_pixel=3.3e-4),  # RealESRGAN_x4plus, quiet: flat over 64-320 px windows
 }
-# Not measured here (no GPU in the calibration session): per-call latency dominates small tiles on a GPU.
+# Not measured yet (no GPU so far): per-call latency dominates small tiles on a GPU.
 CUDA_COSTS = {
     "Compact": ArchCost(per_call=0.002, per_pixel=2.0e-9, blend_per_pixel=1.0e-10),
     "ESRGAN": ArchCost(per_call=0.005, per_pixel=4.0e-8, blend_per_pixel=1.0e-10),

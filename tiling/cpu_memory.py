@@ -3,19 +3,23 @@
 Why: glibc hands every large block (>= 128 KiB, or any block > 64 MiB in a thread's own arena) out as a
 fresh mmap and unmaps it on free. A conv net allocates and frees a few hundred-megabyte activations per
 layer, so the kernel zero-fills and faults in the same memory again and again: on a 2-core CPU a third
-of an untiled Real-ESRGAN pass was kernel time (issue 14). During a pass we make glibc serve big blocks
-from the heap and keep what is freed; afterwards the settings go back to glibc's defaults and
-`malloc_trim(0)` returns every free page, so the RSS after a run is what it was without this.
+of an untiled Real-ESRGAN pass was kernel time. During a pass we make glibc serve big blocks from the
+heap and keep what is freed; afterwards the settings go back to glibc's defaults and `malloc_trim(0)`
+returns every free page, so the RSS after a run is what it was without this.
 
-Process-wide effects (documented in docs/speed.md):
-- `configure()` sets M_ARENA_MAX=1 once: a thread's own arena always mmaps blocks > 64 MiB, so a worker
-  thread (ComfyUI runs prompts in one) only gains when it shares the main arena. It affects threads that
-  first allocate after the call, which is why the ComfyUI bridge should call it when it is imported,
-  before ComfyUI starts its prompt worker. Cost: threads share one malloc lock.
+What changes, and for how long (docs/speed.md has the measurements):
 - `reuse()` (around each CPU pass): M_MMAP_MAX=0 and M_TRIM_THRESHOLD=retained bound; on the last exit,
-  glibc's defaults (65536 and 128 KiB) come back and the heap is trimmed. During the pass the heap may
-  hold up to about 2x the pass's own peak above its start (freed blocks are kept; glibc 2.36 cannot reuse
-  a freed block for an aligned request of the same size, so some are kept beside new ones).
+  glibc's defaults (65536 and 128 KiB) come back and the heap is trimmed. These are process-wide values
+  while a pass runs (glibc has no per-thread ones). During the pass the heap may hold up to about 2x the
+  pass's own peak above its start (freed blocks are kept; glibc 2.36 cannot reuse a freed block for an
+  aligned request of the same size, so some are kept beside new ones). Importing the pack changes nothing.
+- In a thread's own arena (ComfyUI runs prompts in a worker thread) glibc maps every block > 64 MiB
+  freshly whatever M_MMAP_MAX says, so there reuse only covers smaller blocks. Sharing the main arena
+  (M_ARENA_MAX=1) would cover them too, but that setting is process-wide and permanent: every thread of
+  the host, any other pack's included, then allocates from one arena under one lock. So it is opt-in:
+  `configure()` sets it only when DREAMFORGE_CPU_MALLOC_ARENA=1 (the ComfyUI bridge calls it at
+  registration, before the prompt worker starts); by default it changes nothing. The command line and
+  the API run passes in the main thread, which uses the main arena anyway.
 
 Switch: DREAMFORGE_CPU_MALLOC=0 turns all of it off (read at every call). It is also off when the user
 configured glibc malloc through the environment (MALLOC_*_ variables, GLIBC_TUNABLES), and a no-op where
@@ -37,6 +41,7 @@ log = logging.getLogger("dreamforge_upscale")
 
 ENV_SWITCH = "DREAMFORGE_CPU_MALLOC"
 ENV_KEEP_MB = "DREAMFORGE_CPU_MALLOC_KEEP_MB"
+ENV_ARENA = "DREAMFORGE_CPU_MALLOC_ARENA"  # opt-in: worker threads share glibc's main arena (process-wide)
 USER_ENV = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
             "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
 # mallopt parameter numbers and glibc's defaults (malloc.h, malloc/malloc.c)
@@ -113,21 +118,36 @@ def keep_bytes(environ=None) -> int:
 def _log_once(st: AllocatorStatus) -> None:
     if not _state["logged"]:
         _state["logged"] = True
-        log.info("DreamForge CPU memory reuse: %s%s (set %s=0 to turn off)", st.reason,
-                 f", heap top keeps <= {st.keep_bytes >> 20} MiB during a pass" if st.active else "", ENV_SWITCH)
+        worker = threading.current_thread() is not threading.main_thread() and not _state["arena_set"]
+        log.info("DreamForge CPU memory reuse: %s%s%s (set %s=0 to turn off)", st.reason,
+                 f", heap top keeps <= {st.keep_bytes >> 20} MiB during a pass" if st.active else "",
+                 f"; in this worker thread blocks > 64 MiB are still mapped freshly ({ENV_ARENA}=1 covers them, "
+                 "process-wide: see docs/speed.md)" if st.active and worker else "", ENV_SWITCH)
 
 
-def configure(device=None) -> AllocatorStatus:
-    """Once per process: threads that start allocating after this share glibc's main arena.
+def arena_opted_in(environ=None) -> bool:
+    """Whether the host asked for worker threads to share glibc's main arena (DREAMFORGE_CPU_MALLOC_ARENA=1)."""
+    env = os.environ if environ is None else environ
+    return env.get(ENV_ARENA, "").strip().lower() in ("1", "on", "true", "yes")
+
+
+def configure(device=None, environ=None) -> AllocatorStatus:
+    """Opt-in, once per process: with DREAMFORGE_CPU_MALLOC_ARENA=1, threads that start allocating after this
+    share glibc's main arena (M_ARENA_MAX=1), so reuse also covers their blocks > 64 MiB. Without it
+    (the default) nothing is changed. Process-wide and permanent, for every thread of the host.
 
     `device`: the host's compute device; nothing is changed unless it is the CPU (default)."""
     if getattr(device, "type", "cpu") != "cpu":
         return AllocatorStatus(False, f"compute device is {device}: CPU memory reuse not needed")
-    st = status()
+    st = status(environ)
+    if not st.active or not arena_opted_in(environ):
+        return st
     with _lock:
-        _log_once(st)
-        if st.active and not _state["arena_set"]:
+        if not _state["arena_set"]:
             _state["arena_set"] = bool(_glibc().mallopt(M_ARENA_MAX, 1))
+            if _state["arena_set"]:
+                log.info("DreamForge: %s=1: threads started from now on share glibc's main malloc arena "
+                         "(process-wide, for every thread of this process)", ENV_ARENA)
     return st
 
 
@@ -163,15 +183,18 @@ def reuse(device=None, enabled: bool = True, keep: int | None = None):
     non-CPU devices, wherever `status()` says it does not apply, and with `enabled=False` (the plan
     chosen by tiling/cost.py fits the memory only without the extra heap reuse keeps).
     """
-    st = status() if getattr(device, "type", "cpu") == "cpu" else configure(device)
+    if getattr(device, "type", "cpu") != "cpu":
+        yield AllocatorStatus(False, f"compute device is {device}: CPU memory reuse not needed")
+        return
+    st = status()
     if st.active and not enabled:
         st = AllocatorStatus(False, "off for this pass: the fastest plan that fits needs the memory reuse keeps")
     if not st.active:
         yield st
         return
-    configure()
     libc = _glibc()
     with _lock:
+        _log_once(st)
         if _state["depth"] == 0:
             libc.mallopt(M_MMAP_MAX, 0)
             libc.mallopt(M_TRIM_THRESHOLD, trim_threshold(max(st.keep_bytes, keep or 0)))

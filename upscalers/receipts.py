@@ -180,6 +180,7 @@ class ZoomStepReceipt(Receipt):
     color_fix: Optional[ColorFixRecord]
     upscale: Optional[UpscaleReceipt]
     seconds: float
+    sampling: Optional[str] = None  # Chain-of-Zoom's own model: "sample" | "mean"; None for other upscalers
 
 
 @dataclass
@@ -206,6 +207,7 @@ class ZoomLoopReceipt(Receipt):
     upscaler: Optional[ModelSummary]
     step_receipts: list[ZoomStepReceipt]
     seconds: float
+    sampling: Optional[str] = None  # Chain-of-Zoom's own model: "sample" | "mean"; None for other upscalers
 
 
 @dataclass
@@ -238,6 +240,7 @@ class ZoomUpscaleReceipt(Receipt):
     alpha: Optional[str]
     passes: list[ZoomPass]
     seconds: float
+    sampling: Optional[str] = None  # Chain-of-Zoom's own model: "sample" | "mean"; None for other upscalers
 
 
 @dataclass

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import os
 
-from ..tiling.memory import canvas_bytes
+import torch
+
+from ..tiling.memory import canvas_bytes, free_bytes
+from ..tiling.resample import target_size
 from .base import UpscalerError
+from .registry import ScalePlan, plan_scale
 
 ENV_MAX_SIDE = "DREAMFORGE_MAX_SIDE"  # operators: the largest side any intermediate or output may have
 DEFAULT_MAX_SIDE = 16384
@@ -47,3 +51,29 @@ def check_sizes(stages: list[tuple[str, int, int]], batch: int, channels: int, *
             f"{stages[-1][1]}x{stages[-1][2]}) but only {free / GB:.1f} GB of memory are free. Fix: lower the "
             "scale, upscale fewer images at once, or free memory."
         )
+
+
+def upscale_stages(width: int, height: int, splan: ScalePlan) -> list[tuple[str, int, int]]:
+    """(label, width, height) of every native pass's output and, when resampled, the final image."""
+    stages = [(f"pass {k} of {splan.passes} (x{splan.native**k})", width * splan.native**k, height * splan.native**k)
+              for k in range(1, splan.passes + 1)]
+    out_h, out_w = target_size(height, width, splan.requested)
+    if (out_w, out_h) != stages[-1][1:]:
+        stages.append(("the output", out_w, out_h))
+    return stages
+
+
+def check_planned(splan: ScalePlan, width: int, height: int, channels: int, *, batch: int = 1,
+                  max_side: int | None = None, free: int | None = None) -> None:
+    """upscale()'s check of one request: every pass and the output against the max side and the free system
+    memory (tiling runs on the compute device, but the canvases live in system memory)."""
+    check_sizes(upscale_stages(width, height, splan), batch, max(3, channels), max_side=max_side or max_side_limit(),
+                free=free if free is not None else free_bytes(torch.device("cpu")))
+
+
+def check_request(upscaler, width: int, height: int, channels: int, scale: float | None, *,
+                  strict_scale: bool = False, max_side: int | None = None, free: int | None = None) -> None:
+    """The same check from the sizes alone (an image file's header), so a file whose upscale is refused
+    anyway is refused before its pixels are decoded."""
+    splan = plan_scale(upscaler.capabilities, scale, strict_scale, upscaler.source.file)
+    check_planned(splan, width, height, channels, max_side=max_side, free=free)

@@ -20,7 +20,7 @@ from .receipts import (
 )
 from .dtypes import cpu_bf16_accelerated, dtype_name
 from .registry import plan_scale
-from .size_guard import check_sizes, max_side_limit
+from .size_guard import check_planned
 
 log = logging.getLogger("dreamforge_upscale")
 
@@ -242,17 +242,10 @@ def _ran(policy: Policy | None, receipt: UpscaleReceipt) -> Policy | None:
 
 
 def _check_sizes(image: torch.Tensor, splan, upscaler: Upscaler, max_side: int | None, hooks: RunHooks) -> None:
-    """Every pass's output and the final image, against the max side and the free memory (tiling runs on
-    the compute device, but the canvases live in system memory)."""
+    """Every pass's output and the final image, against the max side and the free memory (size_guard)."""
     batch, height, width, channels = image.shape
-    stages = [(f"pass {k} of {splan.passes} (x{splan.native**k})", width * splan.native**k, height * splan.native**k)
-              for k in range(1, splan.passes + 1)]
-    out_h, out_w = target_size(height, width, splan.requested)
-    if (out_w, out_h) != stages[-1][1:]:
-        stages.append(("the output", out_w, out_h))
-    cpu = torch.device("cpu")
-    check_sizes(stages, batch, max(3, channels), max_side=max_side or max_side_limit(),
-                free=(hooks.free_bytes or free_bytes)(cpu))
+    check_planned(splan, width, height, channels, batch=batch, max_side=max_side,
+                  free=(hooks.free_bytes or free_bytes)(torch.device("cpu")))
 
 
 def _degrade(receipt: UpscaleReceipt, chain: list[FallbackStep], started: float) -> None:

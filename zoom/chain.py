@@ -13,6 +13,9 @@ Published algorithm (../shared/reference/chain_of_zoom.md), per image:
 
 The reference's SR model takes the bicubic view itself (a same-size one-step diffusion model); a 4x
 upscaler (SD x4, a 4x GAN) takes the crop it would have been resized from and lands on the same w x w.
+Chain-of-Zoom's own model (upscalers/coz_sd3) enlarges that 8-bit crop with the same PIL BICUBIC, so it
+restores exactly the view (recursive modes). States are made as the reference makes them: the SR output
+truncated to 8 bits (ToPILImage), colour-fixed on that 8-bit image and truncated again.
 Loop == Step chained: the loop calls zoom_step for n = 1..steps, nothing else.
 """
 from __future__ import annotations
@@ -40,6 +43,7 @@ from .geometry import (
 from .prompts import PromptProvider, make_prompt
 
 COLOR_FIX_CHOICES = (*FIX_METHODS, "none")
+SAMPLING_CHOICES = ("sample", "mean")  # Chain-of-Zoom's own model: its posterior sample (the paper) or mean
 
 
 def derive_seed(seed: int, *path: int) -> int:
@@ -65,6 +69,37 @@ def check_color_fix(method: str) -> str:
     return method
 
 
+def check_sampling(sampling: str) -> str:
+    if sampling not in SAMPLING_CHOICES:
+        raise UpscalerError(f"sampling must be one of {', '.join(SAMPLING_CHOICES)} (sample: the paper's posterior "
+                            f"sample, seeded; mean: the posterior mean, no noise); got {sampling!r}")
+    return sampling
+
+
+def sr_options(upscaler: Upscaler | None, sampling: str):
+    """(options for upscale(), the sampling that applies): CoZOptions for Chain-of-Zoom's own model; None, None
+    for the others (a GAN has no noise; SD x4 samples its own, seeded)."""
+    from ..upscalers.coz_sd3 import CoZOptions, CoZSD3Upscaler
+
+    if isinstance(upscaler, CoZSD3Upscaler):
+        return CoZOptions(sampling=check_sampling(sampling)), sampling
+    return None, None
+
+
+def truncate(image: torch.Tensor) -> torch.Tensor:
+    """1,H,W,C float -> the same on the 8-bit grid as torchvision's ToPILImage makes it: mul(255).byte(), truncation."""
+    return image.clamp(0, 1).mul(255).to(torch.uint8).float().div(255)
+
+
+def published_state(out: torch.Tensor, view: Image.Image, color_fix: str) -> Image.Image:
+    """x_n from the SR output as the reference makes it: ToPILImage (truncation), the colour fix on that 8-bit
+    image against the view, ToPILImage again."""
+    state = truncate(out.float())
+    if color_fix != "none":
+        state = truncate(apply_color_fix(state, from_pil(view), color_fix))
+    return to_pil(state)  # exact: already on the 8-bit grid
+
+
 @dataclass
 class StepResult:
     state: Image.Image  # x_n, w x w 8-bit RGB
@@ -83,6 +118,7 @@ class ZoomSettings:
     provider: PromptProvider | None = None
     color_fix: str = "wavelet"
     seed: int = 0
+    sampling: str = "sample"  # Chain-of-Zoom's own model: "sample" (the paper, seeded) or "mean" (no noise)
     tile: int = 0
     overlap: int = DEFAULT_OVERLAP
     device: torch.device | None = None
@@ -93,6 +129,7 @@ class ZoomSettings:
         check_mode(self.mode)
         check_process_size(self.process_size)
         check_color_fix(self.color_fix)
+        check_sampling(self.sampling)
         derive_seed(self.seed)
         if self.mode in SR_MODES:
             if upscaler is None:
@@ -126,7 +163,7 @@ def zoom_step(upscaler: Upscaler | None, state: Image.Image, step: int, settings
     receipt = ZoomStepReceipt(
         step=step, image=index, mode=s.mode, magnification=ZOOM**step, process_size=w,
         crop=ZoomCrop(f"x{step - 1}" if recursive else "x0", list(box), factor), seed=seed, sr_input_size=None,
-        prompt=None, color_fix=None, upscale=None, seconds=0.0)
+        prompt=None, color_fix=None, upscale=None, seconds=0.0, sampling=None)
     if s.mode in ("nearest", "bicubic"):
         method = Image.Resampling.NEAREST if s.mode == "nearest" else Image.Resampling.BICUBIC
         new = crop.resize((w, w), method)
@@ -140,13 +177,16 @@ def zoom_step(upscaler: Upscaler | None, state: Image.Image, step: int, settings
                                     check_interrupt=s.hooks.check_interrupt)
     if s.hooks.check_interrupt:
         s.hooks.check_interrupt()
+    options, receipt.sampling = sr_options(upscaler, s.sampling)
     out, up_receipt = upscale(upscaler, from_pil(lr), None, tile=s.tile, overlap=s.overlap, device=s.device,
-                              hooks=s.hooks, prompt=prompt, seed=seed, memo=s.memo)
+                              hooks=s.hooks, prompt=prompt, seed=seed, options=options, memo=s.memo)
     if tuple(out.shape[1:3]) != (w, w):
         raise UpscalerError(f"the upscaler made {tuple(out.shape[1:3])} from a {lr.size} crop; expected {w}x{w}")
-    if s.color_fix != "none":
-        out = apply_color_fix(out, from_pil(view), s.color_fix)
-    new = to_pil(out)  # onto the 8-bit grid, like the reference's PNG round trip
+    if s.mode == "onestep" and step > 1 and options is not None:  # step 1's reduction is to the crop's own size
+        from ..upscalers.coz_sd3.backend import ONESTEP_NOTE
+
+        up_receipt.notes.append(ONESTEP_NOTE)
+    new = published_state(out, view, s.color_fix)  # 8-bit, as the reference's ToPILImage + PNG round trip
     receipt.sr_input_size = list(lr.size)
     receipt.prompt = ZoomPrompt(prompt, generated, s.provider.name if s.provider else "null",
                                 len(prompt_images) if s.provider else 0)
@@ -200,7 +240,8 @@ def zoom_loop(upscaler: Upscaler | None, image: torch.Tensor, steps: int, settin
     receipt = ZoomLoopReceipt(
         mode=settings.mode, steps=steps, process_size=settings.process_size, batch=image.shape[0],
         input_size=[image.shape[2], image.shape[1]], magnifications=[ZOOM**n for n in range(steps + 1)],
-        seed=settings.seed, prompts=all_prompts, color_fix=settings.color_fix,
+        seed=settings.seed, sampling=sr_options(upscaler, settings.sampling)[1] if settings.mode in SR_MODES else None,
+        prompts=all_prompts, color_fix=settings.color_fix,
         prompt_provider=settings.provider.name if settings.provider else "null",
         upscaler=_summary(upscaler) if settings.mode in SR_MODES else None,
         step_receipts=step_receipts, seconds=round(time.perf_counter() - started, 3))

@@ -5,7 +5,9 @@ n x m -> round(n*S) x round(m*S): ceil(log4 S) 4x passes of the tiled upscaler, 
 tile's window - with the published multi-scale instruction, or one per pass from the whole image),
 a colour fix per pass against that pass's input (resized bicubic), then one exact resize to the
 target. A guard refuses a target or an intermediate over `max_side`, or canvases larger than the free
-memory, before any work.
+memory, before any work. Chain-of-Zoom's own model gets each whole pass input and enlarges it with the
+8-bit PIL bicubic the authors' loop feeds it once, then plans its own latent tiles (`sampling`: its
+posterior sample or mean).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from ..upscalers.contract import RunMemo, Upscaler
 from ..upscalers.receipts import Resampled, ZoomPass, ZoomUpscaleReceipt
 from ..upscalers.size_guard import check_sizes
 from ..upscalers.upscale import DEFAULT_OVERLAP, check_image, upscale
-from .chain import check_color_fix, check_zoom_upscaler, derive_seed
+from .chain import check_color_fix, check_sampling, check_zoom_upscaler, derive_seed, sr_options
 from .geometry import ZOOM, to_pil
 from .prompts import PromptProvider, make_prompt
 
@@ -58,6 +60,7 @@ def zoom_upscale(
     tile_prompts: bool = True,
     color_fix: str = "wavelet",
     seed: int = 0,
+    sampling: str = "sample",
     tile: int = 0,
     overlap: int = DEFAULT_OVERLAP,
     resample: str = "lanczos",
@@ -76,6 +79,8 @@ def zoom_upscale(
     scale = check_scale(scale)
     check_zoom_upscaler(upscaler)
     check_color_fix(color_fix)
+    check_sampling(sampling)
+    options, applied = sr_options(upscaler, sampling)
     derive_seed(seed)
     if resample not in RESAMPLE_METHODS:
         raise UpscalerError(f"resample must be one of {', '.join(RESAMPLE_METHODS)}; got {resample!r}")
@@ -105,7 +110,7 @@ def zoom_upscale(
             pass_seed = derive_seed(seed, p, index)
             prompt, prompt_note = _pass_prompt(provider, tile_prompts, current, user_prompt, pass_seed, hooks)
             up, up_receipt = upscale(upscaler, current, None, tile=tile, overlap=overlap, device=device,
-                                     hooks=hooks, prompt=prompt, seed=pass_seed, memo=memo)
+                                     hooks=hooks, prompt=prompt, seed=pass_seed, options=options, memo=memo)
             if color_fix != "none":
                 up = apply_color_fix(up, current, color_fix)
             pass_receipts.append(ZoomPass(index, p, [current.shape[2], current.shape[1]], [up.shape[2], up.shape[1]],
@@ -123,7 +128,7 @@ def zoom_upscale(
         resampled=Resampled(float(reached), resample) if resampled else None, max_side=max_side, color_fix=color_fix,
         seed=seed, batch=batch, prompt_provider=provider.name if provider else "null", user_prompt=user_prompt,
         alpha=ALPHA_NOTE if alpha is not None else None, passes=pass_receipts,
-        seconds=round(time.perf_counter() - started, 3))
+        seconds=round(time.perf_counter() - started, 3), sampling=applied)
     return out, receipt
 
 

@@ -1,7 +1,9 @@
 """Chain-of-Zoom's own super-resolver behind the Upscaler protocol: SD3 medium + the authors' LoRA, one step.
 
-As a 4x upscaler of x: PIL-bicubic 4x, then the one SR step at that size (the model restores at a
-fixed size; Chain-of-Zoom feeds it the bicubic view). impl "diffusion", tiling "internal".
+As a 4x upscaler of x: PIL-bicubic 4x of x on the 8-bit grid (the 8-bit RGB image the authors' loop resizes),
+then the one SR step at that size (the model restores at a fixed size; Chain-of-Zoom feeds it the bicubic
+view). impl "diffusion", tiling "internal". What still differs from the authors' step, on purpose, is in
+DIFFERENCES below, in every receipt's notes and in docs/coz_model.md, each with its measured size.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from ..contract import Capabilities, Conditioning, ModelSource, WindowResult
 from ..dtypes import dtype_name, select_dtype, vae_dtype_for
 from . import step
 from .components import CoZComponents, TokenizerDirs, is_sd3_folder, load_diffusers_folder
-from .lora import TRANSFORMER_LORA, VAE_ENCODER_LORA, merge_transformer_lora, merge_vae_encoder_lora
+from .lora import LORA_FOLDER, TRANSFORMER_LORA, VAE_ENCODER_LORA, merge_transformer_lora, merge_vae_encoder_lora
 from .prompt import encode_prompt
 from .single_file import load_single_files
 
@@ -27,8 +29,34 @@ ZOOM_PX = step.ZOOM**2  # output px per input px (the memory estimate per input 
 ARCHITECTURE = "Chain-of-Zoom SR (SD3 medium + CoZ LoRA, one step)"
 NO_T5_NOTE = ("no T5 text encoder: its 512 tokens are zeros (as diffusers does without T5), so the prompt "
               "embedding differs from the paper's; add t5xxl_fp16.safetensors for the published conditioning")
-FP16_MODULATION_NOTE = ("the transformer LoRA is merged into the weights; the authors' layer rounds the "
-                        "modulation to fp16, which this merge does not (differences ~1e-3 relative)")
+SR_INPUT = "8-bit RGB, PIL BICUBIC x4, /255 (the authors' input)"
+# The deliberate differences from the authors' step, each with its size as measured on the tests' tiny random
+# SD3 (tests/test_coz_parity.py; 8-bit levels, one SR step unless said; a random model is far more sensitive
+# than SD3 medium, so these are upper-side figures, not SD3 medium's). docs/coz_model.md lists them too.
+DIFFERENCES = {
+    "merged_lora": ("difference from the paper: the transformer LoRA is merged into the weights (fp32); the authors' "
+                    "layer rounds the modulation to fp16 - SR output before 8 bits: mean 0.0006, max 0.02 levels; "
+                    "after 4 recursive steps on the tiny random test model: states mean <= 1.0, max 34"),
+    "sampling_sample": ("difference from the paper: the posterior noise is drawn from the seed (on the CPU); the "
+                        "authors never seed it - with the same draw the output is theirs (max 1 level, where 8-bit "
+                        "truncation flips), and two of their runs differ as two seeds do (tiny test model: mean 40 "
+                        "levels); sampling 'mean' removes the noise"),
+    "sampling_mean": ("difference from the paper: sampling 'mean' encodes to the posterior mean (deterministic, no "
+                      "seed); the paper samples the posterior (tiny test model: mean 37 levels from a sample)"),
+    "tiled": ("difference from the paper: past the position grid (SD3 medium: 384 latent px, 3072 px per side) the "
+              "transformer runs on latent tiles blended with cos^2 weights; the authors' 512 px loop never tiles "
+              "(tiny test model, whose grid is 32 latent px: 3 x 3 windows of 16 over a 32 px latent vs one call: "
+              "mean 20 levels)"),
+    "padded": ("difference from the paper: sides that are not multiples of 16 are padded (reflected) for the step and "
+               "cropped back; the authors' code takes only multiples of 16 (no counterpart to measure)"),
+    "precision": ("difference from the paper: the transformer runs in bf16/fp16 (dtype auto on CUDA) where the authors "
+                  "run fp32 (tiny test model, bf16 transformer: mean 0.27, max 9 levels); dtype fp32 is theirs"),
+    "text_fp32": ("difference from the paper: the text encoders run in fp32 (the CPU, or dtype fp32) where the authors "
+                  "run fp16 (tiny test model: mean 0.004, max 1 level)"),
+}
+ONESTEP_NOTE = ("difference from the paper (mode onestep): the model enlarges the x0 crop after it was reduced to "
+                "process_size/4 (what every 4x upscaler is given); the authors resize the crop straight to "
+                "process_size - SR input mean 0.14, max 2 levels at step 2 (tiny test model output: mean 3 levels)")
 
 
 class CoZModules(torch.nn.Module):
@@ -133,7 +161,7 @@ class CoZSD3Upscaler:
         device = x.device
         seq, pooled, reused = self.prompt_embeddings(text, device, cond, hooks)
         h, w = x.shape[-2:]
-        big = step.pil_bicubic(x, step.ZOOM)
+        big = step.bicubic_8bit(x, step.ZOOM)  # the whole pass input at once: tiles are cut from it
         padded = step.pad_to_multiple(big)
         if self.residency.main:
             self.residency.main(int(padded.shape[-2] * padded.shape[-1] / 64 * step.transformer_bytes_per_latent_px(
@@ -143,12 +171,26 @@ class CoZSD3Upscaler:
         report: dict = {}
         with torch.inference_mode():
             y = step.sr_step(self.comps, padded, seq, pooled, opts, seed, device, self.dtype, self.vae_dtype, hooks, report)
-        notes = [FP16_MODULATION_NOTE] + ([NO_T5_NOTE] if self.comps.t5 is None else []) + ([note] if note else [])
+        notes = self.differences(opts, report, padded.shape[-2:] != big.shape[-2:])
+        notes += ([NO_T5_NOTE] if self.comps.t5 is None else []) + ([note] if note else [])
         # the weights files with their hashes (base and both LoRA): receipts quote the source by its base file only
         report.update(seed=seed, sampling=opts.sampling, prompt_embedding="reused" if reused else "encoded",
-                      sr_input_size=[padded.shape[-1], padded.shape[-2]], notes=notes, networks=self.networks(),
-                      model_files=self.files)
+                      sr_input=SR_INPUT, sr_input_size=[padded.shape[-1], padded.shape[-2]], notes=notes,
+                      networks=self.networks(), model_files=self.files)
         return WindowResult(y[..., : h * step.ZOOM, : w * step.ZOOM], report)
+
+    def differences(self, opts: step.CoZOptions, report: dict, padded: bool) -> list[str]:
+        """The deliberate differences from the authors' step that this call made, each with its measured size."""
+        notes = [DIFFERENCES["merged_lora"], DIFFERENCES[f"sampling_{opts.sampling}"]]
+        if report.get("transformer_tiles", {}).get("count", 1) > 1:
+            notes.append(DIFFERENCES["tiled"])
+        if padded:
+            notes.append(DIFFERENCES["padded"])
+        if self.dtype != torch.float32 or self.vae_dtype != torch.float32:
+            notes.append(DIFFERENCES["precision"])
+        if self.text_dtype == torch.float32:
+            notes.append(DIFFERENCES["text_fp32"])
+        return notes
 
     def networks(self) -> dict:
         return {"transformer": dtype_name(self.dtype), "vae": dtype_name(self.vae_dtype),
@@ -170,20 +212,23 @@ class CoZSD3Upscaler:
         if transformer_lora is None or vae_lora is None:
             raise UpscalerError(
                 f"{base.name} is SD3 medium: as Chain-of-Zoom's super-resolver it needs the authors' two LoRA files "
-                f"(transformer_lora {TRANSFORMER_LORA}, vae_lora {VAE_ENCODER_LORA}); load it with 'Load Chain-of-Zoom "
-                "Model' (or pass both files)")
+                f"(transformer_lora {TRANSFORMER_LORA}, vae_lora {VAE_ENCODER_LORA}): in ComfyUI load it with 'Load "
+                "Chain-of-Zoom Model'; in Python pass both files, load_upscaler(base, transformer_lora=..., "
+                "vae_lora=...); on the command line, zoom --coz-model BASE (the files are looked up in "
+                f"loras/{LORA_FOLDER}/ of the models root, or give --transformer-lora and --vae-lora)")
         device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         main_dtype, vae_dtype, text_dtype = select_dtypes(dtype, device)
         if base.is_dir():
-            comps = load_diffusers_folder(base, tokenizer_dirs, use_t5)
+            comps = load_diffusers_folder(base, tokenizer_dirs, use_t5, dtypes=(main_dtype, vae_dtype, text_dtype))
         elif base.is_file():
-            comps = load_single_files(base, text_files or {}, tokenizer_dirs, use_t5)
+            comps = load_single_files(base, text_files or {}, tokenizer_dirs, use_t5,
+                                     dtypes=(main_dtype, vae_dtype, text_dtype))
         else:
             raise UpscalerError(f"SD3 base model not found: {base}. Put sd3_medium*.safetensors in models/checkpoints "
                                 "or the stable-diffusion-3-medium-diffusers folder in models/diffusers")
         for m in (comps.transformer, comps.vae, comps.clip_l, comps.clip_g, comps.t5):
-            if m is not None:
-                m.float().eval().requires_grad_(False)
+            if m is not None:  # already in its compute dtype: no fp32 copy of a large text encoder on the way
+                m.eval().requires_grad_(False)
         files = comps.files + [merge_transformer_lora(comps.transformer, transformer_lora),
                                merge_vae_encoder_lora(comps.vae, vae_lora)]
         source = ModelSource(base.name, files[0]["sha256"], ARCHITECTURE)

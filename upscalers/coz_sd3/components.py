@@ -74,8 +74,10 @@ def is_sd3_folder(path: str | os.PathLike) -> bool:
     return index.get("_class_name", "").startswith("StableDiffusion3")
 
 
-def load_diffusers_folder(path: str | os.PathLike, dirs: TokenizerDirs, use_t5: bool = True) -> CoZComponents:
-    """transformer/, vae/, text_encoder/, text_encoder_2/ (text_encoder_3/ optional), fp32 on the CPU."""
+def load_diffusers_folder(path: str | os.PathLike, dirs: TokenizerDirs, use_t5: bool = True,
+                          dtypes: tuple[torch.dtype, torch.dtype, torch.dtype] = (torch.float32,) * 3) -> CoZComponents:
+    """transformer/, vae/, text_encoder/, text_encoder_2/ (text_encoder_3/ optional), on the CPU in `dtypes`
+    (transformer, VAE, text encoders), each loaded straight into its dtype (no random init, no fp32 copy)."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
@@ -88,10 +90,12 @@ def load_diffusers_folder(path: str | os.PathLike, dirs: TokenizerDirs, use_t5: 
             raise UpscalerError(f"{path.name}: {part}/config.json is missing; copy the complete {part}/ folder there")
     t5_there = use_t5 and (path / "text_encoder_3" / "config.json").is_file()
     try:
-        common = dict(local_files_only=True, torch_dtype=torch.float32, low_cpu_mem_usage=False)
-        transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", **common)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **common)
-        text = dict(local_files_only=True, dtype=torch.float32)
+        main_dtype, vae_dtype, text_dtype = dtypes
+        common = dict(local_files_only=True, low_cpu_mem_usage=True)
+        transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=main_dtype,
+                                                            **common)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype, **common)
+        text = dict(local_files_only=True, dtype=text_dtype)
         clip_l = CLIPTextModelWithProjection.from_pretrained(path / "text_encoder", **text)
         clip_g = CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2", **text)
         t5 = T5EncoderModel.from_pretrained(path / "text_encoder_3", **text) if t5_there else None

@@ -1,6 +1,7 @@
 """The published one-step SR, with seeded sampling and tiling the authors lack.
 
-  x  = 2 * image - 1                       (image: the low-res input bicubic-enlarged 4x, sides padded to 16)
+  x  = 2 * image - 1      (image: the low-res input on the 8-bit grid, PIL-bicubic-enlarged 4x as an 8-bit RGB
+                           image, /255 - exactly the authors' input; sides padded to 16 where they are not)
   z  = posterior(vae.encode(x)).sample() * 1.5305     (no shift subtracted, as the inference path does)
   v  = transformer(z, t=1000, pooled, seq)             (sigma = 1)
   z0 = z - v
@@ -70,19 +71,35 @@ class CoZOptions:
         note = (f"{type(options).__name__}: tile/overlap/vae_tile used (halved: input px -> latent px; vae_tile "
                 "only where a whole VAE pass does not fit memory); steps, guidance and noise_level do not apply "
                 "to the one-step model")
-        return cls(tile=tile // 2, overlap=(overlap // 2) if overlap else cls.overlap, vae_tile=vae_tile // 2), note
+        return cls.from_input_px(tile, overlap, vae_tile), note
+
+    @classmethod
+    def from_input_px(cls, tile: int = 0, overlap: int = 0, vae_tile: int = 0, sampling: str = "sample") -> "CoZOptions":
+        """From a tiled upscale's settings in input px (the latent is output / 8 = input / 2); overlap 0 = default."""
+        return cls(tile=tile // 2, overlap=(overlap // 2) if overlap else cls.overlap, vae_tile=vae_tile // 2,
+                   sampling=sampling)
 
 
-def pil_bicubic(x: torch.Tensor, factor: int) -> torch.Tensor:
-    """B,C,h,w float -> B,C,h*f,w*f with PIL's BICUBIC (what the published pipeline feeds the model)."""
-    planes = x.detach().float().cpu().numpy()
-    b, c, h, w = planes.shape
-    out = np.empty((b, c, h * factor, w * factor), dtype=np.float32)
-    for i in range(b):
-        for ch in range(c):
-            plane = Image.fromarray(np.ascontiguousarray(planes[i, ch]), mode="F")
-            out[i, ch] = np.asarray(plane.resize((w * factor, h * factor), Image.Resampling.BICUBIC))
-    return torch.from_numpy(out).to(x.device)
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """B,3,h,w float -> B,h,w,3 uint8: rounded (half to even), clipped to 0..255 (an 8-bit state is exact)."""
+    arr = np.clip(x.detach().float().cpu().permute(0, 2, 3, 1).numpy(), 0.0, 1.0) * np.float32(255.0)
+    return np.rint(arr).astype(np.uint8)
+
+
+def bicubic_8bit(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """B,3,h,w in 0..1 -> B,3,h*f,w*f: the input the authors feed their SR step.
+
+    Their states are 8-bit RGB images and the step's input is `state.resize(..., Image.BICUBIC)` on that 8-bit
+    image (PIL rounds and clips to 0..255), then ToTensor (/255); the step itself takes x 2 - 1. So: onto the 8-bit
+    grid, PIL BICUBIC on mode "RGB", /255 in float32. A whole pass input is enlarged at once; tiles are cut from
+    the result (a bicubic of a crop would differ at the crop's borders).
+    """
+    b, _, h, w = x.shape
+    out = np.empty((b, h * factor, w * factor, 3), dtype=np.uint8)
+    for i, arr in enumerate(to_uint8(x)):
+        image = Image.fromarray(np.ascontiguousarray(arr), "RGB")
+        out[i] = np.asarray(image.resize((w * factor, h * factor), Image.Resampling.BICUBIC))
+    return torch.from_numpy(out).permute(0, 3, 1, 2).float().div(255.0).to(x.device)
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int = SIDE_MULTIPLE) -> torch.Tensor:
@@ -140,7 +157,9 @@ def encode(vae, x: torch.Tensor, opts: CoZOptions, seed: int, device, dtype, hoo
     tile, stats_side = _vae_tile(opts, height, width, per_px, _budget(hooks, device))
 
     def moments(window: torch.Tensor) -> torch.Tensor:
-        h = vae.encoder(F.pixel_shuffle(window, f))
+        # NCHW-contiguous as the authors' call: the tiled runner's windows are channels-last views, and the CPU's
+        # channels-last convolutions round differently (1e-3 on the tiny model's latents)
+        h = vae.encoder(F.pixel_shuffle(window, f).contiguous())
         if vae.quant_conv is not None:
             h = vae.quant_conv(h)
         return h.float()
@@ -233,7 +252,7 @@ def decode(vae, z0: torch.Tensor, opts: CoZOptions, device, dtype, hooks: RunHoo
     tile, stats_side = _vae_tile(opts, height, width, per_px, _budget(hooks, device))
 
     def run(window: torch.Tensor) -> torch.Tensor:
-        return (vae.decode(window, return_dict=False)[0].float().clamp(-1, 1) * 0.5 + 0.5)
+        return (vae.decode(window.contiguous(), return_dict=False)[0].float().clamp(-1, 1) * 0.5 + 0.5)
 
     norms = [m for m in vae.decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
     result = decode_tiled(run, norms, latents, scale=configs.VAE_FACTOR, tile=tile, overlap=VAE_OVERLAP, pad=VAE_PAD,
