@@ -95,7 +95,7 @@ def test_cli_zoom_with_the_coz_model_and_dape_equals_the_loop_node(comfy, models
         backend = step["upscale"]["passes"][0]["backend"]
         assert step["sampling"] == "mean" and backend["sampling"] == "mean"
         assert backend["sr_input"].startswith("8-bit") and backend["sr_input_size"] == [SIZE, SIZE]
-        assert any("posterior mean" in n for n in backend["notes"])
+        assert any("posterior mean" in n for n in step["upscale"]["notes"])
 
     node_states, node_receipt = node_zoom(comfy, sampling="mean")
     assert len(node_states) == STEPS + 1
