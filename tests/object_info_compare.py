@@ -24,14 +24,53 @@ def _options(spec: list) -> dict:
     return options
 
 
+# Inputs added since the snapshot on purpose. Each must be optional, have a default and be the last widget
+# of its node (links may follow), so a saved workflow without it loads: the UI format stores widget values
+# by position, the API format by name; both then get the default.
+ADDED_OPTIONAL = {
+    ("DreamForgeCoZStep", "sampling"), ("DreamForgeCoZLoop", "sampling"), ("DreamForgeCoZUpscale", "sampling"),
+    ("DreamForgeTiledUpscale", "sampling"),
+}
+
+
+def _without_added(node: str, order: dict | None) -> dict | None:
+    if not order:
+        return order
+    return {section: [n for n in names if (node, n) not in ADDED_OPTIONAL] for section, names in order.items()}
+
+
+def _added_problems(node: str, new: dict) -> list[str]:
+    problems = []
+    optional = new["input"].get("optional", {})
+    for n, name in sorted(ADDED_OPTIONAL):
+        if n != node:
+            continue
+        spec = optional.get(name)
+        if spec is None:
+            continue
+        if "default" not in _options(spec):
+            problems.append(f"{node}.optional.{name}: must be an optional input with a default")
+            continue
+        order = new.get("input_order", {}).get("optional", [])
+        later_widgets = [o for o in order[order.index(name) + 1:] if isinstance(optional[o][0], list)
+                         or optional[o][0] in ("INT", "FLOAT", "STRING", "BOOLEAN")]
+        if later_widgets:
+            problems.append(f"{node}.optional.{name}: widgets after it ({later_widgets}) shift saved values")
+    return problems
+
+
 def input_differences(node: str, old: dict, new: dict) -> list[str]:
     """Each way `new` (one node's /object_info) differs from `old` in what a saved workflow depends on."""
-    problems = [f"{node}.{field}: {old.get(field)!r} -> {new.get(field)!r}"
-                for field in NODE_FIELDS if old.get(field) != new.get(field)]
+    problems = [f"{node}.{field}: {old.get(field)!r} -> {new.get(field)!r}" for field in NODE_FIELDS
+                if (old.get(field) != new.get(field) if field != "input_order" else
+                    _without_added(node, old.get(field)) != _without_added(node, new.get(field)))]
+    problems += _added_problems(node, new)
     for section in ("required", "optional"):
         old_inputs, new_inputs = old["input"].get(section, {}), new["input"].get(section, {})
         for name in old_inputs.keys() | new_inputs.keys():
             where = f"{node}.{section}.{name}"
+            if section == "optional" and name not in old_inputs and (node, name) in ADDED_OPTIONAL:
+                continue
             if name not in old_inputs or name not in new_inputs:
                 problems.append(f"{where}: {'added' if name in new_inputs else 'removed'}")
                 continue

@@ -83,6 +83,12 @@ def test_the_comparison_catches_what_would_break_a_saved_workflow():
         "control_after_generate": lambda n: n["input"]["optional"]["seed"][1].pop("control_after_generate"),
         "output name": lambda n: n["output_name"].reverse(),
         "unknown key": lambda n: n["input"]["required"]["tile"][1].update(display="slider"),
+        "added input": lambda n: n["input"]["optional"].update(cfg=["FLOAT", {"default": 1.0}]),
+        "added, no default": lambda n: (n["input"]["optional"].update(sampling=[["sample", "mean"], {}]),
+                                        n["input_order"]["optional"].append("sampling")),
+        "added before a widget": lambda n: (n["input"]["optional"].update(sampling=[["sample", "mean"],
+                                                                                    {"default": "sample"}]),
+                                            n["input_order"]["optional"].insert(0, "sampling")),
     }
     for what, change in changes.items():
         new = copy.deepcopy(old)

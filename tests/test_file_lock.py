@@ -60,26 +60,33 @@ def _in_thread(fn):
     return done, errors
 
 
+def _holder(target, events=None):
+    """A thread that takes the lock and keeps it until `release` is set: (inside, release, done, errors)."""
+    inside, release = threading.Event(), threading.Event()
+
+    def hold():
+        with install_lock(target):
+            if events is not None:
+                events.append("first in")
+            inside.set()
+            release.wait(10)
+            if events is not None:
+                events.append("first out")
+
+    return (inside, release, *_in_thread(hold))
+
+
 @posix
 def test_a_second_installer_waits_for_the_first(tmp_path):
     target = tmp_path / "m" / "model.safetensors"
     events = []
-    first_in = threading.Event()
-    release_first = threading.Event()
-
-    def first():
-        with install_lock(target):
-            events.append("first in")
-            first_in.set()
-            release_first.wait(10)
-            events.append("first out")
+    first_in, release_first, done1, err1 = _holder(target, events)
 
     def second():
         first_in.wait(10)
         with install_lock(target):
             events.append("second in")
 
-    done1, err1 = _in_thread(first)
     first_in.wait(10)
     done2, err2 = _in_thread(second)
     assert not done2.wait(0.5)  # blocked while the first holds the lock
@@ -132,15 +139,7 @@ def test_lock_file_removed_while_held(tmp_path):
     with install_lock(target):
         fd = _held_fd(lock)
         os.unlink(lock)
-        second_in = threading.Event()
-        release_second = threading.Event()
-
-        def second():
-            with install_lock(target):
-                second_in.set()
-                release_second.wait(10)
-
-        done, errors = _in_thread(second)
+        second_in, release_second, done, errors = _holder(target)
         assert second_in.wait(10)
         second_ino = os.stat(lock).st_ino
     # the first released without an error (leaving the block did not raise), and left the second's file
@@ -184,8 +183,6 @@ def test_a_waiter_on_a_removed_file_locks_the_new_one(tmp_path, monkeypatch):
     removed file, sees the path is not its inode, closes it and locks the file it then creates."""
     target = tmp_path / "model.safetensors"
     lock = lock_path(target)
-    first_in = threading.Event()
-    release_first = threading.Event()
     opened = []
     real_open = os.open
 
@@ -195,12 +192,7 @@ def test_a_waiter_on_a_removed_file_locks_the_new_one(tmp_path, monkeypatch):
             opened.append(fd)
         return fd
 
-    def first():
-        with install_lock(target):
-            first_in.set()
-            release_first.wait(10)
-
-    done1, err1 = _in_thread(first)
+    first_in, release_first, done1, err1 = _holder(target)
     assert first_in.wait(10)
     monkeypatch.setattr(file_lock.os, "open", recording_open)
     got = []

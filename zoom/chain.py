@@ -14,8 +14,10 @@ Published algorithm (../shared/reference/chain_of_zoom.md), per image:
 The reference's SR model takes the bicubic view itself (a same-size one-step diffusion model); a 4x
 upscaler (SD x4, a 4x GAN) takes the crop it would have been resized from and lands on the same w x w.
 Chain-of-Zoom's own model (upscalers/coz_sd3) enlarges that 8-bit crop with the same PIL BICUBIC, so it
-restores exactly the view (recursive modes). States are made as the reference makes them: the SR output
-truncated to 8 bits (ToPILImage), colour-fixed on that 8-bit image and truncated again.
+restores exactly the view (recursive modes). With that model the states are made as the reference makes
+them: the SR output truncated to 8 bits (ToPILImage), colour-fixed on that 8-bit image and truncated again.
+With any other upscaler the colour-fixed output is rounded to 8 bits: truncation would lower every state
+by half a level on average, a drift the colour fix cannot see (its reference is the previous state).
 Loop == Step chained: the loop calls zoom_step for n = 1..steps, nothing else.
 """
 from __future__ import annotations
@@ -186,7 +188,12 @@ def zoom_step(upscaler: Upscaler | None, state: Image.Image, step: int, settings
         from ..upscalers.coz_sd3.backend import ONESTEP_NOTE
 
         up_receipt.notes.append(ONESTEP_NOTE)
-    new = published_state(out, view, s.color_fix)  # 8-bit, as the reference's ToPILImage + PNG round trip
+    if options is not None:  # Chain-of-Zoom's own model: the states exactly as the paper's code makes them
+        new = published_state(out, view, s.color_fix)
+    else:  # any other upscaler: rounded onto the 8-bit grid (truncating would darken by half a level a step)
+        if s.color_fix != "none":
+            out = apply_color_fix(out, from_pil(view), s.color_fix)
+        new = to_pil(out)
     receipt.sr_input_size = list(lr.size)
     receipt.prompt = ZoomPrompt(prompt, generated, s.provider.name if s.provider else "null",
                                 len(prompt_images) if s.provider else 0)
