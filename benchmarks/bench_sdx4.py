@@ -12,6 +12,11 @@ detection only accepts the full-width UNet), so the reference is our own untiled
               reporting 1.5 GB free (auto tiling plans within it): peak resident memory above the
               baseline, one fresh subprocess per size, against the float32 output canvas.
 
+* --decode -- the real-size SD x4 VAE (published config, random weights) on one latent: untiled vs tiled
+              in one pass with exact GroupNorm sums (middle attention over the whole latent, or windowed)
+              vs the statistics pass; time ratios and max |tiled - untiled|. Exit 0 only when the exact
+              one-pass decode is within 1e-4 of the untiled one and takes <= 1.15x its time.
+
     .venv/bin/python benchmarks/bench_sdx4.py             # ~6 min on 2 idle cores
     .venv/bin/python benchmarks/bench_sdx4.py --quick     # small sizes, smoke run
 """
@@ -128,6 +133,91 @@ def overhead(size: int, repeats: int, steps: int, narrow: bool = False) -> dict:
     }
 
 
+DECODE_GOALS = {"max_diff": 1e-4, "time_ratio": 1.15}
+
+
+def real_size_vae(narrow: bool):
+    """The SD x4 upscaler's VAE at the published config (x4-upscaling.yaml first_stage_config), random weights."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    width, groups = (8, 8) if narrow else (128, 32)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=groups,
+                        block_out_channels=(width, 2 * width, 4 * width),
+                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                        scaling_factor=0.08333)
+    return vae.eval().requires_grad_(False)
+
+
+def decode_comparison(latent: int, repeats: int, narrow: bool) -> dict:
+    import pack_import
+
+    pack_import.install()
+    import torch
+
+    from dreamforge_upscale.tiling.vae_decode import decode_tiled
+    from dreamforge_upscale.upscalers.sdx4.sampler import VAE_OVERLAP, VAE_PAD
+
+    vae = real_size_vae(narrow)
+    torch.manual_seed(1)
+    z = torch.nn.functional.interpolate(torch.randn(1, 4, latent // 8, latent // 8), size=(latent, latent),
+                                        mode="bicubic") * 2
+    cpu = torch.device("cpu")
+    norms = [m for m in vae.decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
+    attention = vae.decoder.mid_block.attentions[0]
+    tile = (latent + VAE_OVERLAP) // 2 + 1  # 2 x 2 windows: the fewest a tiled decode has
+
+    def run(w):
+        return (vae.decode(w, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+
+    def tiled(**kw):
+        return decode_tiled(run, norms, z, scale=4, tile=tile, overlap=VAE_OVERLAP, pad=VAE_PAD, device=cpu,
+                            dtype=torch.float32, **kw)
+
+    variants = {"untiled": lambda: run(z).permute(0, 2, 3, 1),
+                "one_pass_exact": lambda: tiled(one_pass=True, attention=attention),
+                "one_pass_windowed": lambda: tiled(one_pass=True),
+                "statistics_pass": lambda: tiled()}
+    outputs, times = {}, {k: [] for k in variants}
+    with torch.inference_mode():
+        run(z[..., :16, :16])  # warm-up
+        for r in range(repeats):
+            order = list(variants)[r % 4:] + list(variants)[:r % 4]
+            for name in order:
+                start = time.perf_counter()
+                out = variants[name]()
+                times[name].append(time.perf_counter() - start)
+                outputs[name] = out if name == "untiled" else out.image
+                if name != "untiled":
+                    plan, stats = out.plan.describe(), out.statistics
+    med = {k: statistics.median(v) for k, v in times.items()}
+    whole = outputs["untiled"]
+    diffs = {k: (v - whole).abs().max().item() for k, v in outputs.items() if k != "untiled"}
+    means = {k: (v - whole).abs().mean().item() for k, v in outputs.items() if k != "untiled"}
+    ratios = {k: med[k] / med["untiled"] for k in med if k != "untiled"}
+    return {"latent": latent, "output": 4 * latent, "repeats": repeats, "plan": plan, "statistics": stats,
+            "seconds": med, "time_ratio": ratios, "max_diff": diffs, "mean_diff": means,
+            "goals_met": diffs["one_pass_exact"] <= DECODE_GOALS["max_diff"]
+            and ratios["one_pass_exact"] <= DECODE_GOALS["time_ratio"]}
+
+
+def print_decode(d: dict, narrow: bool) -> None:
+    p = d["plan"]
+    print(f"\nSD x4 VAE decode, {'narrow test' if narrow else 'real-size (published config, random weights)'} VAE, "
+          f"latent {d['latent']}² -> {d['output']}², {p['count']} windows of {p['window'][0]}² (pad {p['context']}), "
+          f"medians of {d['repeats']}")
+    print("| variant | seconds | / untiled | max abs diff | mean abs diff |")
+    print("|---|---|---|---|---|")
+    print(f"| untiled | {d['seconds']['untiled']:.2f} | 1.00x | - | - |")
+    for k in ("one_pass_exact", "one_pass_windowed", "statistics_pass"):
+        print(f"| {k.replace('_', ' ')} | {d['seconds'][k]:.2f} | {d['time_ratio'][k]:.2f}x | {d['max_diff'][k]:.2e} | "
+              f"{d['mean_diff'][k]:.2e} |")
+    verdict = "goals met" if d["goals_met"] else "goals NOT met"
+    print(f"decode: time ratio {d['time_ratio']['one_pass_exact']:.2f}x (goal <= {DECODE_GOALS['time_ratio']}), max diff "
+          f"{d['max_diff']['one_pass_exact']:.2e} (goal <= {DECODE_GOALS['max_diff']:.0e}): {verdict}")
+
+
 def memory(size: int, budget: int) -> dict:
     args = [sys.executable, "-c", MEMORY_CHILD, str(REPO / "scripts"), str(REPO / "tests"), str(REPO / "benchmarks"),
             str(size), str(budget)]
@@ -141,7 +231,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--decode", action="store_true", help="the real-size VAE decode comparison only")
+    ap.add_argument("--latent", type=int, default=128, help="--decode: latent side (output = 4x)")
+    ap.add_argument("--repeats", type=int, default=2, help="--decode: interleaved repeats (medians)")
     args = ap.parse_args()
+    if args.decode:
+        narrow = bench_smoke.smoke()
+        bench_smoke.limit_threads()
+        d = decode_comparison(bench_smoke.capped(args.latent, 96), bench_smoke.capped(args.repeats, 1), narrow)
+        print_decode(d, narrow)
+        if narrow:
+            print(bench_smoke.note())
+        if args.json:
+            path = bench_smoke.out_path(args.json)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(d, indent=1))
+        sys.exit(0 if d["goals_met"] or narrow else 1)
     size, repeats, steps = (128, 1, 2) if args.quick else (384, 3, 4)
     sizes = (128, 256) if args.quick else (256, 512, 1024)
     narrow = bench_smoke.smoke()  # the code path only: narrow components, one step, 48 px in 2x2 tiles, one child

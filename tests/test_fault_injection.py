@@ -240,7 +240,7 @@ def sdx4_reference():
     (only,) = receipt.to_dict()["passes"]
     assert only["tiles"] is None  # SD x4 plans its own tiles: they are in its report
     assert only["backend"]["unet_tiles"]["count"] == 1 and only["backend"]["vae_tiles"]["count"] == 9
-    assert only["backend"]["vae_tiles"]["statistics"] == {"side": 64, "exact": True}
+    assert only["backend"]["vae_tiles"]["statistics"] == {"side": 64, "exact": True, "one_pass": False, "attention": "windowed"}
     yield image, opts, out
     patch.undo()
 

@@ -127,15 +127,16 @@ def _import_comfy() -> None:
     comfy.cli_args.args.cpu = True
 
 
-def mmdit_state_dict(transformer: torch.nn.Module, prefix: str = "model.diffusion_model.") -> dict:
-    """diffusers SD3 transformer -> the original MMDiT keys, through ComfyUI's key map (independent of diffusers')."""
+def mmdit_state_dict(transformer: torch.nn.Module, prefix: str = "model.diffusion_model.", depth: int = LAYERS) -> dict:
+    """diffusers SD3 transformer -> the original MMDiT keys, through ComfyUI's key map (independent of diffusers').
+    `depth`: the transformer's layers (SD3 medium: 24; benchmarks/real_size.py passes it)."""
     _import_comfy()
     import comfy.utils
 
     own = transformer.state_dict()
     out: dict[str, torch.Tensor] = {}
     qkv: dict[str, dict[int, torch.Tensor]] = {}
-    for key, target in comfy.utils.mmdit_to_diffusers({"depth": LAYERS}, prefix).items():
+    for key, target in comfy.utils.mmdit_to_diffusers({"depth": depth}, prefix).items():
         if key not in own:
             continue
         if isinstance(target, str):
@@ -146,7 +147,7 @@ def mmdit_state_dict(transformer: torch.nn.Module, prefix: str = "model.diffusio
             qkv.setdefault(target[0], {})[target[1][1]] = own[key]
     for key, parts in qkv.items():
         out[key] = torch.cat([parts[o] for o in sorted(parts)], dim=0)
-    mapped = sum(1 for k in own if k in comfy.utils.mmdit_to_diffusers({"depth": LAYERS}, prefix))
+    mapped = sum(1 for k in own if k in comfy.utils.mmdit_to_diffusers({"depth": depth}, prefix))
     assert mapped == len(own), f"ComfyUI's map misses {len(own) - mapped} transformer tensors"
     return out
 
@@ -219,9 +220,11 @@ def peft_encoder(vae: torch.nn.Module, seed: int = 2) -> torch.nn.Module:
     return encoder.eval()
 
 
-def write_lora_files(folder: Path, seed: int = 0) -> dict[str, Path]:
-    """model_20001.pkl (torch.save of a list) and vae_encoder_20001.pt (the peft-named encoder state dict, fp16)."""
-    comps = build_components(seed)
+def write_lora_files(folder: Path, seed: int = 0, comps: dict | None = None) -> dict[str, Path]:
+    """model_20001.pkl (torch.save of a list) and vae_encoder_20001.pt (the peft-named encoder state dict, fp16).
+    `comps`: the transformer and VAE to shape them for (default: build_components(seed); benchmarks/real_size.py
+    passes SD3 medium's, the transformer on the meta device)."""
+    comps = comps or build_components(seed)
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"transformer": folder / "model_20001.pkl", "vae": folder / "vae_encoder_20001.pt"}
     torch.save(transformer_lora_tensors(comps["transformer"]), paths["transformer"])

@@ -44,10 +44,13 @@ def _import_comfy() -> None:
 
 
 def build_components(seed: int = 0, unet_channels: int = UNET_CHANNELS, vae_channels: int = VAE_CHANNELS,
-                     groups: int = 32):
+                     groups: int = 32, context_dim: int = CONTEXT_DIM, text_width: int = TEXT_WIDTH,
+                     text_layers: int = TEXT_LAYERS):
     """unet, vae, text_encoder (diffusers/transformers modules with random, non-trivial weights).
 
-    Narrower nets (with fewer GroupNorm groups) keep the big-image memory test quick on the CPU.
+    Narrower nets (with fewer GroupNorm groups) keep the big-image memory test quick on the CPU; the
+    published widths (benchmarks/real_size.py: 256, 128, context and text width 1024, 23 text layers) give
+    the real model's sizes.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -59,7 +62,7 @@ def build_components(seed: int = 0, unet_channels: int = UNET_CHANNELS, vae_chan
         block_out_channels=(c, 2 * c, 2 * c, 4 * c),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=CONTEXT_DIM, use_linear_projection=True,
+        cross_attention_dim=context_dim, use_linear_projection=True,
         only_cross_attention=(True, True, True, False), num_class_embeds=1000,
         attention_head_dim=8,
     )
@@ -71,9 +74,9 @@ def build_components(seed: int = 0, unet_channels: int = UNET_CHANNELS, vae_chan
         scaling_factor=0.08333,
     )
     text = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=TEXT_WIDTH, intermediate_size=4 * TEXT_WIDTH,
-        num_hidden_layers=TEXT_LAYERS, num_attention_heads=TEXT_WIDTH // 64, max_position_embeddings=77,
-        hidden_act="gelu", projection_dim=TEXT_WIDTH,
+        vocab_size=49408, hidden_size=text_width, intermediate_size=4 * text_width,
+        num_hidden_layers=text_layers, num_attention_heads=text_width // 64, max_position_embeddings=77,
+        hidden_act="gelu", projection_dim=text_width,
     ))
     # Random init leaves zero-initialised output layers in diffusers: give every tensor some signal so
     # a wrong conversion or a skipped layer changes the output.
@@ -87,25 +90,27 @@ def build_components(seed: int = 0, unet_channels: int = UNET_CHANNELS, vae_chan
     return unet, vae, text
 
 
-def write_diffusers_folder(root: Path, seed: int = 0) -> Path:
-    """The published folder layout (model_index.json, unet/, vae/, ...), with tiny weights."""
+def write_diffusers_folder(root: Path, seed: int = 0, **sizes) -> Path:
+    """The published folder layout (model_index.json, unet/, vae/, ...), with tiny weights (`sizes`: the widths
+    of build_components)."""
     from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline
 
-    pipe = pipeline(seed)
+    pipe = pipeline(seed, **sizes)
     pipe.save_pretrained(root, safe_serialization=True)
     assert isinstance(pipe, StableDiffusionUpscalePipeline)
     assert isinstance(pipe.scheduler, DDIMScheduler) and isinstance(pipe.low_res_scheduler, DDPMScheduler)
     return root
 
 
-def pipeline(seed: int = 0):
-    """diffusers' own StableDiffusionUpscalePipeline over the tiny components: the parity reference."""
+def pipeline(seed: int = 0, **sizes):
+    """diffusers' own StableDiffusionUpscalePipeline over the tiny components: the parity reference (`sizes`: the
+    widths of build_components)."""
     from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline
     from transformers import CLIPTokenizer
 
     d = clip_tokenizer_dir()
     tokenizer = CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"), pad_token="!", model_max_length=77)
-    unet, vae, text = build_components(seed)
+    unet, vae, text = build_components(seed, **sizes)
     scheduler = DDIMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
     low_res = DDPMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear", clip_sample=True,

@@ -1,6 +1,8 @@
 """How much memory a tiled run may use, and the largest tile that fits it."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import psutil
 import torch
 
@@ -15,6 +17,25 @@ def free_bytes(device: torch.device) -> int:
         free, _total = torch.cuda.mem_get_info(device)
         return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     return int(psutil.virtual_memory().available)
+
+
+CGROUP = "/sys/fs/cgroup"
+
+
+def host_free_bytes(cgroup: str = CGROUP) -> int:
+    """System memory this process may still take: the OS's available memory, or less where a cgroup (v2, a
+    container's limit) caps the process below it (psutil sees the host's memory, not the container's)."""
+    free = int(psutil.virtual_memory().available)
+    try:
+        limit = Path(cgroup, "memory.max").read_text().strip()
+        used = int(Path(cgroup, "memory.current").read_text().strip())
+        stat = dict(line.split() for line in Path(cgroup, "memory.stat").read_text().splitlines() if line.count(" ") == 1)
+    except (OSError, ValueError):
+        return free
+    used -= int(stat.get("inactive_file", 0))  # page cache the kernel reclaims before it kills anything
+    if limit.isdigit():
+        free = min(free, max(0, int(limit) - used))
+    return free
 
 
 def canvas_bytes(batch: int, height: int, width: int, channels: int, scale: int) -> int:

@@ -19,8 +19,10 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from .retry import shrink_on_oom
-from .plan import TilePlan
+from .exact_decode import decode_exact
+from .group_norm import group_moments, normalise
+from .plan import TilePlan, plan_tiles
+from .retry import allocator_message, free_cache, is_out_of_memory, shrink_on_oom
 from .runner import RunHooks, run_tiled
 
 
@@ -50,9 +52,9 @@ class SharedGroupNorm:
         stats: list[tuple[torch.Tensor, torch.Tensor]] = []
 
         def forward(norm, x):
-            mean, var = _group_moments(norm, x)
+            mean, var = group_moments(norm, x)
             stats.append((mean, var))
-            return _normalise(norm, x, mean, var)
+            return normalise(norm, x, mean, var)
 
         with self._swapped(forward):
             run()
@@ -65,36 +67,13 @@ class SharedGroupNorm:
             mean, var = next(used, (None, None))
             if mean is None:
                 raise RuntimeError(f"the decoder used more GroupNorms than the {len(stats)} the statistics pass recorded")
-            return _normalise(norm, x, mean, var)
+            return normalise(norm, x, mean, var)
 
         with self._swapped(forward):
             out = run()
         if next(used, None) is not None:
             raise RuntimeError(f"the decoder used fewer GroupNorms than the {len(stats)} the statistics pass recorded")
         return out
-
-
-def _group_moments(norm: torch.nn.GroupNorm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per image and group: mean and biased variance, B,G float32.
-
-    From per-channel moments (law of total variance; a group's channels have equal counts), so a
-    channels_last activation is read in place instead of copied into a group-major layout.
-    """
-    var_c, mean_c = torch.var_mean(x.float(), dim=tuple(range(2, x.ndim)), unbiased=False)
-    mean_c, var_c = (t.reshape(x.shape[0], norm.num_groups, -1) for t in (mean_c, var_c))
-    mean = mean_c.mean(-1)
-    return mean, (var_c + (mean_c - mean[..., None]) ** 2).mean(-1)
-
-
-def _normalise(norm: torch.nn.GroupNorm, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    """GroupNorm with given statistics as one per-channel multiply-add (one pass over x, its memory format kept)."""
-    per_group = x.shape[1] // norm.num_groups
-    scale = torch.rsqrt(var + norm.eps).repeat_interleave(per_group, dim=1)  # B,C
-    shift = -mean.repeat_interleave(per_group, dim=1) * scale
-    if norm.affine:
-        scale, shift = scale * norm.weight.float(), shift * norm.weight.float() + norm.bias.float()
-    shape = scale.shape + (1,) * (x.ndim - 2)
-    return torch.addcmul(shift.reshape(shape), x.float(), scale.reshape(shape)).to(x.dtype)
 
 
 def _stats_latent(latents: torch.Tensor, side: int) -> torch.Tensor:
@@ -111,7 +90,9 @@ class DecodeResult:
     image: torch.Tensor  # B,H,W,C float32
     plan: TilePlan
     retries: list[dict]
-    statistics: dict | None  # {"side": latent side of the statistics pass, "exact": whole latent} when tiled
+    # when tiled: {"side": latent side the statistics came from, "exact": the whole latent's, "one_pass": summed
+    # across windows (no statistics pass), "attention": "whole" latent or "windowed"}
+    statistics: dict | None
 
 
 def decode_tiled(
@@ -128,6 +109,8 @@ def decode_tiled(
     hooks: RunHooks | None = None,
     stats_side: int = 0,
     floor: int = 16,
+    one_pass: bool = False,
+    attention: torch.nn.Module | None = None,
 ) -> DecodeResult:
     """latents: B,C,h,w -> image B,h*scale,w*scale,C float32 (what `decode` returns per window, blended).
 
@@ -136,11 +119,33 @@ def decode_tiled(
     may decode (0: the whole latent, i.e. exact statistics). On out-of-memory the decode tiles shrink,
     and so does the statistics pass (then approximate: a subsampled latent), each through
     tiling/retry.py; the result's `retries` lists both.
+
+    `one_pass` (the caller's budget holds every window's activations at once): the windows run together with
+    GroupNorm sums shared across them (tiling/exact_decode.py): exact statistics in one pass, no statistics
+    pass; with `attention` (the decoder's middle attention module) that too runs over the whole latent.
+    Out of memory there falls back to the statistics pass, and `retries` says so.
     """
     hooks = hooks or RunHooks()
+    norms = list(norms)
     shared = SharedGroupNorm(norms)
     full = tuple(latents.shape[-2:])
     retries: list[dict] = []
+    if one_pass:
+        plan = plan_tiles(full[0], full[1], tile or max(full), overlap, pad)
+        if not plan.untiled:
+            try:
+                image = decode_exact(decode, norms, latents, plan, scale, device=device, dtype=dtype,
+                                     attention=attention, check_interrupt=hooks.check_interrupt)
+                return DecodeResult(image, plan, retries, {"side": max(full), "exact": True, "one_pass": True,
+                                                           "attention": "whole" if attention is not None
+                                                           else "windowed"})
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory falls back, the rest is re-raised
+                if not is_out_of_memory(exc, hooks.oom_errors):
+                    raise
+                message = allocator_message(exc)
+            free_cache(device)
+            retries.append({"event": "out_of_memory", "stage": "vae_one_pass", "tile": tile, "retry_tile": tile,
+                            "allocator": message, "fallback": "statistics pass"})
     memo: list[tuple[int, list]] = []  # this call's (side, statistics), made once by the first tiled window
 
     def record(side: int) -> tuple[int, list]:
@@ -160,4 +165,5 @@ def decode_tiled(
                       device=device, dtype=dtype, floor=floor, stage="vae_decode", hooks=hooks)
     side = memo[0][0] if memo else None
     return DecodeResult(tiled.image, tiled.plan, retries + tiled.retries,
-                        None if side is None else {"side": side, "exact": side >= max(full)})
+                        None if side is None else {"side": side, "exact": side >= max(full), "one_pass": False,
+                                                   "attention": "windowed"})

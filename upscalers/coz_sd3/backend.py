@@ -23,6 +23,7 @@ from . import step
 from .components import CoZComponents, TokenizerDirs, is_sd3_folder, load_diffusers_folder
 from .lora import LORA_FOLDER, TRANSFORMER_LORA, VAE_ENCODER_LORA, merge_transformer_lora, merge_vae_encoder_lora
 from .prompt import encode_prompt
+from .memory_plan import check_before_load
 from .single_file import load_single_files
 
 ZOOM_PX = step.ZOOM**2  # output px per input px (the memory estimate per input pixel scales by it)
@@ -102,6 +103,7 @@ class CoZSD3Upscaler:
         self.dtype, self.vae_dtype, self.text_dtype = dtype, vae_dtype, text_dtype
         self.residency = residency or Residency()
         self.offload = False  # the text encoders and the main networks move through `residency` instead
+        self.load_memory: dict | None = None  # load's estimate, free memory and any dtype lowered to fit (load())
         for module, wanted in ((comps.transformer, dtype), (comps.vae, vae_dtype),
                                *((enc, text_dtype) for enc in self.text_encoders())):
             if next(module.parameters()).dtype != wanted:
@@ -173,10 +175,12 @@ class CoZSD3Upscaler:
             y = step.sr_step(self.comps, padded, seq, pooled, opts, seed, device, self.dtype, self.vae_dtype, hooks, report)
         notes = self.differences(opts, report, padded.shape[-2:] != big.shape[-2:])
         notes += ([NO_T5_NOTE] if self.comps.t5 is None else []) + ([note] if note else [])
+        if self.load_memory and self.load_memory["note"]:
+            notes.append(self.load_memory["note"])
         # the weights files with their hashes (base and both LoRA): receipts quote the source by its base file only
         report.update(seed=seed, sampling=opts.sampling, prompt_embedding="reused" if reused else "encoded",
                       sr_input=SR_INPUT, sr_input_size=[padded.shape[-1], padded.shape[-2]], notes=notes,
-                      networks=self.networks(), model_files=self.files)
+                      networks=self.networks(), model_files=self.files, load_memory=self.load_memory)
         return WindowResult(y[..., : h * step.ZOOM, : w * step.ZOOM], report)
 
     def differences(self, opts: step.CoZOptions, report: dict, padded: bool) -> list[str]:
@@ -205,9 +209,13 @@ class CoZSD3Upscaler:
     def load(cls, base: str | os.PathLike, transformer_lora: str | os.PathLike | None = None,
              vae_lora: str | os.PathLike | None = None, *,
              text_files: dict | None = None, tokenizer_dirs: TokenizerDirs = TokenizerDirs(), use_t5: bool = True,
-             dtype: str = "auto", device: torch.device | None = None, residency: Residency | None = None
-             ) -> "CoZSD3Upscaler":
-        """SD3 medium (diffusers folder, or sd3_medium*.safetensors + text encoder files) + the two LoRA files."""
+             dtype: str = "auto", device: torch.device | None = None, residency: Residency | None = None,
+             free_ram: int | None = None) -> "CoZSD3Upscaler":
+        """SD3 medium (diffusers folder, or sd3_medium*.safetensors + text encoder files) + the two LoRA files.
+
+        Before any tensor is read, what the load and a 512 px step need is compared with the free host memory
+        (`free_ram`, default: what the OS and a container limit leave): dtype auto lowers the text encoders,
+        then the transformer, to bf16 when fp32 does not fit; otherwise the load is refused (memory_plan.py)."""
         base = Path(base)
         if transformer_lora is None or vae_lora is None:
             raise UpscalerError(
@@ -217,7 +225,10 @@ class CoZSD3Upscaler:
                 "vae_lora=...); on the command line, zoom --coz-model BASE (the files are looked up in "
                 f"loras/{LORA_FOLDER}/ of the models root, or give --transformer-lora and --vae-lora)")
         device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        main_dtype, vae_dtype, text_dtype = select_dtypes(dtype, device)
+        dtypes, memory = select_dtypes(dtype, device), None
+        if base.is_file() or is_sd3_folder(base):  # anything else is refused by name by the loaders below
+            dtypes, memory = check_before_load(base, text_files, use_t5, dtypes, dtype, free_ram)
+        main_dtype, vae_dtype, text_dtype = dtypes
         if base.is_dir():
             comps = load_diffusers_folder(base, tokenizer_dirs, use_t5, dtypes=(main_dtype, vae_dtype, text_dtype))
         elif base.is_file():
@@ -232,7 +243,9 @@ class CoZSD3Upscaler:
         files = comps.files + [merge_transformer_lora(comps.transformer, transformer_lora),
                                merge_vae_encoder_lora(comps.vae, vae_lora)]
         source = ModelSource(base.name, files[0]["sha256"], ARCHITECTURE)
-        return cls(comps, source, files, main_dtype, vae_dtype, text_dtype, residency)
+        model = cls(comps, source, files, main_dtype, vae_dtype, text_dtype, residency)
+        model.load_memory = memory
+        return model
 
 
 
