@@ -82,9 +82,9 @@ def test_a_load_that_does_not_fit_is_refused_before_any_tensor_is_read(files, mo
     text = str(err.value)
     assert "Loading Chain-of-Zoom's model needs about" in text and "are free: nothing was loaded" in text
     assert "T5-XXL" in text and "set t5xxl to none" in text and "more RAM" in text
-    with pytest.raises(UpscalerError) as err:  # an explicit dtype is never changed: refused, bf16 offered
+    with pytest.raises(UpscalerError) as err:  # an explicit dtype is never changed: refused, auto offered
         load(files, free_ram=plan.need_bytes(FP32) - 1, dtype="fp32")
-    assert "dtype bf16 (needs" in str(err.value)
+    assert "dtype auto (text encoders, then the transformer, in bf16 as needed" in str(err.value)
 
 
 def test_auto_lowers_the_text_encoders_then_the_transformer_to_fit(files):

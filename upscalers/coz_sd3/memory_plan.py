@@ -222,11 +222,12 @@ def refusal(plan: LoadPlan, dtypes, requested: str, free: int) -> str:
     if "t5" in sizes:
         fixes.append(f"set t5xxl to none (saves {size_text(sizes['t5'])}; the prompt embedding then differs "
                      "from the paper's)")
-    bf16 = (torch.bfloat16,) * 3
-    if requested not in ("auto", "bf16") or dtypes[0] != torch.bfloat16:
-        fixes.append(f"dtype bf16 (needs {size_text(plan.need_bytes((torch.bfloat16, dtypes[1], torch.bfloat16)))})" if requested != "auto" else "")
-    fixes = [f for f in fixes if f] + ["close other programs or models to free memory, or use a machine with "
-                                       f"more RAM (at least {size_text(plan.need_bytes(bf16))} free)"]
+    smallest = (torch.bfloat16, dtypes[1], torch.bfloat16)  # what dtype auto falls back to (the VAE stays)
+    if requested != "auto":  # an explicit dtype is never changed; auto lowers what does not fit
+        fixes.append(f"dtype auto (text encoders, then the transformer, in bf16 as needed: at least "
+                     f"{size_text(plan.need_bytes(smallest))})")
+    fixes.append(f"close other programs or models to free memory, or use a machine with more RAM (at least "
+                 f"{size_text(plan.need_bytes(smallest))} free)")
     return (f"Loading Chain-of-Zoom's model needs about {size_text(plan.need_bytes(dtypes))} of memory "
             f"({parts} in {_names(dtypes)}, plus a {PROCESS_SIZE} px step) but only {size_text(free)} are free: "
             f"nothing was loaded. Fix: " + "; or ".join(fixes))
@@ -237,5 +238,6 @@ def check_before_load(base, text_files, use_t5: bool, dtypes, requested: str, fr
     plan = plan_load(base, text_files, use_t5)
     free = host_free_bytes() if free is None else free
     chosen, note = fit_dtypes(plan, dtypes, requested, free)
-    return chosen, {"estimated_gb": round(plan.need_bytes(chosen) / GB, 2), "free_gb": round(free / GB, 2),
-                    "note": note}
+    # the receipt keeps what decides the result (free memory only where it changed a dtype: in the note), so two
+    # runs of the same settings keep equal receipts
+    return chosen, {"estimated_gb": round(plan.need_bytes(chosen) / GB, 2), "note": note}
