@@ -9,6 +9,7 @@ import importlib.util
 if importlib.util.find_spec("comfy") is not None and importlib.util.find_spec("comfy_api") is not None:
     from .nodes import comfy_entrypoint
 
-    __all__ = ["comfy_entrypoint"]
+    WEB_DIRECTORY = "./web"  # one frontend extension: seed controls that start at "fixed" (web/seed_control.js)
+    __all__ = ["comfy_entrypoint", "WEB_DIRECTORY"]
 else:
     __all__ = []

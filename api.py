@@ -380,12 +380,13 @@ def load_tagger(ram_model: str | os.PathLike = "ram_swin_large_14m.pth", dape: s
 def chain_of_zoom(upscaler: Upscaler | None, image: ImageLike, steps: int = 4, *, mode: str = "recursive_multiscale",
                   process_size: int = DEFAULT_PROCESS_SIZE, prompt: str = "", prompt_model=None,
                   color_fix: str = "wavelet", seed: int = 0, sampling: str = "sample", tile: int = 0,
-                  overlap: int = DEFAULT_OVERLAP, device: str | torch.device | None = None,
+                  overlap: int = 0, device: str | torch.device | None = None,
                   on_state: Callable[[int, Image.Image], None] | None = None) -> ZoomResult:
     """Chain-of-Zoom extreme zoom of one image: x0 and `steps` 4x scale-states (what the Loop node runs).
 
     `prompt_model`: load_prompt_model() (a VLM) or load_tagger() (DAPE tags). `sampling` (Chain-of-Zoom's own
     model): "sample", the paper's posterior sample with noise from `seed`, or "mean", the posterior mean.
+    `tile` / `overlap`: input px for every upscaler (0 = auto; converted for the latent-tiled models).
     """
     settings = ZoomSettings(mode=mode, process_size=process_size, user_prompt=prompt, provider=prompt_model,
                             color_fix=color_fix, seed=seed, sampling=sampling, tile=tile, overlap=overlap,

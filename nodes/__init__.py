@@ -6,10 +6,10 @@ __init__.py).
 """
 from __future__ import annotations
 
-from . import color_nodes, prompt_nodes, upscale_nodes, zoom_nodes
+from . import color_nodes, prompt_nodes, save_nodes, upscale_nodes, zoom_nodes
 from .bridge import ComfyExtension, io, register_folders
 
-FAMILIES = (upscale_nodes, zoom_nodes, prompt_nodes, color_nodes)  # registration order
+FAMILIES = (upscale_nodes, save_nodes, zoom_nodes, prompt_nodes, color_nodes)  # registration order
 
 
 class DreamForgeExtension(ComfyExtension):

@@ -5,7 +5,7 @@ It supplies: the V3 node API (`io`, `ui`, `ComfyExtension` from the pinned comfy
 few schema helpers 0.3.75 needs; `register_folders()`, every global registration in one place; the
 memory manager as backend callbacks (`run_hooks`) and the handles that carry a model with its
 ModelPatcher on a link; model-folder lookups; progress with previews that follow the server's
-`--preview-method`; interrupts.
+`--preview-method`; interrupts; core SaveImage's file naming and its --disable-metadata flag.
 """
 from __future__ import annotations
 
@@ -137,7 +137,8 @@ def _widget_error(spec: io.Input, value) -> str | None:
 
 
 def default_impl_choice() -> str:
-    """DREAMFORGE_DEFAULT_IMPL, or auto with a warning when it is misspelt (the node list must still load)."""
+    """The default of Tiled Upscale's impl policy: DREAMFORGE_DEFAULT_IMPL, or auto with a warning when it is
+    misspelt (the node list must still load). Load Upscaler's impl always defaults to auto."""
     try:
         return default_impl()
     except UpscalerError as exc:
@@ -436,3 +437,17 @@ def prompt_model_path(name: str) -> Path:
         f"prompt model {name!r} not found: put the model folder (config.json, weights, processor files) in "
         f"models/{PROMPT_MODEL_FOLDER}/ and refresh"
     )
+
+
+# ------------------------------------------------------------------------------ saving images
+def save_image_path(filename_prefix: str, width: int, height: int) -> tuple[str, str, int, str]:
+    """Core SaveImage's naming in output/: (folder, file stem, next counter, subfolder). ComfyUI's helper
+    expands %width%/%date%-style variables, makes subfolders and refuses a prefix outside output/."""
+    folder, stem, counter, subfolder, _ = folder_paths.get_save_image_path(
+        filename_prefix, folder_paths.get_output_directory(), width, height)
+    return folder, stem, counter, subfolder
+
+
+def metadata_disabled() -> bool:
+    """The server runs with --disable-metadata: core writes no prompt/workflow into saved files."""
+    return bool(cli_args.disable_metadata)

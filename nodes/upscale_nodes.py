@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..upscalers import DEFAULT_OVERLAP, IMPLS, GANUpscaler, UpscalerError, upscale
+from ..upscalers import IMPLS, GANUpscaler, UpscalerError, upscale
 from ..upscalers.coz_sd3 import (
     LORA_FOLDER, TRANSFORMER_LORA, VAE_ENCODER_LORA, CoZOptions, CoZSD3Upscaler, TokenizerDirs,
 )
@@ -16,7 +16,7 @@ from ..upscalers.coz_sd3.components import is_sd3_folder
 from ..upscalers.coz_sd3.single_file import is_sd3_checkpoint
 from ..upscalers.dtypes import DTYPE_NAMES
 from ..upscalers.receipts import Policy
-from ..upscalers.registry import choose_run, strict_scale_error
+from ..upscalers.registry import AUTO_OVERLAP, choose_run, overlap_for, strict_scale_error
 from ..upscalers.sdx4 import DEFAULT_PROMPT, SDX4Options, is_sdx4_file, is_sdx4_folder
 from ..tiling.resample import METHODS as RESAMPLE_METHODS
 from . import bridge
@@ -32,22 +32,48 @@ def upscaler_input(name: str, tooltip: str) -> io.Input:
     return io.MultiType.Input(name, types=[UPSCALER, io.UpscaleModel], tooltip=tooltip)
 
 
+TILE_TOOLTIP = ("Tile side in input pixels, for every model (converted inside: SD x4's latent is the input's size, "
+                "Chain-of-Zoom's model tiles a latent of half the input's size). 0 = auto: the largest tile that fits "
+                "free memory (one pass when the whole image fits).")
+OVERLAP_TOOLTIP = (f"Blend between tiles in input pixels, at least this much (cos²). 0 = auto: {AUTO_OVERLAP['gan']} "
+                   f"for a GAN, {AUTO_OVERLAP['diffusion']} for SD x4 and Chain-of-Zoom's model (its "
+                   f"{AUTO_OVERLAP['diffusion'] // 2} latent px). Each GAN tile also reads the context its "
+                   "architecture needs.")
+
+
+def overlap_input(max_value: int = 512) -> io.Input:
+    """`overlap` on every node that has one: input pixels, 0 = auto (AUTO_OVERLAP by the kind that runs)."""
+    return advanced(io.Int.Input("overlap", default=0, min=0, max=max_value, step=1, tooltip=OVERLAP_TOOLTIP))
+
+
 def tiling_inputs() -> list[io.Input]:
     return [
-        io.Int.Input("tile", default=0, min=0, max=8192, step=8,
-                     tooltip="Tile side in input pixels. 0 = auto: the largest tile that fits free memory "
-                             "(one pass when the whole image fits)."),
-        advanced(io.Int.Input("overlap", default=DEFAULT_OVERLAP, min=0, max=512, step=1,
-                              tooltip="Feathered (cos²) overlap between tiles in input pixels, at least this much. "
-                                      "Each tile also reads the context its architecture needs.")),
+        io.Int.Input("tile", default=0, min=0, max=8192, step=8, tooltip=TILE_TOOLTIP),
+        overlap_input(),
         advanced(Choice("resample", options=list(RESAMPLE_METHODS), default="lanczos",
                         tooltip="Filter for scales other than the model's native one.")),
     ]
 
 
+SD_X4_ONLY, DIFFUSION_ONLY = "SD x4 only:", "SD x4 and Chain-of-Zoom's model only:"
+# Tiled Upscale's tooltips for the diffusion inputs (a GAN run ignores every one of them): what applies first.
+TILED_DIFFUSION_TOOLTIPS = {
+    "prompt": f"{DIFFUSION_ONLY} what the image shows / should look like. A GAN ignores it.",
+    "negative_prompt": f"{SD_X4_ONLY} what to steer away from, e.g. 'blurry, jpeg artifacts'.",
+    "seed": f"{DIFFUSION_ONLY} the noise seed (the same seed gives the same image on the same device). A GAN "
+            "ignores it, so its control starts at 'fixed' (DreamForge's web extension): an unchanged re-queue is "
+            "served from ComfyUI's cache instead of rerunning.",
+    "steps": f"{SD_X4_ONLY} DDIM denoising steps (not a zoom depth). 20-30 is faster, 50 is the quality default.",
+    "noise_level": f"{SD_X4_ONLY} noise added to the low-res input: higher invents more detail, lower stays closer "
+                   "to the input. ComfyUI's noise_augmentation x 350.",
+}
+
+
 def diffusion_inputs(optional: bool = False) -> list[io.Input]:
-    """The SD x4 settings (Tiled Upscale takes them as optional inputs, SDX4 Upscale as required)."""
-    return [
+    """The SD x4 settings (Tiled Upscale takes them as optional inputs, SDX4 Upscale as required). On Tiled
+    Upscale each tooltip begins with the models it applies to and the input is advanced (newer frontends fold
+    it away): a GAN run ignores all of them."""
+    inputs = [
         io.String.Input("prompt", default=DEFAULT_PROMPT, multiline=True, optional=optional,
                         tooltip="What the image shows / should look like (SD x4 only; GANs ignore it)."),
         io.String.Input("negative_prompt", default="", multiline=True, optional=optional,
@@ -57,11 +83,17 @@ def diffusion_inputs(optional: bool = False) -> list[io.Input]:
         io.Int.Input("steps", default=50, min=1, max=1000, optional=optional,
                      tooltip="DDIM denoising steps (SD x4). 20-30 is faster, 50 is the quality default."),
         io.Float.Input("guidance", default=7.5, min=0.0, max=30.0, step=0.1, round=0.01, optional=optional,
-                       tooltip="Classifier-free guidance (SD x4); 1 or less turns it off (2x faster)."),
+                       tooltip="Classifier-free guidance (SD x4); 1 or less turns it off: one UNet batch per step "
+                               "instead of two (not timed)."),
         io.Int.Input("noise_level", default=20, min=0, max=350, optional=optional,
                      tooltip="Noise added to the low-res input (SD x4): higher invents more detail, lower stays "
                              "closer to the input. ComfyUI's noise_augmentation x 350."),
     ]
+    if optional:
+        for spec in inputs:
+            spec.tooltip = TILED_DIFFUSION_TOOLTIPS.get(spec.id) or f"{SD_X4_ONLY} {spec.tooltip}"
+            advanced(spec)
+    return inputs
 
 
 def image_and_receipt(image_tooltip: str, receipt_tooltip: str) -> list[io.Output]:
@@ -104,9 +136,10 @@ class LoadUpscaler(io.ComfyNode):
                        tooltip="A GAN file in models/upscale_models (or the local mirror / runtime cache), "
                                "'diffusers/<folder>' for an SD x4 diffusers folder, or "
                                "'checkpoints/<file>' for the SD x4 single file."),
-                Choice("impl", options=list(IMPLS), default=bridge.default_impl_choice(),
-                       tooltip="auto: whatever the file is. gan / diffusion: insist on that kind (an error says so "
-                               "when the file is the other kind). The default comes from DREAMFORGE_DEFAULT_IMPL."),
+                Choice("impl", options=list(IMPLS), default="auto",
+                       tooltip="A check, not a policy: auto loads whatever the file is; gan / diffusion insist on "
+                               "that kind (an error says so when the file is the other kind). Which model runs is "
+                               "Tiled Upscale's impl."),
                 Choice("dtype", options=["auto", *DTYPE_NAMES], default="auto",
                        tooltip="auto: fp16 on CUDA where the model allows (SD x4: UNet fp16, VAE bf16/fp32), fp32 "
                                "on the CPU."),
@@ -157,7 +190,8 @@ class ESRGANUpscale(io.ComfyNode):
         if handle.upscaler.capabilities.impl != "gan":
             raise UpscalerError("ESRGAN Upscale runs GAN models, but upscale_model is the Stable Diffusion x4 upscaler: "
                                 "connect it to 'SDX4 Upscale (DreamForge)' or 'Tiled Upscale (DreamForge)' instead")
-        return run_upscale(handle, image, scale or None, tile=tile, overlap=overlap, resample=resample)
+        return run_upscale(handle, image, scale or None, tile=tile, overlap=overlap_for("gan", overlap),
+                           resample=resample)
 
 
 def _sdx4_options(steps, guidance, noise_level, negative_prompt, tile=0, overlap=32, vae_tile=0) -> SDX4Options:
@@ -172,30 +206,36 @@ class TiledUpscale(io.ComfyNode):
     def define_schema(cls):
         return schema(
             node_id="DreamForgeTiledUpscale", display_name="Tiled Upscale (DreamForge)", category=CATEGORY,
-            description="Tiled upscaler over any UPSCALER with an implementation policy: auto runs a GAN around 2x "
-                        "and the SD x4 model for 4x (when one is loaded); strict_scale refuses scales the model "
-                        "cannot reach without resampling. Out of memory: smaller tiles, then (unless strict) GAN, "
-                        "then Lanczos.",
+            description="Tiled upscaler over any upscaler (ours or core's UPSCALE_MODEL) with an implementation "
+                        "policy: the connected model runs, except that with the SD x4 model connected auto runs a "
+                        "GAN from models/upscale_models below 3x; strict_scale refuses scales the model cannot reach "
+                        "without resampling. Out of memory: smaller tiles, then (unless strict) GAN, then Lanczos.",
             aliases=("tiled upscale", "ultimate upscale", "sd upscaler", "real-esrgan", "esrgan", "4x", "2x",
                      "seamless upscale"),
             inputs=[
                 io.Image.Input("image", tooltip="The image(s) to upscale: RGB, RGBA (alpha kept) or grey; "
                                                 "batches work."),
-                UPSCALER.Input("upscaler", tooltip="From Load Upscaler: a GAN or the SD x4 upscaler."),
+                upscaler_input("upscaler", "From Load Upscaler (a GAN, the SD x4 upscaler or Chain-of-Zoom's model) "
+                                           "or core's Load Upscale Model (a GAN)."),
                 Choice("impl", options=list(IMPLS), default=bridge.default_impl_choice(),
-                       tooltip="auto: GAN for ~2x (x2plus when present), SD x4 for 4x when loaded. diffusion: the "
-                               "SD x4 model (scale 2 = x4 then downsample). gan: a GAN (from models/upscale_models "
-                               "when the connected one is SD x4)."),
-                io.Float.Input("scale", default=4.0, min=0.05, max=16.0, step=0.05,
-                               tooltip="Output/input size ratio; exact output size round(W*s) x round(H*s)."),
+                       tooltip="Which model runs (a policy; Load Upscaler's impl only checks the file's kind). A "
+                               "connected GAN always runs, at any scale (to run RealESRGAN_x2plus at 2x, connect "
+                               "it). With SD x4 connected: auto runs a GAN from models/upscale_models below 3x "
+                               "(RealESRGAN_x2plus when installed, else a 4x GAN, else the bundled one) and SD x4 "
+                               "from 3x; gan always runs that GAN; diffusion runs SD x4 (scale 2 = x4, then "
+                               "downsample) and refuses a GAN. Default: DREAMFORGE_DEFAULT_IMPL, else auto."),
+                io.Float.Input("scale", default=4.0, min=0.0, max=16.0, step=0.05,
+                               tooltip="Output/input size ratio; exact output size round(W*s) x round(H*s). 0 = the "
+                                       "connected model's native scale, as on ESRGAN Upscale."),
                 io.Boolean.Input("strict_scale", default=False,
                                  tooltip="Refuse scales the model cannot produce natively (no resampling), and no "
                                          "fallback to another method on out-of-memory."),
                 *tiling_inputs(),
                 *diffusion_inputs(optional=True),
-                Choice("sampling", options=list(COZ_SAMPLING), default="sample", optional=True,
-                       tooltip="Chain-of-Zoom's own model only: sample = the paper's posterior sample (noise from "
-                               "the seed); mean = the posterior mean, no noise. SD x4 and GANs ignore it."),
+                advanced(Choice("sampling", options=list(COZ_SAMPLING), default="sample", optional=True,
+                                tooltip="Chain-of-Zoom's own model only: sample = the paper's posterior sample (noise "
+                                        "from the seed); mean = the posterior mean, no noise. SD x4 and GANs ignore "
+                                        "it.")),
             ],
             outputs=image_and_receipt("The upscaled image.",
                                       "JSON: what ran (impl, model, tiles, retries, fallbacks, seed)."),
@@ -219,10 +259,13 @@ class TiledUpscale(io.ComfyNode):
         if strict_scale and (error := strict_scale_error(choice.impl, scale)):
             raise UpscalerError(error)
         chosen = handle if choice.use_loaded else bridge.folder_gan(choice.gan_scale)
-        common = dict(tile=tile, overlap=overlap, resample=resample, strict_scale=strict_scale,
+        gan_overlap = overlap_for("gan", overlap)  # also the GAN fallback's, on a diffusion run
+        overlap = overlap_for(choice.impl, overlap)
+        common = dict(tile=tile, overlap=gan_overlap, resample=resample, strict_scale=strict_scale,
                       policy=Policy(impl, choice.impl, choice.reason), fallbacks=not strict_scale)
         if choice.impl == "diffusion" and isinstance(chosen.upscaler, CoZSD3Upscaler):
-            # one step, no guidance: the user's tile and overlap (input px) are its latent tiles (half of them)
+            # one step, no guidance: the user's tile and overlap (input px) become its latent px (half; the
+            # receipt says both)
             options = CoZOptions.from_input_px(tile, overlap, sampling=sampling)
             return run_upscale(chosen, image, scale, prompt=prompt, seed=seed, options=options, **common)
         if choice.impl == "diffusion":
@@ -249,8 +292,7 @@ class SDX4Upscale(io.ComfyNode):
                 io.Int.Input("tile", default=0, min=0, max=4096, step=8,
                              tooltip="UNet tile side in input pixels (the latent is the input's size). 0 = auto: "
                                      "untiled when it fits free memory."),
-                advanced(io.Int.Input("overlap", default=32, min=0, max=256, step=1,
-                                      tooltip="cos² blend between UNet tiles, in input pixels.")),
+                overlap_input(max_value=256),
                 advanced(io.Int.Input("vae_tile", default=0, min=0, max=4096, step=8,
                                       tooltip="Decode tile side in input pixels. 0 = auto (at most 224 + padding, so "
                                               "the decoder's attention never sees a large latent at once).")),
@@ -268,7 +310,8 @@ class SDX4Upscale(io.ComfyNode):
                 f"({handle.upscaler.source.file}); load x4-upscaler-ema.safetensors or its diffusers folder with "
                 "'Load Upscaler' (impl diffusion), or use 'ESRGAN Upscale' / 'Tiled Upscale' for GANs."
             )
-        options = _sdx4_options(steps, guidance, noise_level, negative_prompt, tile, overlap, vae_tile)
+        options = _sdx4_options(steps, guidance, noise_level, negative_prompt, tile, overlap_for("diffusion", overlap),
+                                vae_tile)
         return run_upscale(handle, image, 4, tile=0, overlap=0, resample="lanczos", prompt=prompt, seed=seed,
                            options=options, fallbacks=True)
 

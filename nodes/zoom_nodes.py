@@ -15,7 +15,7 @@ from ..zoom import (
 )
 from . import bridge
 from .bridge import PROMPT_MODEL, Choice, advanced, io, schema
-from .upscale_nodes import SEED_MAX, ZOOM_CATEGORY, tiling_inputs, upscaler_input
+from .upscale_nodes import SEED_MAX, TILE_TOOLTIP, ZOOM_CATEGORY, tiling_inputs, upscaler_input
 
 ALIASES = ("chain of zoom", "coz", "extreme zoom", "zoom in", "super resolution")
 UPSCALER_TOOLTIP = "A 4x upscaler (SD x4, a 4x GAN, or Chain-of-Zoom's own model from Load Chain-of-Zoom Model)."
@@ -48,10 +48,11 @@ def zoom_inputs() -> dict[str, io.Input]:
         Choice("color_fix", options=list(COLOR_FIX_CHOICES), default="wavelet",
                tooltip="Colour fix of every state against its bicubic view (the published code defaults to none)."),
         io.Int.Input("seed", default=0, min=0, max=SEED_MAX,
-                     tooltip="Each step derives its own seed from this (for diffusion upscalers and sampling prompt "
-                             "models)."),
-        io.Int.Input("tile", default=0, min=0, max=8192, step=8,
-                     tooltip="Tile side for the upscaler in input pixels; 0 = auto."),
+                     tooltip="Each step derives its own seed from this (for diffusion upscalers, Chain-of-Zoom's "
+                             "sampling and sampling prompt models). A GAN without a prompt model ignores it, so its "
+                             "control starts at 'fixed' (DreamForge's web extension): an unchanged re-queue is "
+                             "served from ComfyUI's cache."),
+        io.Int.Input("tile", default=0, min=0, max=8192, step=8, tooltip=TILE_TOOLTIP),
         sampling_input(),
     ]
     return {i.id: i for i in inputs}
@@ -128,7 +129,9 @@ class ChainOfZoomLoop(io.ComfyNode):
             inputs=[
                 io.Image.Input("image", tooltip="The starting image(s); each is prepared to process_size (x0)."),
                 upscaler_input("upscaler", UPSCALER_TOOLTIP),
-                io.Int.Input("steps", default=4, min=1, max=8, tooltip="Scale-states after x0 (4**steps zoom)."),
+                io.Int.Input("steps", default=4, min=1, max=8,
+                             tooltip="Zoom depth, not denoising steps: the number of 4x scale-states after x0 "
+                                     "(4**steps zoom in all)."),
                 *zoom_inputs().values(),
                 prompt_model_input("Describes each view (Load Prompt Model)."),
             ],
@@ -164,14 +167,19 @@ class ChainOfZoomUpscale(io.ComfyNode):
                 io.Image.Input("image", tooltip="The image(s) to enlarge (RGBA keeps its alpha)."),
                 upscaler_input("upscaler", UPSCALER_TOOLTIP),
                 io.Float.Input("scale", default=4.0, min=1.0, max=256.0, step=0.05,
-                               tooltip="Output / input size. ceil(log4 scale) 4x passes, then an exact resize."),
+                               tooltip="Output/input size ratio, at least 1 (Chain-of-Zoom only enlarges; no 0 = "
+                                       "native: any scale is 4x passes). ceil(log4 scale) 4x passes, then an exact "
+                                       "resize to round(W*scale) x round(H*scale)."),
                 shared["prompt"],
                 Choice("color_fix", options=list(COLOR_FIX_CHOICES), default="wavelet",
                        tooltip="Per pass, against that pass's input."),
                 shared["seed"],
                 *tiling_inputs(),
                 advanced(io.Int.Input("max_side", default=DEFAULT_MAX_SIDE, min=64, max=65536, step=64,
-                                      tooltip="Refuse (before any work) outputs whose longer side exceeds this.")),
+                                      tooltip="Refuse (before any work) an output whose longer side exceeds this, "
+                                              "in output pixels. This node's own cap; each 4x pass is also held "
+                                              "to DREAMFORGE_MAX_SIDE (16384 unless the operator sets it), the "
+                                              "only cap of the other upscale nodes.")),
                 io.Boolean.Input("tile_prompts", default=True,
                                  tooltip="With a prompt model: a prompt per tile (whole image + tile, multi-scale "
                                          "instruction); off: one prompt per pass."),

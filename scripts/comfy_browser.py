@@ -197,7 +197,7 @@ _JS_BUILD_FROM_API = """async ({api, notes, order}) => {
       const size = node.computeSize();
       const titleWidth = Math.min(600, 8.5 * node.title.length + 70);
       // nodes that show an image or text grow when it arrives: leave room for it
-      const room = {LoadImage: 380, SaveImage: 380, PreviewImage: 380, PreviewAny: 220}[node.type] || 0;
+      const room = {LoadImage: 380, SaveImage: 380, DreamForgeSaveImage: 380, PreviewImage: 380, PreviewAny: 220}[node.type] || 0;
       // nodes that show a preview of each step while they run
       const preview = /^DreamForgeCoZ/.test(node.type) ? 300 : 0;
       const height = Math.max(size[1], room) + preview;
@@ -285,6 +285,27 @@ class ComfyPage:
         titles = [t.strip() for i, t in enumerate(notices.all_inner_texts()) if notices.nth(i).is_visible()]
         return [t.split(": ", 1)[1] if ": " in t else "(notice shown)" for t in titles]
 
+    MISSING_MODELS = "the following models were not found"  # frontend 1.32.9's missing-models dialog
+
+    def missing_models_dialog(self, timeout: float = 0.0) -> str:
+        """The text of ComfyUI's missing-models dialog ("" when none is open; with `timeout`, wait that long
+        for it: the page opens it after asking the server for the model folders). It lists each missing file
+        as "directory / name" with its download link."""
+        box = self.page.locator(".p-dialog", has_text=self.MISSING_MODELS)
+        if timeout:
+            try:
+                box.first.wait_for(state="visible", timeout=timeout * 1000)
+            except Exception:  # noqa: BLE001 - Playwright's TimeoutError: no dialog
+                return ""
+        return box.first.inner_text() if box.count() and box.first.is_visible() else ""
+
+    def missing_model_links(self) -> list[str]:
+        """The download links the open missing-models dialog offers (its anchors and URL tooltips)."""
+        box = self.page.locator(".p-dialog", has_text=self.MISSING_MODELS).first
+        return box.evaluate("""(el) => [...el.querySelectorAll('a[href], [title], [data-url]')]
+            .map((e) => e.getAttribute('href') || e.dataset.url || e.getAttribute('title'))
+            .filter((u) => u && u.startsWith('http'))""")
+
     def warning_toasts(self) -> list[str]:
         """Texts of the warning / error toasts on screen (e.g. "Invalid workflow against zod schema")."""
         out = []
@@ -319,7 +340,14 @@ class ComfyPage:
         out = {}
         for card in cards.all():
             name = card.get_attribute("data-testid")[len("template-workflow-"):]
+            card.scroll_into_view_if_needed()  # a card below the fold gets its <img> only once it is seen
             img = card.locator("img").first
+            try:
+                img.wait_for(state="attached", timeout=timeout * 1000)
+                self.page.wait_for_function("(i) => i.getAttribute('src') && i.complete && i.naturalWidth > 0",
+                                            arg=img.element_handle(), timeout=timeout * 1000)
+            except Exception:  # noqa: BLE001 - Playwright's TimeoutError: reported below as no thumbnail
+                pass
             heading = card.locator("h3").first
             out[name] = {"title": heading.inner_text().strip() if heading.count() else "",
                          "text": card.inner_text(),
@@ -340,13 +368,16 @@ class ComfyPage:
         return self.page.evaluate(_JS_LIVE_NODES)
 
     def loaded_differences(self, workflow: dict) -> list[str]:
-        """How the graph in the page differs from the UI-format `workflow` just opened: a missing-nodes
-        dialog, warning toasts (e.g. the schema check), other node ids or types, unregistered node types,
+        """How the graph in the page differs from the UI-format `workflow` just opened: a missing-nodes or
+        missing-models dialog, warning toasts (e.g. the schema check), other node ids or types, unregistered node types,
         widget values (live, and as the node re-serialises them) unlike the file's widgets_values."""
         problems = []
         missing = self.missing_nodes_dialog()
         if missing:
             problems.append(f"missing-nodes dialog: {missing}")
+        models = self.missing_models_dialog()
+        if models:
+            problems.append(f"missing-models dialog: {' | '.join(models.split(chr(10)))}")
         problems += [f"warning: {w}" for w in self.warning_toasts()]
         # ids as text: 1.32.9 keeps the file's numbers, newer frontends turn them into strings
         live = {str(n["id"]): n for n in self.live_nodes()}

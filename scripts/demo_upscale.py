@@ -1,13 +1,17 @@
-"""End-to-end demo: a real headless ComfyUI with this pack upscales a photo x4 with the bundled model.
+"""End-to-end demo: a real headless ComfyUI with this pack upscales a picture x4.
 
-    .venv/bin/python scripts/demo_upscale.py [--image PATH] [--out DIR] [--scale S]
+    .venv/bin/python scripts/demo_upscale.py [--image PATH] [--model PATH] [--out DIR] [--scale S]
 
-Starts ComfyUI (scripts/comfy_headless.py) with the pack in custom_nodes/, puts the photo
-(default: scikit-image's astronaut, 512x512) into input/, queues the API workflow
-example_workflows/api/upscale_bundled_x4.json (Load Image -> Load Upscaler (bundled
-realesr-animevideov3) -> ESRGAN Upscale -> Color Fix (wavelet, reference = input) -> Save Image,
-with the receipt shown by ComfyUI's own 'Preview as Text' node), waits for it, and copies the
-image and the receipt (JSON) into --out (default: out/ in the repository).
+Starts ComfyUI (scripts/comfy_headless.py) with the pack in custom_nodes/, puts the picture into
+input/ (default: ComfyUI's own example.png, a drawing, 768x768), queues the API workflow
+example_workflows/api/upscale_bundled_x4.json (Load Image -> Load Upscaler -> ESRGAN Upscale ->
+Color Fix (wavelet, reference = input) -> Save Image + Receipt, with the receipt also shown by
+ComfyUI's own 'Preview as Text' node), waits for it, and copies the image (the receipt in its PNG)
+and the receipt (JSON) into --out (default: out/ in the repository).
+
+The model is the bundled realesr-animevideov3, made for drawings, anime and line art; for a photo
+pass --model with a photo model (RealESRGAN_x4plus.pth: `python scripts/dreamforge_assets.py
+prefetch --bundle upscalers --only RealESRGAN_x4plus` puts it in the models root).
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comfy_headless import REPO_ROOT, ComfyError, ComfyServer  # noqa: E402
+from comfy_headless import REPO_ROOT, ComfyError, ComfyServer, comfyui_dir  # noqa: E402
 
 WORKFLOW = REPO_ROOT / "example_workflows" / "api" / "upscale_bundled_x4.json"
 
@@ -33,7 +37,9 @@ def node_of(prompt: dict, class_type: str) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--image", type=Path, help="photo to upscale (default: scikit-image's astronaut)")
+    ap.add_argument("--image", type=Path, help="picture to upscale (default: ComfyUI's example.png, a drawing)")
+    ap.add_argument("--model", type=Path, help="upscale model file (.pth / .safetensors) to use instead of the "
+                                               "bundled one, e.g. RealESRGAN_x4plus.pth for a photo")
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "out", help="output folder (default: out/)")
     ap.add_argument("--scale", type=float, default=0.0, help="output/input size ratio; 0 = native x4 (default)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the upscale")
@@ -41,19 +47,25 @@ def main(argv=None) -> int:
 
     prompt = json.loads(WORKFLOW.read_text())
     load, up, save, receipt_node = (node_of(prompt, c) for c in
-                                    ("LoadImage", "DreamForgeESRGANUpscale", "SaveImage", "PreviewAny"))
+                                    ("LoadImage", "DreamForgeESRGANUpscale", "DreamForgeSaveImage", "PreviewAny"))
+    loader = node_of(prompt, "DreamForgeLoadUpscaler")
+    if args.model and not args.model.is_file():
+        raise SystemExit(f"--model {args.model}: no such file; pass an upscale model file (.pth / .safetensors)")
     args.out.mkdir(parents=True, exist_ok=True)
 
-    server = ComfyServer()
+    server = ComfyServer(models=[args.model] if args.model else [])
     try:
         if args.image:
             if not args.image.is_file():
                 raise SystemExit(f"--image {args.image}: no such file")
             name = server.add_input_image(args.image, args.image.name)
+            if not args.model:
+                print("note: the bundled model is made for drawings, anime and line art and flattens photos; "
+                      "for a photo pass --model RealESRGAN_x4plus.pth (see --help)", flush=True)
         else:
-            from skimage import data
-
-            name = server.add_input_image(data.astronaut(), "astronaut.png")
+            name = server.add_input_image(comfyui_dir() / "input" / "example.png", "example.png")
+        if args.model:
+            prompt[loader]["inputs"]["model_name"] = args.model.name
         prompt[load]["inputs"]["image"] = name
         prompt[up]["inputs"]["scale"] = args.scale
 

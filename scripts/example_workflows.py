@@ -10,8 +10,11 @@ Shared by scripts/make_workflow_assets.py (which builds the UI files from the tw
 frontend and makes the thumbnails from real runs) and by the tests (tests/test_browser_ui.py,
 tests/test_example_workflows.py).
 
-The workflows load the image `astronaut.png` with core Load Image (a user picks their own); the tests
-and the generator put scikit-image's astronaut photo into the server's input folder under that name.
+The workflows load `example.png`, the picture every ComfyUI ships in its input folder (a drawing: what
+the bundled anime / line-art model is for), so each opens and runs with nothing picked; the tests put
+that very file (resized for speed, except where a test says so) into their servers' input folders.
+The photo workflow names RealESRGAN_x4plus and carries its download link (`Example.models`); its
+thumbnail is made on scikit-image's astronaut photo (`Example.thumbnail_input`).
 The Chain-of-Zoom prompt workflow names `Qwen2.5-VL-3B-Instruct` in models/LLM, a model nobody can
 download here: runs made here swap in a tiny random Qwen2-VL written offline (tests/tiny_vlm.py)
 under TINY_VLM, the only change a run variant makes (see `run_variant`).
@@ -37,12 +40,14 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 UI_DIR = REPO_ROOT / "example_workflows"
 API_DIR = UI_DIR / "api"
-INPUT_IMAGE = "astronaut.png"
+INPUT_IMAGE = "example.png"  # in every ComfyUI's input/ folder
 TINY_VLM = "tiny-qwen2-vl"
 SDX4_FOLDER = "stable-diffusion-x4-upscaler"  # in models/diffusers; listed as diffusers/<folder>
 PROMPT_MODEL_LOADER = "DreamForgeLoadPromptModel"
 COZ_SD3_FOLDER = "stable-diffusion-3-medium-diffusers"  # in models/diffusers; listed as diffusers/<folder>
 COZ_LORA_FOLDER = "chain-of-zoom"  # in models/loras (upscalers/coz_sd3/lora.py LORA_FOLDER)
+SAVE_WITH_RECEIPT = "DreamForgeSaveImage"
+IMAGE_NODES = ("SaveImage", "PreviewImage", SAVE_WITH_RECEIPT)  # the nodes whose outputs are pictures
 
 
 @dataclass(frozen=True)
@@ -56,7 +61,7 @@ class Example:
     title: str
     description: str
     note: str
-    thumbnail_node: str  # id of the SaveImage node whose output makes the .jpg
+    thumbnail_node: str  # id of the image node (IMAGE_NODES) whose output makes the .jpg
     # "compare": the face, left half before (the input, or before_node's image), right half this output;
     # "grid": the output's first four images (x0..x3 of a zoom loop), 2 x 2;
     # "zoom_diagram": the input with the nested regions a zoom loop enlarges and `caption`;
@@ -69,6 +74,13 @@ class Example:
     # too slow on the CPU for 512 px; the tests run every example on the 128 px face anyway)
     input_side: int | None = None
     caption: tuple[str, ...] = ()  # lines written on a diagram thumbnail
+    # what the run needs beyond ComfyUI and the pack (shown in docs/templates.md); () = needs nothing:
+    # the test opens and runs it with ComfyUI's own example.png and the bundled model only
+    needs: tuple[str, ...] = ()
+    # (node id, catalogue name): the node carries properties.models for that file (name, URL, folder),
+    # what the frontend reads to offer the download of a missing model
+    models: tuple[tuple[str, str], ...] = ()
+    thumbnail_input: str = "example"  # "example": ComfyUI's example.png; "photo": scikit-image's astronaut
 
     @property
     def ui_path(self) -> Path:
@@ -93,6 +105,21 @@ class Example:
     def ui(self) -> dict:
         return json.loads(self.ui_path.read_text())
 
+    def properties_models(self) -> dict[str, list[dict]]:
+        """{node id: properties.models} from the catalogue: the file's name, its direct URL and its folder."""
+        try:
+            from dreamforge_upscale.upscalers.catalog import CATALOG
+        except ImportError:  # run as a script: the backends under their package name (scripts/pack_import.py)
+            import pack_import
+
+            pack_import.install()
+            from dreamforge_upscale.upscalers.catalog import CATALOG
+        out: dict[str, list[dict]] = {}
+        for node_id, name in self.models:
+            spec = CATALOG[name]
+            out.setdefault(node_id, []).append({"name": spec.filename, "url": spec.url, "directory": spec.folder})
+        return out
+
 
 # A title is a file name that both ComfyUI 0.3.75's frontend (1.32.9) and the newest (1.58.x) show as the
 # card's title unchanged; 1.32.9 also shows it as the description with "-" and "_" turned into spaces, so
@@ -116,27 +143,49 @@ def title_problems(title: str) -> list[str]:
     return problems
 
 
-_LOAD = ("**Load Image**: pick your picture (the example uses `astronaut.png`; upload yours with the "
-         "node's *choose file to upload*).")
+_LOAD = ("**Load Image** opens `example.png`, the drawing ComfyUI ships in its input folder, so the workflow "
+         "runs as opened: pick your picture there (*choose file to upload*).")
+_SAVE = ("**Save Image + Receipt** writes the receipt into the PNG (chunk `dreamforge_receipt`, beside the "
+         "workflow; `receipt_file` also writes NAME.json); core Save Image works too, without it.")
+_PHOTO_PREFETCH = ("`python scripts/dreamforge_assets.py prefetch --bundle upscalers --only RealESRGAN_x4plus "
+                   "--models-root ComfyUI/models` (SHA-256 checked)")
+SDX4_PREFETCH = ("`python scripts/dreamforge_assets.py prefetch --bundle upscalers --only stable-diffusion-x4-upscaler "
+                 "--revision stabilityai/stable-diffusion-x4-upscaler=<commit> --models-root ComfyUI/models`")
 EXAMPLES = [
     Example("upscale_bundled_x4", "Upscale 4x with the bundled GAN",
-            "GAN 4x, then Color Fix; needs nothing: Real-ESRGAN animevideov3 ships with the pack.",
+            "GAN 4x, then Color Fix; needs nothing: the bundled model, made for drawings, anime and line art.",
             "\n".join([
         _LOAD,
-        "**Load Upscaler** ships with Real-ESRGAN `realesr-animevideov3` (2.4 MB, BSD-3): no download. Put more "
-        "models (`.pth` / `.safetensors`: Real-ESRGAN x4plus, SwinIR, HAT, DAT...) in `models/upscale_models`.",
+        "**Load Upscaler** ships with Real-ESRGAN `realesr-animevideov3` (2.4 MB, BSD-3): no download. It is made "
+        "for drawings, anime and line art (it flattens photos: for a photo open *Upscale a photo 4x with x4plus*). "
+        "Put more models (`.pth` / `.safetensors`: Real-ESRGAN x4plus, SwinIR, HAT, DAT...) in "
+        "`models/upscale_models`.",
         "**ESRGAN Upscale**: `scale 0` = the model's native 4x; `tile 0` = auto (the largest tile that fits free "
-        "memory, seam-free). **Color Fix** (wavelet) keeps the input's colours. The receipt says what ran.",
+        "memory, seam-free). **Color Fix** (wavelet) keeps the input's colours.",
+        _SAVE,
     ]), thumbnail_node="5", label="GAN x4 + Color Fix"),
+    Example("upscale_photo_x4plus", "Upscale a photo 4x with x4plus",
+            "A photo 4x with Real-ESRGAN x4plus, then Color Fix; needs RealESRGAN_x4plus.pth (64 MB, see the note).",
+            "\n".join([
+        "**Step one, the model**: RealESRGAN_x4plus.pth (64 MB, BSD-3) in `models/upscale_models`. ComfyUI's "
+        "missing-model dialog offers it with its link when you open this workflow; or run " + _PHOTO_PREFETCH +
+        "; or download github.com/xinntao/Real-ESRGAN/releases/download/v0.1.0/RealESRGAN_x4plus.pth there. "
+        "Then press R (refresh) so Load Upscaler lists it.",
+        _LOAD + " Use a photo: this model is trained on photos.",
+        "**ESRGAN Upscale**: native 4x, `tile 0` = auto (seam-free tiles that fit free memory); **Color Fix** "
+        "(wavelet) keeps the input's colours.",
+        _SAVE,
+    ]), thumbnail_node="5", label="x4plus on a photo + Color Fix", needs=("RealESRGAN_x4plus.pth",),
+        models=(("2", "RealESRGAN_x4plus"),), thumbnail_input="photo"),
     Example("tiled_upscale_2x", "Tiled Upscale 2x, any scale",
-            "Tiled Upscale to exactly 2x with impl auto; needs nothing (bundled GAN, or RealESRGAN_x2plus if you have it).",
+            "Tiled Upscale to exactly 2x with impl auto; needs nothing: the connected bundled GAN, then an exact resample.",
             "\n".join([
         _LOAD,
-        "**Tiled Upscale** at any scale, exactly round(W·2) × round(H·2). `impl auto` picks a GAN for ~2x: "
-        "RealESRGAN_x2plus when it is in models/upscale_models, else the connected 4x model (here the bundled "
-        "one), one pass, then an exact antialiased resample. `strict_scale` refuses scales that need "
-        "resampling. Tiles are equal, feathered and read with real context: no seams. The receipt says what ran "
-        "and why.",
+        "**Tiled Upscale** at any scale, exactly round(W·2) × round(H·2). `impl auto` runs the model you connect: "
+        "here the bundled 4x GAN, one pass, then an exact antialiased resample (connect a 2x model such as "
+        "RealESRGAN_x2plus to skip the resample). `strict_scale` refuses scales that need resampling. Tiles are "
+        "equal, feathered and read with real context: no seams. The receipt says what ran and why.",
+        _SAVE,
     ]), thumbnail_node="4", label="Tiled Upscale x2"),
     Example("tiled_upscale_4x", "Tiled Upscale 4x, GAN or SD x4",
             "Tiled Upscale at 4x with impl auto: the SD x4 upscaler when you load it, else the bundled GAN.",
@@ -146,24 +195,27 @@ EXAMPLES = [
         "it (prompt, seed, steps... apply), else the connected GAN at its native 4x (no resampling). `tile 0` "
         "picks the tile from free memory; on out-of-memory the tile is halved and the run restarted (each retry "
         "is in the receipt).",
+        _SAVE,
     ]), thumbnail_node="4", label="Tiled Upscale x4"),
     Example("sdx4_tiled_4x", "SD x4 upscaler 4x with a prompt",
             "Prompt-guided 4x in latent tiles; needs the SD x4 upscaler in models/diffusers/stable-diffusion-x4-upscaler.",
             "\n".join([
         _LOAD,
         "**Load Upscaler**: the Stable Diffusion x4 upscaler (`impl diffusion`). Put the diffusers folder of "
-        "`stabilityai/stable-diffusion-x4-upscaler` in `models/diffusers/stable-diffusion-x4-upscaler` (listed as "
-        "`diffusers/stable-diffusion-x4-upscaler`; `scripts/dreamforge_assets.py prefetch` puts it there), or "
-        "`x4-upscaler-ema.safetensors` in models/checkpoints (listed as `checkpoints/...`). Nothing is downloaded.",
-        "**SDX4 Upscale**: `prompt` describes the photo, `negative_prompt` what to avoid; 20 DDIM steps, guidance "
+        "`stabilityai/stable-diffusion-x4-upscaler` (CreativeML Open RAIL++-M) in "
+        "`models/diffusers/stable-diffusion-x4-upscaler` (listed as `diffusers/stable-diffusion-x4-upscaler`): "
+        + SDX4_PREFETCH + " puts it there, at the commit you name; or `x4-upscaler-ema.safetensors` in "
+        "models/checkpoints (listed as `checkpoints/...`). Nothing is downloaded by the nodes.",
+        "**SDX4 Upscale**: `prompt` describes the picture, `negative_prompt` what to avoid; 20 DDIM steps, guidance "
         "7.5, noise_level 20 (higher invents more detail, lower stays closer to the input), a fixed seed (same "
-        "seed, same image). `tile 64` / `overlap 16` denoise the latent in equal tiles of at most 64 px, "
-        "blended with a cos² feather: one coherent image, no seams (`tile 0` = auto, from free memory). "
-        "`vae_tile 0` = auto decode tiles. The receipt lists tiles, seed, steps and time.",
-        "*Thumbnail*: the latent tiles this workflow denoises, drawn on the input photo (a diagram: the SD x4 "
+        "seed, same image). `tile 128` / `overlap 32` denoise the latent in equal tiles of at most 128 px "
+        "(large tiles keep the prompt coherent; `tile 0` = auto, from free memory), blended with a cos² "
+        "feather: no seams. `vae_tile 0` = auto decode tiles. The receipt lists tiles, seed, steps and time.",
+        _SAVE,
+        "*Thumbnail*: the latent tiles this workflow denoises, drawn on the input (a diagram: the SD x4 "
         "weights were not at hand where it was made).",
-    ]), thumbnail_node="4", thumbnail="tile_diagram", label="SD x4 4x: latent tiles (diagram)", input_side=128,
-        caption=("needs: SD x4 upscaler in", "models/diffusers/", SDX4_FOLDER)),
+    ]), thumbnail_node="4", thumbnail="tile_diagram", label="SD x4 4x: latent tiles (diagram)", input_side=256,
+        caption=("needs: SD x4 upscaler in", "models/diffusers/", SDX4_FOLDER), needs=(f"models/diffusers/{SDX4_FOLDER}",)),
     Example("coz_prompt_loop", "Chain-of-Zoom 256x with prompts",
             "Chain-of-Zoom Loop, 4 steps of 4x into the centre, prompts from a vision-language model in models/LLM.",
             "\n".join([
@@ -171,30 +223,36 @@ EXAMPLES = [
         "**Load Prompt Model** needs a vision-language model folder in `models/LLM/` (e.g. the whole "
         "`Qwen2.5-VL-3B-Instruct` folder; nothing is downloaded). **Prompt from Image** describes the picture; "
         "the **Loop** zooms 4x into the centre per step (x0..x4 = 1x..256x) with a prompt per step.",
-        "With the bundled GAN the prompts are recorded but do not steer it; a diffusion 4x upscaler uses them.",
-    ]), thumbnail_node="6", thumbnail="grid", label="Chain-of-Zoom 1x 4x 16x 64x"),
+        "With the bundled GAN the prompts are recorded but do not steer it; Chain-of-Zoom's own model uses them "
+        "(*Chain-of-Zoom with SD3 and its LoRA*, which prompts with DAPE tags as the paper does).",
+    ]), thumbnail_node="6", thumbnail="grid", label="Chain-of-Zoom 1x 4x 16x 64x", needs=("models/LLM/<VLM folder>",)),
     Example("coz_own_model", "Chain-of-Zoom with SD3 and its LoRA",
-            "Chain-of-Zoom Loop with the paper's model; needs SD3 medium and the authors' LoRA files (see the note).",
+            "Chain-of-Zoom Loop as the paper runs it: SD3 medium, the authors' LoRA and DAPE tag prompts (see the note).",
             "\n\n".join([
         _LOAD,
         "**Load Chain-of-Zoom Model** loads the model the paper's results come from; nothing is downloaded. Put:",
-        "1. **Stable Diffusion 3 medium** (gated: accept its licence on Hugging Face first), either the whole "
-        "`stabilityai/stable-diffusion-3-medium-diffusers` folder as `models/diffusers/" + COZ_SD3_FOLDER + "` "
-        "(listed as `diffusers/" + COZ_SD3_FOLDER + "`; it has the text encoders), or a single file from "
-        "`stabilityai/stable-diffusion-3-medium` in `models/checkpoints` (listed as `checkpoints/...`): "
-        "`sd3_medium_incl_clips_t5xxlfp16.safetensors` has everything; with `sd3_medium.safetensors` also put "
-        "`clip_l.safetensors`, `clip_g.safetensors` and `t5xxl_fp16.safetensors` in `models/text_encoders` "
-        "(or `models/clip`) and pick them in clip_l / clip_g / t5xxl.",
+        "1. **Stable Diffusion 3 medium** (gated: accept its licence on Hugging Face first, so no direct link "
+        "here), either the whole `stabilityai/stable-diffusion-3-medium-diffusers` folder as `models/diffusers/"
+        + COZ_SD3_FOLDER + "` (listed as `diffusers/" + COZ_SD3_FOLDER + "`; it has the text encoders), or a "
+        "single file from `stabilityai/stable-diffusion-3-medium` in `models/checkpoints` (listed as "
+        "`checkpoints/...`): `sd3_medium_incl_clips_t5xxlfp16.safetensors` has everything; with "
+        "`sd3_medium.safetensors` also put `clip_l.safetensors`, `clip_g.safetensors` and `t5xxl_fp16.safetensors` "
+        "in `models/text_encoders` (or `models/clip`) and pick them in clip_l / clip_g / t5xxl.",
         "2. **The Chain-of-Zoom LoRA** from github.com/bryanswkim/Chain-of-Zoom: `ckpt/SR_LoRA/model_20001.pkl` "
         "(~8 MB) and `ckpt/SR_VAE/vae_encoder_20001.pt` (~69 MB), both in `models/loras/" + COZ_LORA_FOLDER + "/`. "
         "They are loaded as weights only and merged at load.",
+        "3. **DAPE tag prompts** (the paper's default): **Load Tagger** reads `ram_swin_large_14m.pth` (Recognize "
+        "Anything, Hugging Face `xinyu1205/recognize_anything_model`, 5.6 GB) and `DAPE.pth` (the same GitHub "
+        "repository's `ckpt/DAPE/`) from `models/RAM/`; each view's tags become its prompt, your `prompt` "
+        "(empty here) is appended. Leave Load Tagger out for your prompt alone.",
         "`t5xxl none` loads ~9 GB less (the receipt notes the prompt then differs from the paper's). `dtype auto`: "
-        "bf16 transformer on a GPU, fp32 (the paper's) on the CPU.",
+        "bf16 transformer on a GPU, fp32 (the paper's) on the CPU, lowered to bf16 when free memory is short.",
         "**Chain-of-Zoom Loop**: 4 steps of 4x into the centre (x0..x4 = 1x..256x) at 512 px, the paper's "
-        "recursive_multiscale mode; describe your picture in `prompt` (or connect a Load Prompt Model). Same "
-        "seed, same images. The receipt lists files, hashes, dtypes, seeds and tiles.",
+        "recursive_multiscale mode. Same seed, same images. The receipt lists files, hashes, dtypes, seeds, "
+        "prompts and tiles.",
     ]), thumbnail_node="4", thumbnail="zoom_diagram", label="Chain-of-Zoom, own SD3 model",
-        caption=("needs: SD3 medium", "+ Chain-of-Zoom LoRA", "(see the note)")),
+        caption=("needs: SD3 medium", "+ Chain-of-Zoom LoRA", "+ RAM / DAPE tagger"),
+        needs=(f"models/diffusers/{COZ_SD3_FOLDER}", f"models/loras/{COZ_LORA_FOLDER}/", "models/RAM/")),
     Example("coz_upscale_2_5x", "Chain-of-Zoom Upscale 2.5x",
             "Whole-image Chain-of-Zoom to exactly 2.5x with the bundled GAN; needs nothing.",
             "\n".join([
@@ -202,6 +260,7 @@ EXAMPLES = [
         "**Chain-of-Zoom Upscale**: ceil(log4 2.5) = 1 pass of the 4x upscaler over the whole image (tiled), "
         "a colour fix per pass, then one exact resize to round(W·2.5) × round(H·2.5). Connect a prompt model "
         "for a prompt per tile.",
+        _SAVE,
     ]), thumbnail_node="4", label="Chain-of-Zoom x2.5"),
     Example("color_fix_after_gan", "Color Fix after a GAN upscale",
             "ComfyUI's own model upscale, then our Color Fix against the input; needs nothing.",
@@ -231,8 +290,28 @@ def example_of(ui_path: Path) -> Example:
 
 
 # ------------------------------------------------------------------------------------- inputs
+def shipped_example() -> Path:
+    """ComfyUI's own input/example.png (768 x 768, a drawing), from the installed ComfyUI tree."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from comfy_headless import comfyui_dir
+
+    return comfyui_dir() / "input" / INPUT_IMAGE
+
+
+def example_picture(size: int | None = None):
+    """ComfyUI's example.png as an RGB array; `size`: resized to size x size (the tests run on 128 px)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(shipped_example()) as im:
+        im = im.convert("RGB")
+        if size is not None:
+            im = im.resize((size, size), Image.Resampling.LANCZOS)
+        return np.asarray(im)
+
+
 def astronaut(size: int | None = None):
-    """scikit-image's astronaut photo (512 x 512 RGB); `size`: its face, cropped square and resized."""
+    """scikit-image's astronaut photo (512 x 512 RGB; the photo template's thumbnail); `size`: resized."""
     from PIL import Image
     from skimage import data
 
@@ -241,8 +320,7 @@ def astronaut(size: int | None = None):
         return img
     import numpy as np
 
-    face = Image.fromarray(img[16:176, 160:320])  # 160 x 160 around the face
-    return np.asarray(face.resize((size, size), Image.Resampling.LANCZOS))
+    return np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.LANCZOS))
 
 
 def _tests_on_path() -> None:
@@ -251,13 +329,16 @@ def _tests_on_path() -> None:
         sys.path.insert(0, tests_dir)
 
 
+TAGGER_FILES = ("ram_swin_large_14m.pth", "DAPE.pth")  # in models/RAM (nodes/prompt_nodes.py RAM_FILE, DAPE_FILE)
+
+
 def install_inputs(server, *, image_size: int | None = None, prompt_model: bool = True, sdx4: bool = True,
                    coz_sd3: bool = True) -> None:
-    """Put astronaut.png (full size, or the face at `image_size`) into the server's input folder, the
-    tiny VLM into its models/LLM, a tiny random SD x4 upscaler into models/diffusers/SDX4_FOLDER and a
-    tiny random SD3 + Chain-of-Zoom LoRA under the names coz_own_model loads (before the page's
-    /object_info lists the folders; ComfyUI re-lists them on change)."""
-    server.add_input_image(astronaut(image_size), INPUT_IMAGE)
+    """Put ComfyUI's example.png (as shipped, or resized to `image_size`) into the server's input folder,
+    the tiny VLM into its models/LLM, a tiny random SD x4 upscaler into models/diffusers/SDX4_FOLDER and a
+    tiny random SD3 + Chain-of-Zoom LoRA + RAM/DAPE tagger under the names coz_own_model loads (before the
+    page's /object_info lists the folders; ComfyUI re-lists them on change)."""
+    server.add_input_image(example_picture(image_size), INPUT_IMAGE)
     if prompt_model:
         folder = Path(server.base) / "models" / "LLM" / TINY_VLM
         if not (folder / "config.json").is_file():
@@ -269,6 +350,20 @@ def install_inputs(server, *, image_size: int | None = None, prompt_model: bool 
         install_tiny_sdx4(Path(server.base) / "models" / "diffusers" / SDX4_FOLDER)
     if coz_sd3:
         install_tiny_coz_sd3(Path(server.base) / "models")
+        install_tiny_tagger(Path(server.base) / "models" / "RAM")
+
+
+def install_tiny_tagger(folder: Path) -> None:
+    """RAM + DAPE at the published layouts and tiny widths, random weights (tests/tiny_ram.py), as the
+    image-independent tagger tests/test_comfyui_dape.py writes (same files, whichever comes first)."""
+    ram, dape = (folder / name for name in TAGGER_FILES)
+    if ram.is_file() and dape.is_file():
+        return
+    _tests_on_path()
+    from tiny_ram import save_tiny_dape, save_tiny_ram
+
+    save_tiny_ram(ram, image_weight=0.0, fc_bias=-20.0)
+    save_tiny_dape(dape, ram)
 
 
 def _install_folder(folder: Path, write) -> Path:

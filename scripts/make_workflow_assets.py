@@ -13,8 +13,9 @@ the app's own serializer (app.graphToPrompt(), what Export writes) to example_wo
 file name is the title ComfyUI shows on the template card; see docs/templates.md). The API prompt the frontend makes from that graph
 must equal the twin (inputs the server declares, titles): a mismatch stops the script, unless
 --update-api, which rewrites the twin from the frontend's prompt (new inputs get their defaults).
-Then the written file is opened in the UI (Ctrl+O), run from the UI (Run) on scikit-image's
-astronaut photo, and the saved output becomes example_workflows/TITLE.jpg (384 px: the face, left
+Then the written file is opened in the UI (Ctrl+O), run from the UI (Run) on ComfyUI's example.png
+(the photo workflow on scikit-image's astronaut photo, put in under that name for the run), and the
+saved output becomes example_workflows/TITLE.jpg (384 px: the face, left
 half the input enlarged bicubic or the image before the colour fix, right half the output; the
 Chain-of-Zoom loop: its states x0..x3, 2 x 2, 512 px; the Chain-of-Zoom loop with its own model, run
 here on tiny random weights: a diagram, the input with the regions the loop enlarges and the files it
@@ -22,8 +23,8 @@ needs, no output pixels). A screenshot of each loaded workflow goes
 to out/workflow_assets/. The prompt-model workflow runs with the tiny offline VLM in place of
 Qwen2.5-VL-3B-Instruct (the only change; see example_workflows.run_variant). The SD x4 workflow runs
 unchanged, with tiny random weights installed under the folder name it loads
-(models/diffusers/stable-diffusion-x4-upscaler), on the 128 px face (Example.input_side); its
-thumbnail is a diagram too: that face with the latent tiles the run denoised (planned by the pack's
+(models/diffusers/stable-diffusion-x4-upscaler), on the picture at 256 px (Example.input_side); its
+thumbnail is a diagram too: that picture with the latent tiles the run denoised (planned by the pack's
 tiler from the workflow's tile and overlap) and the folder it needs, not the random weights' noise.
 """
 from __future__ import annotations
@@ -41,7 +42,7 @@ from comfy_browser import ComfyBrowser  # noqa: E402
 from comfy_headless import ComfyServer  # noqa: E402
 from example_workflows import (  # noqa: E402
     BY_NAME, EXAMPLES, INPUT_IMAGE, PROMPT_MODEL_LOADER, REPO_ROOT, TINY_VLM, Example, api_differences, astronaut,
-    install_inputs, format_api, missing_required_inputs,
+    example_picture, install_inputs, format_api, missing_required_inputs,
 )
 
 THUMB_MAX = 384
@@ -74,18 +75,28 @@ def twin_from_frontend(made: dict, object_info: dict) -> dict:
 
 
 def finish_workflow(workflow: dict, example: Example) -> dict:
-    """What a shared file should carry: a stable id, no saved view (ComfyUI fits the view on open)."""
+    """What a shared file should carry: a stable id, no saved view (ComfyUI fits the view on open), and
+    properties.models (name, URL, folder) on each node that loads a model with a direct link."""
     workflow = json.loads(json.dumps(workflow))
+    models = example.properties_models()
+    for node in workflow["nodes"]:
+        if str(node["id"]) in models:
+            node.setdefault("properties", {})["models"] = models[str(node["id"])]
     workflow["id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"dreamforge-upscale/example_workflows/{example.name}"))
     workflow.setdefault("extra", {}).pop("ds", None)
     return workflow
 
 
-# the astronaut's face, as fractions of the picture (left, top, right, bottom)
-FACE = (0.33, 0.04, 0.63, 0.34)
+# the face, as fractions of the picture (left, top, right, bottom): in ComfyUI's example.png, in the astronaut
+FACE = {"example": (0.36, 0.18, 0.66, 0.48), "photo": (0.33, 0.04, 0.63, 0.34)}
 
 
-def _crop(im, box=FACE):
+def thumbnail_picture(example: Example, size: int | None = None):
+    """What the example runs on for its thumbnail: ComfyUI's example.png, or the astronaut photo."""
+    return astronaut(size) if example.thumbnail_input == "photo" else example_picture(size)
+
+
+def _crop(im, box=FACE["example"]):
     w, h = im.size
     return im.crop((round(box[0] * w), round(box[1] * h), round(box[2] * w), round(box[3] * h)))
 
@@ -165,7 +176,7 @@ def _tile_diagram(before: Path, tile: int, overlap: int, caption: tuple[str, ...
 
 
 def make_thumbnail(after: list[Path], before: Path | None, mode: str, dest: Path, label: str = "",
-                   box=FACE, steps: int = 0, caption: tuple[str, ...] = (), tiles: tuple[int, int] = (0, 0)
+                   box=FACE["example"], steps: int = 0, caption: tuple[str, ...] = (), tiles: tuple[int, int] = (0, 0)
                    ) -> tuple[int, int]:
     """grid: the first four images 2 x 2; compare: the face (`box`; the whole picture when the run's input
     was already the face), left half before, right half after; zoom_diagram: the input with the regions
@@ -250,9 +261,12 @@ def build_one(ui, server: ComfyServer, example: Example, object_info: dict, upda
     result = {"name": example.name}
     if not thumbnails:
         return result
-    if example.input_side:  # this example runs on the face at input_side (astronaut.png is put back after)
-        side = min(example.input_side, image_size or example.input_side) if bench_smoke.smoke() else example.input_side
-        server.add_input_image(astronaut(side), INPUT_IMAGE)
+    swapped = example.input_side or example.thumbnail_input != "example"
+    if swapped:  # this example runs on its own picture or size (example.png is put back after)
+        side = example.input_side or image_size
+        if bench_smoke.smoke() and example.input_side:
+            side = min(example.input_side, image_size or example.input_side)
+        server.add_input_image(thumbnail_picture(example, side), INPUT_IMAGE)
     try:
         started = time.monotonic()
         prompt_id = ui.queue_from_ui()
@@ -269,16 +283,31 @@ def build_one(ui, server: ComfyServer, example: Example, object_info: dict, upda
         tiles = next(((n["inputs"]["tile"], n["inputs"]["overlap"]) for n in api.values()
                       if n["class_type"] == "DreamForgeSDX4Upscale"), (0, 0))
         size = make_thumbnail(images_of(example.thumbnail_node), before, example.thumbnail, thumbnail_path,
-                              example.label, box=(0, 0, 1, 1) if example.input_side else FACE, steps=steps,
+                              example.label, box=(0, 0, 1, 1) if example.input_side else FACE[example.thumbnail_input],
+                              steps=steps,
                               caption=example.caption, tiles=tiles)
     finally:
-        if example.input_side:
-            server.add_input_image(astronaut(image_size), INPUT_IMAGE)
+        if swapped:
+            server.add_input_image(example_picture(image_size), INPUT_IMAGE)
     ui.screenshot(SCREENSHOTS / f"{example.name}_ran.png")
     result.update(thumbnail=size, kb=round(thumbnail_path.stat().st_size / 1024, 1))
     print(f"  ran from the UI in {result['run_seconds']} s; thumbnail {thumbnail_path.name} "
           f"{size[0]}x{size[1]}, {result['kb']} KB")
     return result
+
+
+def photo_model() -> Path:
+    """RealESRGAN_x4plus.pth for the photo example's run: ../shared/weights (or $DF_SHARED_WEIGHTS), else
+    where `assets prefetch` installs it (the models root)."""
+    import os
+
+    for folder in (os.environ.get("DF_SHARED_WEIGHTS"), REPO_ROOT.parent / "shared" / "weights",
+                   os.environ.get("DF_MODELS_ROOT") and Path(os.environ["DF_MODELS_ROOT"]) / "upscale_models",
+                   Path.home() / ".cache" / "dreamforge-upscale" / "models" / "upscale_models"):
+        if folder and (Path(folder) / "RealESRGAN_x4plus.pth").is_file():
+            return Path(folder) / "RealESRGAN_x4plus.pth"
+    raise SystemExit("the photo example needs RealESRGAN_x4plus.pth: python scripts/dreamforge_assets.py prefetch "
+                     "--bundle upscalers --only RealESRGAN_x4plus")
 
 
 def shown(path: Path) -> str:
@@ -293,7 +322,7 @@ def main(argv=None) -> int:
                         help="rewrite the API twins from the frontend's prompt (new inputs take their defaults)")
     parser.add_argument("--no-thumbnails", action="store_true", help="write the UI files only, do not run them")
     parser.add_argument("--image-size", type=int, default=None,
-                        help="run on the astronaut's face at this size instead of the whole 512 px photo")
+                        help="run on example.png resized to this size instead of its 768 px")
     parser.add_argument("--verbose", action="store_true", help="print the browser console")
     args = parser.parse_args(argv)
     examples = [BY_NAME[n] for n in args.only] if args.only else EXAMPLES
@@ -305,7 +334,8 @@ def main(argv=None) -> int:
         needs = dict(prompt_model="coz_prompt_loop" in names, sdx4=any("sdx4" in n for n in names),
                      coz_sd3="coz_own_model" in names)
 
-    server = ComfyServer()
+    photo_models = [photo_model()] if any(e.models for e in examples) else []
+    server = ComfyServer(models=photo_models)
     install_inputs(server, image_size=args.image_size, **needs)
     try:
         server.start(timeout=240)

@@ -9,8 +9,9 @@ for the output image to be shown (decoded in the output node on the canvas and a
 page), then save a screenshot to out/browser/NAME.png. The workflows are also opened from the
 templates dialog, and a node is added from the node search box by typing its display name.
 
-The input is scikit-image's astronaut (the face, 128 px) saved as astronaut.png in the server's input
-folder. The prompt-model workflow names Qwen2.5-VL-3B-Instruct, which cannot be had offline: after the
+The input is ComfyUI's own example.png (a drawing) at 128 px, under that name in the server's input
+folder, so every workflow runs as opened; one test opens every workflow on a server holding only what
+ComfyUI ships (its example.png as shipped) and the bundled model, and runs one to a saved image. The prompt-model workflow names Qwen2.5-VL-3B-Instruct, which cannot be had offline: after the
 load checks, its Load Prompt Model is switched in the page to a tiny random Qwen2-VL (tests/tiny_vlm.py),
 the only change made before running (example_workflows.run_variant). The SD x4 workflow names
 models/diffusers/stable-diffusion-x4-upscaler, where the set-up puts a tiny random SD x4 upscaler
@@ -33,16 +34,16 @@ from PIL import Image
 from comfy_browser import BrowserError, ComfyBrowser, chromium_available, frontend_static  # noqa: E402 - conftest puts scripts/ on sys.path
 from comfy_headless import ComfyServer  # noqa: E402
 from example_workflows import (  # noqa: E402
-    BY_NAME, BY_TITLE, INPUT_IMAGE, PROMPT_MODEL_LOADER, REPO_ROOT, TINY_VLM, api_differences, example_of,
+    BY_NAME, BY_TITLE, EXAMPLES, IMAGE_NODES, INPUT_IMAGE, SAVE_WITH_RECEIPT, shipped_example, PROMPT_MODEL_LOADER, REPO_ROOT, TINY_VLM, api_differences, example_of,
     install_inputs, run_variant, title_problems, ui_workflow_files,
 )
 from workflow_expectations import EXPECTED_OUTPUTS, INPUT_SIDE  # noqa: E402
+from receipt_schema import problems as receipt_problems  # noqa: E402
 
 pytestmark = pytest.mark.browser
 
 ARTIFACTS = REPO_ROOT / "out" / "browser"
 PACK_FOLDER = "dreamforge-upscale-test"  # the pack's folder name under custom_nodes (tests/conftest.py)
-IMAGE_NODES = ("SaveImage", "PreviewImage")
 LOADER_FILES = {"DreamForgeLoadUpscaler": ("model_name",),  # loader -> its widgets that name model files
                 "DreamForgeLoadCoZModel": ("base_model", "transformer_lora", "vae_lora")}
 WORKFLOWS = ui_workflow_files()
@@ -65,7 +66,7 @@ def _need_browser():
 
 @pytest.fixture(scope="module")
 def server(comfy):
-    install_inputs(comfy, image_size=INPUT_SIDE)  # astronaut.png, the tiny VLM, tiny SD x4 and SD3 models
+    install_inputs(comfy, image_size=INPUT_SIDE)  # example.png, the tiny VLM, SD x4, SD3 and tagger
     return comfy
 
 
@@ -235,10 +236,59 @@ def test_the_load_checks_can_fail(fresh, tmp_path):
     workflow = json.loads(WORKFLOWS[0].read_text())
     ui.open_workflow_file(WORKFLOWS[0])
     assert ui.loaded_differences(workflow) == []
-    node = next(n for n in workflow["nodes"] if n["type"] == "SaveImage")
+    node = next(n for n in workflow["nodes"] if n["type"] in ("SaveImage", SAVE_WITH_RECEIPT))
     ui.set_widget(node["id"], "filename_prefix", "changed/after_load")
     (problem,) = ui.loaded_differences(workflow)
-    assert f"node {node['id']} (SaveImage)" in problem and "changed/after_load" in problem
+    assert f"node {node['id']} ({node['type']})" in problem and "changed/after_load" in problem
+
+
+@pytest.fixture(scope="module")
+def shipped(browser, tmp_path_factory):
+    """A ComfyUI with only what it ships (example.png, unmodified, in input/) and the pack (its bundled
+    model): what a user has who opens a template before fetching anything; and a page of it."""
+    comfy = ComfyServer(tmp_path_factory.mktemp("comfyui-as-shipped"))
+    comfy.add_input_image(shipped_example(), INPUT_IMAGE)
+    comfy.start(timeout=240)
+    page = browser.open(comfy.url)
+    yield comfy, page
+    comfy.stop()
+
+
+def test_templates_open_with_only_what_comfyui_ships(shipped):
+    """Every template opens with no missing node; one that needs nothing shows no missing model and runs to a
+    saved image on ComfyUI's own example.png as shipped, nothing picked (each of them is run); one that names a
+    model with a direct link (properties.models) has the frontend offer that model's download."""
+    comfy, ui = shipped
+    needs_nothing = {e.name for e in EXAMPLES if not e.needs}
+    assert {"upscale_bundled_x4", "tiled_upscale_2x", "coz_upscale_2_5x", "color_fix_after_gan"} <= needs_nothing
+    for example in EXAMPLES:
+        ui.close_dialogs()
+        ui.new_blank_workflow()
+        ui.open_workflow_file(example.ui_path)
+        assert ui.missing_nodes_dialog() == [], example.name
+        dialog = ui.missing_models_dialog(timeout=8 if example.models else 0)
+        if example.models:  # the frontend offers each file it names, in its folder
+            for node_models in example.properties_models().values():
+                for model in node_models:
+                    assert f"{model['directory']} / {model['name']}" in dialog, (example.name, dialog)
+        elif example.name in needs_nothing:
+            assert dialog == "", (example.name, dialog)
+    with Image.open(comfy.input_dir / INPUT_IMAGE) as im, Image.open(shipped_example()) as ref:
+        assert im.size == ref.size == (768, 768)  # ComfyUI's file as it ships, not a test picture
+    for name in sorted(needs_nothing):  # each runs as opened, nothing picked, to a saved picture
+        ui.close_dialogs()
+        ui.new_blank_workflow()
+        example = BY_NAME[name]
+        workflow, _ = _open_and_check(ui, comfy, example.ui_path)
+        events = ui.wait_for_prompt(ui.queue_from_ui(), timeout=600)
+        executed = {e["detail"]["node"]: e["detail"]["output"] for e in events if e["type"] == "executed"}
+        node = next(n for n in workflow["nodes"] if n["type"] in ("SaveImage", SAVE_WITH_RECEIPT))
+        (path,) = comfy.output_images({"outputs": {str(node["id"]): executed[str(node["id"])]}})
+        with Image.open(path) as im:
+            assert min(im.size) >= 2 * 768, (name, im.size)
+            if node["type"] == SAVE_WITH_RECEIPT:
+                receipt = json.loads(im.text["dreamforge_receipt"])  # a valid receipt of what ran
+                assert not receipt_problems(receipt), (name, receipt_problems(receipt)[:3])
 
 
 def _pack_nodes(server) -> dict:
@@ -286,9 +336,11 @@ def newest(server, tmp_path_factory):
             pytest.fail(f"cannot get the newest frontend in CI: {exc}")
         pytest.skip(str(exc))
     base = tmp_path_factory.mktemp("comfyui-newest-frontend")
-    comfy = ComfyServer(base, extra_args=["--front-end-root", str(static)])
+    photo_model = server.upscale_models_dir / "RealESRGAN_x4plus.pth"
+    comfy = ComfyServer(base, extra_args=["--front-end-root", str(static)],
+                        models=[photo_model] if photo_model.exists() else [])
     comfy.add_input_image(server.input_dir / INPUT_IMAGE, INPUT_IMAGE)
-    for folder in ("LLM", "diffusers", "loras"):  # the tiny models install_inputs wrote for the session server
+    for folder in ("LLM", "diffusers", "loras", "RAM"):  # the tiny models install_inputs wrote for the session server
         (base / "models" / folder).symlink_to(server.base / "models" / folder)
     comfy.start(timeout=240)
     yield version, comfy

@@ -16,7 +16,7 @@ from comfy_headless import ComfyServer
 from dreamforge_upscale.upscalers.coz_sd3 import CoZSD3Upscaler, TokenizerDirs
 from dreamforge_upscale.upscalers.coz_sd3.backend import NO_T5_NOTE
 from dreamforge_upscale.zoom import ZoomSettings, zoom_loop
-from example_workflows import BY_NAME, COZ_LORA_FOLDER, COZ_SD3_FOLDER, install_tiny_coz_sd3
+from example_workflows import BY_NAME, COZ_LORA_FOLDER, COZ_SD3_FOLDER, TAGGER_FILES, install_tiny_coz_sd3, install_tiny_tagger
 from test_comfyui_integration import Graph, out, unique
 from test_comfyui_zoom import as_tensor, input_pil, saved, text_of, workflow
 
@@ -28,6 +28,7 @@ LORA = COZ_LORA_FOLDER
 def coz(comfy):
     models = comfy.base / "models"
     install_tiny_coz_sd3(models)  # the example workflow's names: SD3's diffusers folder, models/loras/chain-of-zoom
+    install_tiny_tagger(models / "RAM")  # and its DAPE tagger's files in models/RAM
     if not (models / "diffusers" / FOLDER).exists():
         tiny_sd3.write_diffusers_folder(models / "diffusers" / FOLDER)
         (models / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -70,6 +71,8 @@ def test_loop_two_steps_matches_the_backend(comfy, coz):
     assert receipt["upscaler"]["model"]["architecture"].startswith("Chain-of-Zoom SR")
     steps = receipt["step_receipts"]
     assert [s_["upscale"]["passes"][0]["backend"]["prompt_embedding"] for s_ in steps] == ["encoded", "reused"]
+    (prompts,) = receipt["prompts"]  # each step prompted with the tagger's tags (the tiny tagger: the same few)
+    assert len(prompts) == 2 and prompts[0] and prompts[0] == prompts[1], prompts
     assert steps[0]["upscale"]["passes"][0]["backend"]["sr_input_size"] == [64, 64]  # the 16 px crop, bicubic 4x
     # the same loop outside ComfyUI with the same files: the same states
     models = coz["models"]
@@ -144,8 +147,12 @@ def test_example_workflow_loads_the_files_its_note_names_and_runs(comfy, coz):
     for key in ("transformer_lora", "vae_lora"):
         folder, name = load[key].split("/")
         assert f"models/loras/{folder}/" in note and name in note, (key, load[key])
-    for name in ("sd3_medium.safetensors", "clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors"):
+    for name in ("sd3_medium.safetensors", "clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors",
+                 *TAGGER_FILES):
         assert name in note
+    tagger = g[g["3"]["inputs"]["prompt_model"][0]]  # the paper's prompts: DAPE tags, from the files the note names
+    assert tagger["class_type"] == "DreamForgeLoadTagger" and (tagger["inputs"]["ram_model"],
+                                                               tagger["inputs"]["dape"]) == TAGGER_FILES
     g["1"]["inputs"]["image"] = "coffee_64.png"
     g["3"]["inputs"].update(steps=2, process_size=128)
     g["4"]["inputs"]["filename_prefix"] = unique("coz_own_model")
@@ -161,4 +168,6 @@ def test_example_workflow_loads_the_files_its_note_names_and_runs(comfy, coz):
     for part, name in (("transformer LoRA", "model_20001.pkl"), ("VAE encoder LoRA", "vae_encoder_20001.pt")):
         assert parts[part]["file"] == name and len(parts[part]["sha256"]) == 64, parts[part]
     assert [s_["upscale"]["passes"][0]["backend"]["prompt_embedding"] for s_ in steps] == ["encoded", "reused"]
+    (prompts,) = receipt["prompts"]  # each step prompted with the tagger's tags (the tiny tagger: the same few)
+    assert len(prompts) == 2 and prompts[0] and prompts[0] == prompts[1], prompts
     assert all(s_["upscale"]["passes"][0]["backend"]["sr_input_size"] == [128, 128] for s_ in steps)

@@ -34,7 +34,10 @@ WORKFLOWS = REPO / "example_workflows" / "api"
 PREVIEW_IMAGE_EVENT = 1  # BinaryEventTypes.PREVIEW_IMAGE (the server encodes our frames to JPEG)
 CLIENT_IMAGE = "client_72x56.png"  # the size the third-party client was given when it went wrong
 ADVANCED = {
-    "DreamForgeESRGANUpscale": ("overlap", "resample"), "DreamForgeTiledUpscale": ("overlap", "resample"),
+    "DreamForgeESRGANUpscale": ("overlap", "resample"),
+    # Tiled Upscale: besides the tiling details, every input a GAN run ignores (newer frontends fold them away)
+    "DreamForgeTiledUpscale": ("overlap", "resample", "prompt", "negative_prompt", "seed", "steps", "guidance",
+                               "noise_level", "sampling"),
     "DreamForgeSDX4Upscale": ("overlap", "vae_tile"), "DreamForgeLoadUpscaler": ("attention_slicing", "cpu_offload"),
     "DreamForgeCoZUpscale": ("overlap", "resample", "max_side"), "DreamForgeLoadTagger": ("threshold_offset",),
 }

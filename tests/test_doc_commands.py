@@ -136,6 +136,8 @@ def readme_setup(block: Block, tmp: Path) -> None:
     assert not problems(receipt), problems(receipt)[:3]
     with Image.open(image) as im:
         assert im.size == tuple(receipt["output_size"]) == tuple(4 * s for s in receipt["input_size"]), im.size
+        assert json.loads(im.text["dreamforge_receipt"]) == receipt  # the saved picture keeps its receipt
+    assert receipt["input_size"] == [768, 768] and image.name == "example_x4.png", "ComfyUI's own example.png"
     assert image.parent == REPO_ROOT / "out", "the README says results land in out/"
 
     # The test command is the suite running this test: .ci/run must be exactly it, and it must start.
@@ -149,13 +151,25 @@ def readme_setup(block: Block, tmp: Path) -> None:
 @runner(r"^cd ComfyUI/custom_nodes$")
 def install_into_comfyui(block: Block, tmp: Path) -> None:
     """The install section, in a ComfyUI folder: the clone is this checkout, pip finds everything installed;
-    then a real ComfyUI loads the cloned folder as a custom node pack."""
+    ComfyUI's torch is left alone (requirements.txt names no torch, and the install changes none); then a
+    real ComfyUI loads the cloned folder as a custom node pack."""
+    from importlib import metadata
+
     from comfy_headless import ComfyServer
+    from packaging.requirements import Requirement
+
+    # requirements.txt of this tree (a clone gets the last commit): ComfyUI provides torch, pip must not
+    lines = [ln.split("#")[0].strip() for ln in (REPO_ROOT / "requirements.txt").read_text().splitlines()]
+    named = {Requirement(ln).name.lower() for ln in lines if ln and not ln.startswith("-")}
+    assert not named & {"torch", "torchvision", "torchaudio"}, f"requirements.txt would resolve torch: {named}"
+    torch_before = metadata.version("torch")
 
     (tmp / "ComfyUI" / "custom_nodes").mkdir(parents=True)
     env = offline_env(tmp, GIT_CONFIG_COUNT="1", GIT_CONFIG_KEY_0=f"url.{REPO_ROOT.as_uri()}.insteadOf",
                       GIT_CONFIG_VALUE_0=PROJECT_URL)
-    run_block(block, lambda _: tmp, env)
+    done = run_block(block, lambda _: tmp, env)
+    pip_output = "".join(p.stdout + p.stderr for p in done)
+    assert "Uninstalling torch" not in pip_output and metadata.version("torch") == torch_before, pip_output[-3000:]
     clone = tmp / "ComfyUI" / "custom_nodes" / "dreamforge-upscale"
     assert (clone / "__init__.py").is_file() and (clone / "upscalers" / "bundled").is_dir()
     server = ComfyServer(tmp / "server", pack_root=clone, pack_name="dreamforge-upscale-cloned")

@@ -20,7 +20,8 @@ import pytest
 from PIL import Image
 
 from example_workflows import (  # noqa: E402
-    BY_TITLE, EXAMPLES, INPUT_IMAGE, SDX4_FOLDER, UI_DIR, api_twin_files, install_inputs, run_variant, title_problems,
+    BY_TITLE, EXAMPLES, IMAGE_NODES, INPUT_IMAGE, SAVE_WITH_RECEIPT, SDX4_FOLDER, UI_DIR, api_twin_files,
+    install_inputs, run_variant, title_problems,
 )
 from workflow_expectations import EXPECTED_OUTPUTS, INPUT_SIDE, RANDOM_WEIGHTS  # noqa: E402
 
@@ -125,7 +126,7 @@ def test_api_twin_runs_as_it_is(server, path):
 
     # a twin without recorded expectations (a new one) still has to produce pictures
     expected = EXPECTED_OUTPUTS.get(path.stem) or {
-        node_id: None for node_id, node in prompt.items() if node["class_type"] in ("SaveImage", "PreviewImage")}
+        node_id: None for node_id, node in prompt.items() if node["class_type"] in IMAGE_NODES}
     assert expected, f"{path.name} has no image output"
     src = _input(comfy)
     for node_id, shape in expected.items():
@@ -145,12 +146,19 @@ def test_api_twin_runs_as_it_is(server, path):
             assert np.abs(_down(img, INPUT_SIDE) - src).mean() < 8, path.stem
 
     receipts = _receipts(entry)
-    if path.stem in ("upscale_bundled_x4", "tiled_upscale_2x", "tiled_upscale_4x"):
+    for node_id, node in prompt.items():  # a saved picture carries the receipt its Preview as Text shows
+        if node["class_type"] == SAVE_WITH_RECEIPT:
+            source = node["inputs"]["receipt"]
+            shown = next(r for n, r in receipts.items() if prompt[n]["inputs"]["source"] == source)
+            for saved in comfy.output_images({"outputs": {node_id: entry["outputs"][node_id]}}):
+                with Image.open(saved) as im:
+                    assert json.loads(im.text["dreamforge_receipt"]) == shown, saved
+    if path.stem in ("upscale_bundled_x4", "upscale_photo_x4plus", "tiled_upscale_2x", "tiled_upscale_4x"):
         (receipt,) = receipts.values()
-        scale = {"upscale_bundled_x4": 4, "tiled_upscale_2x": 2, "tiled_upscale_4x": 4}[path.stem]
+        scale = {"tiled_upscale_2x": 2}.get(path.stem, 4)
         assert receipt["impl"] == "gan" and receipt["native_scale"] == 4
         assert receipt["output_size"] == [INPUT_SIDE * scale] * 2
-        assert receipt["model"]["file"] == "realesr-animevideov3.pth"
+        assert receipt["model"]["file"] == ("RealESRGAN_x4plus.pth" if "photo" in path.stem else "realesr-animevideov3.pth")
         assert receipt["pass_count"] == 1 and len(receipt["passes"]) == 1
         assert (receipt["resampled"] is None) == (scale == 4)
     if path.stem == "sdx4_tiled_4x":
@@ -169,10 +177,12 @@ def test_api_twin_runs_as_it_is(server, path):
         options = backend["options"]
         for key in ("negative_prompt", "steps", "guidance", "noise_level", "tile", "overlap", "vae_tile"):
             assert options[key] == sd[key], (key, options[key], sd[key])
-        # ... denoised in latent tiles no larger than the workflow's tile (really tiled on the 128 px input)
+        # ... denoised in latent tiles no larger than the workflow's tile (one tile when the input is no larger)
         tiles = backend["unet_tiles"]
-        assert tiles["count"] > 1 and tiles["count"] == tiles["grid"][0] * tiles["grid"][1], tiles
-        assert max(tiles["tile"]) <= sd["tile"] and tiles["overlap"] >= sd["overlap"], tiles
+        assert tiles["count"] == tiles["grid"][0] * tiles["grid"][1], tiles
+        assert (tiles["count"] > 1) == (sd["tile"] < INPUT_SIDE), tiles
+        assert max(tiles["tile"]) <= sd["tile"], tiles
+        assert tiles["overlap"] >= sd["overlap"] or tiles["count"] == 1, tiles  # one tile overlaps nothing
     if path.stem == "color_fix_after_gan":
         (fixed,), (raw,) = _images(comfy, entry, "5"), _images(comfy, entry, "6")
         assert not np.array_equal(fixed, raw)  # the colour fix did something

@@ -1,11 +1,12 @@
-"""What each example workflow must produce from the 128 px astronaut face the tests put in input/ as
-astronaut.png (scripts/example_workflows.py): {workflow: {SaveImage/PreviewImage node id: (count, width,
+"""What each example workflow must produce from ComfyUI's example.png at 128 px, which the tests put in
+input/ under that name (scripts/example_workflows.py): {workflow: {SaveImage/PreviewImage node id: (count, width,
 height)}}. Used by tests/test_browser_ui.py and tests/test_example_workflows.py."""
 
 INPUT_SIDE = 128
 
 EXPECTED_OUTPUTS = {
     "upscale_bundled_x4": {"5": (1, 512, 512)},
+    "upscale_photo_x4plus": {"5": (1, 512, 512)},
     "tiled_upscale_2x": {"4": (1, 256, 256)},
     "tiled_upscale_4x": {"4": (1, 512, 512)},
     "sdx4_tiled_4x": {"4": (1, 512, 512)},  # SD x4: always 4x

@@ -10,9 +10,15 @@ from .base import UpscalerError
 from .contract import Capabilities
 
 IMPLS = ("auto", "diffusion", "gan")
-ENV_DEFAULT_IMPL = "DREAMFORGE_DEFAULT_IMPL"  # operators: the impl inputs' default (auto/diffusion/gan)
+# operators: the default of Tiled Upscale's impl policy (auto/diffusion/gan). Never Load Upscaler's impl, which
+# only insists on the kind of the file chosen: a default there would make every new loader fail on the other kind.
+ENV_DEFAULT_IMPL = "DREAMFORGE_DEFAULT_IMPL"
 DIFFUSION_NATIVE = 4
-AUTO_DIFFUSION_FROM = 3.0  # auto: scales below this run a GAN (x2 territory), from it up the SD x4 model
+AUTO_DIFFUSION_FROM = 3.0  # auto with SD x4 connected: scales below this run a folder GAN, from it up SD x4
+# The nodes' `overlap` 0 = auto, in input px: a GAN's feather, and SD x4's / Chain-of-Zoom's latent blend
+# (SD x4: latent = input px, 32 = its sampler's default; Chain-of-Zoom's model: latent = input / 2, so 32 input
+# px = the authors' 16 latent px).
+AUTO_OVERLAP = {"gan": 16, "diffusion": 32}
 
 
 def default_impl() -> str:
@@ -20,6 +26,11 @@ def default_impl() -> str:
     if value not in IMPLS:
         raise UpscalerError(f"{ENV_DEFAULT_IMPL}={value!r}: set it to one of {', '.join(IMPLS)} (or unset it)")
     return value
+
+
+def overlap_for(impl: str, overlap: int) -> int:
+    """A node's overlap in input px: as given when > 0, else (0 = auto) AUTO_OVERLAP for the kind that runs."""
+    return overlap if overlap > 0 else AUTO_OVERLAP[impl]
 
 
 def resolve_load_impl(impl: str, is_diffusion_model: bool, name: str) -> str:
@@ -48,12 +59,15 @@ class RunChoice:
 
 
 def choose_run(impl: str, scale: float | None, loaded_impl: str) -> RunChoice:
-    """Which implementation a Tiled Upscale request runs, given what Load Upscaler loaded.
+    """Which implementation a Tiled Upscale request runs, given what is connected (`loaded_impl`).
 
-    auto: a GAN for ~2x (x2plus when present, else a x4 GAN then downsampling), the diffusion model
-    for 4x when one is loaded, else the loaded GAN. diffusion: the loaded SD x4 model (scale 2 runs
-    x4 then downsamples unless strict_scale). gan: the loaded GAN, or a GAN from the model folders
-    when the connected upscaler is the diffusion model.
+    A connected GAN always runs, under every policy but diffusion (which refuses it): the model the user
+    connected is what runs, at any scale (a 4x GAN at scale 2 runs 4x, then an exact downsample); to run
+    RealESRGAN_x2plus, connect it. Only with the SD x4 model connected may another model run: auto runs a
+    GAN from models/upscale_models below scale 3 (pick_gan: RealESRGAN_x2plus when installed, else a 4x
+    GAN, else the bundled model) and SD x4 from 3 up; gan always runs that folder GAN. diffusion: the
+    connected SD x4 model (scale 2 runs x4 then downsamples unless strict_scale). Scale 0 = the connected
+    model's native scale.
     """
     if impl not in IMPLS:
         raise UpscalerError(f"impl must be one of {', '.join(IMPLS)}; got {impl!r}")

@@ -37,7 +37,8 @@ from ..upscalers.contract import RunMemo, Upscaler
 from ..upscalers.receipts import (
     ColorFixRecord, ModelRecord, ModelSummary, ZoomCrop, ZoomLoopReceipt, ZoomPrompt, ZoomStepReceipt,
 )
-from ..upscalers.upscale import DEFAULT_OVERLAP, check_image, upscale
+from ..upscalers.registry import overlap_for
+from ..upscalers.upscale import check_image, upscale
 from .geometry import (
     DEFAULT_PROCESS_SIZE, RECURSIVE_MODES, SR_MODES, ZOOM, check_mode, check_process_size, check_step,
     from_pil, prepare, step_factor, to_pil, zoom_crop,
@@ -78,13 +79,20 @@ def check_sampling(sampling: str) -> str:
     return sampling
 
 
-def sr_options(upscaler: Upscaler | None, sampling: str):
-    """(options for upscale(), the sampling that applies): CoZOptions for Chain-of-Zoom's own model; None, None
-    for the others (a GAN has no noise; SD x4 samples its own, seeded)."""
+def sr_options(upscaler: Upscaler | None, sampling: str, tile: int = 0, overlap: int = 0):
+    """(options for upscale(), the sampling that applies). `tile` / `overlap` are input px for every upscaler
+    (overlap 0 = auto, registry.AUTO_OVERLAP); the models that plan their own latent tiles get them converted here:
+    CoZOptions for Chain-of-Zoom's own model (latent = input / 2), SDX4Options for SD x4 (latent = input, its other
+    settings at their defaults), None for a GAN (which tiles in input px itself). The sampling applies to
+    Chain-of-Zoom's model only (a GAN has no noise; SD x4 samples its own, seeded)."""
     from ..upscalers.coz_sd3 import CoZOptions, CoZSD3Upscaler
+    from ..upscalers.sdx4 import SDX4Options, SDX4Upscaler
 
     if isinstance(upscaler, CoZSD3Upscaler):
-        return CoZOptions(sampling=check_sampling(sampling)), sampling
+        options = CoZOptions.from_input_px(tile, overlap_for("diffusion", overlap), sampling=check_sampling(sampling))
+        return options, sampling
+    if isinstance(upscaler, SDX4Upscaler):
+        return SDX4Options(tile=tile, overlap=overlap_for("diffusion", overlap)), None
     return None, None
 
 
@@ -121,8 +129,8 @@ class ZoomSettings:
     color_fix: str = "wavelet"
     seed: int = 0
     sampling: str = "sample"  # Chain-of-Zoom's own model: "sample" (the paper, seeded) or "mean" (no noise)
-    tile: int = 0
-    overlap: int = DEFAULT_OVERLAP
+    tile: int = 0  # input px for every upscaler (converted for the latent-tiled models); 0 = auto
+    overlap: int = 0  # input px; 0 = auto (registry.AUTO_OVERLAP)
     device: torch.device | None = None
     hooks: RunHooks = field(default_factory=RunHooks)
     memo: RunMemo = field(default_factory=RunMemo)  # reusable work (prompt embeddings) across one run's steps
@@ -179,8 +187,9 @@ def zoom_step(upscaler: Upscaler | None, state: Image.Image, step: int, settings
                                     check_interrupt=s.hooks.check_interrupt)
     if s.hooks.check_interrupt:
         s.hooks.check_interrupt()
-    options, receipt.sampling = sr_options(upscaler, s.sampling)
-    out, up_receipt = upscale(upscaler, from_pil(lr), None, tile=s.tile, overlap=s.overlap, device=s.device,
+    options, receipt.sampling = sr_options(upscaler, s.sampling, s.tile, s.overlap)
+    out, up_receipt = upscale(upscaler, from_pil(lr), None, tile=s.tile, overlap=overlap_for("gan", s.overlap),
+                              device=s.device,
                               hooks=s.hooks, prompt=prompt, seed=seed, options=options, memo=s.memo)
     if tuple(out.shape[1:3]) != (w, w):
         raise UpscalerError(f"the upscaler made {tuple(out.shape[1:3])} from a {lr.size} crop; expected {w}x{w}")

@@ -24,7 +24,8 @@ from ..upscalers.color_fix import color_fix as apply_color_fix
 from ..upscalers.contract import RunMemo, Upscaler
 from ..upscalers.receipts import Resampled, ZoomPass, ZoomUpscaleReceipt
 from ..upscalers.size_guard import check_sizes
-from ..upscalers.upscale import DEFAULT_OVERLAP, check_image, upscale
+from ..upscalers.registry import overlap_for
+from ..upscalers.upscale import check_image, upscale
 from .chain import check_color_fix, check_sampling, check_zoom_upscaler, derive_seed, sr_options
 from .geometry import ZOOM, to_pil
 from .prompts import PromptProvider, make_prompt
@@ -62,7 +63,7 @@ def zoom_upscale(
     seed: int = 0,
     sampling: str = "sample",
     tile: int = 0,
-    overlap: int = DEFAULT_OVERLAP,
+    overlap: int = 0,
     resample: str = "lanczos",
     max_side: int = DEFAULT_MAX_SIDE,
     device: torch.device | None = None,
@@ -80,7 +81,7 @@ def zoom_upscale(
     check_zoom_upscaler(upscaler)
     check_color_fix(color_fix)
     check_sampling(sampling)
-    options, applied = sr_options(upscaler, sampling)
+    options, applied = sr_options(upscaler, sampling, tile, overlap)
     derive_seed(seed)
     if resample not in RESAMPLE_METHODS:
         raise UpscalerError(f"resample must be one of {', '.join(RESAMPLE_METHODS)}; got {resample!r}")
@@ -109,7 +110,8 @@ def zoom_upscale(
                 hooks.check_interrupt()
             pass_seed = derive_seed(seed, p, index)
             prompt, prompt_note = _pass_prompt(provider, tile_prompts, current, user_prompt, pass_seed, hooks)
-            up, up_receipt = upscale(upscaler, current, None, tile=tile, overlap=overlap, device=device,
+            up, up_receipt = upscale(upscaler, current, None, tile=tile, overlap=overlap_for("gan", overlap),
+                                     device=device,
                                      hooks=hooks, prompt=prompt, seed=pass_seed, options=options, memo=memo)
             if color_fix != "none":
                 up = apply_color_fix(up, current, color_fix)

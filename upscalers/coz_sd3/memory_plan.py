@@ -43,7 +43,6 @@ class LoadPlan:
     read_whole: int = 0
     transformer_width: int = 1536
     vae_width: int = 128
-    names: dict[str, str] = field(default_factory=dict)  # network -> file it comes from
     fp32_in_fp16: dict[str, int] = field(default_factory=dict)  # elements kept fp32 in an fp16 network (T5's wo)
 
     @staticmethod
@@ -127,7 +126,6 @@ def plan_single_files(checkpoint: str | os.PathLike, text_files: dict, use_t5: b
     source = open_weights(checkpoint, CHECKPOINT_FIX)
     parts = {"transformer": Tensors(source, configs.TRANSFORMER_PREFIX, checkpoint.name, ""),
              "vae": Tensors(source, configs.VAE_PREFIX, checkpoint.name, "")}
-    names = {"transformer": checkpoint.name, "vae": checkpoint.name}
     read_whole = 0
     for role in TEXT_ROLES:
         if role == "t5" and not use_t5:
@@ -137,12 +135,12 @@ def plan_single_files(checkpoint: str | os.PathLike, text_files: dict, use_t5: b
             opened = open_weights(path, ROLE_FIX[role])
             if not hasattr(opened, "infos"):  # a .pt/.bin file: read whole before it is converted
                 read_whole = max(read_whole, path.stat().st_size)
-            parts[role], names[role] = Tensors(opened, "", path.name, ""), path.name
+            parts[role] = Tensors(opened, "", path.name, "")
         else:
             inside = Tensors(source, configs.TEXT_PREFIXES[role], checkpoint.name, "")
             if inside:
-                parts[role], names[role] = inside, checkpoint.name
-    return _plan(parts, names, read_whole)
+                parts[role] = inside
+    return _plan(parts, read_whole)
 
 
 def plan_diffusers_folder(folder: str | os.PathLike, use_t5: bool) -> LoadPlan:
@@ -150,7 +148,7 @@ def plan_diffusers_folder(folder: str | os.PathLike, use_t5: bool) -> LoadPlan:
     from ..loading import SafetensorsFile
 
     folder = Path(folder)
-    parts, names, read_whole = {}, {}, 0
+    parts, read_whole = {}, 0
     for role, sub in FOLDER_PARTS.items():
         if role == "t5" and not use_t5:
             continue
@@ -159,15 +157,15 @@ def plan_diffusers_folder(folder: str | os.PathLike, use_t5: bool) -> LoadPlan:
             binaries = sorted((folder / sub).glob("*.bin"))
             if binaries:  # fp32 as published; read whole
                 size = sum(p.stat().st_size for p in binaries)
-                parts[role], names[role] = size // 4, sub
+                parts[role] = size // 4
                 read_whole = max(read_whole, size)
             continue
         shards = [Tensors(SafetensorsFile(p), "", p.name, "") for p in files]
-        parts[role], names[role] = shards, sub
-    return _plan(parts, names, read_whole)
+        parts[role] = shards
+    return _plan(parts, read_whole)
 
 
-def _plan(parts: dict, names: dict, read_whole: int) -> LoadPlan:
+def _plan(parts: dict, read_whole: int) -> LoadPlan:
     elements, largest, widths, fp32_in_fp16 = {}, (0, 0), {}, {}
     for role, part in parts.items():
         if isinstance(part, int):
@@ -184,7 +182,7 @@ def _plan(parts: dict, names: dict, read_whole: int) -> LoadPlan:
     if not isinstance(parts.get("transformer"), int) and not isinstance(parts.get("vae"), int) \
             and "transformer" in parts and "vae" in parts:
         widths = _widths(first(parts["transformer"]), first(parts["vae"]))
-    return LoadPlan(elements, largest, read_whole, names=names, fp32_in_fp16=fp32_in_fp16, **widths)
+    return LoadPlan(elements, largest, read_whole, fp32_in_fp16=fp32_in_fp16, **widths)
 
 
 def plan_load(base: str | os.PathLike, text_files: dict | None, use_t5: bool) -> LoadPlan:

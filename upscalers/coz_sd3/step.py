@@ -40,6 +40,7 @@ SAMPLING = ("sample", "mean")
 VAE_PAD = 8  # latent px of real context around a VAE window
 VAE_OVERLAP = 4  # latent px of cos^2 blend between VAE windows
 MIN_LATENT_TILE = 16
+LATENT_UNIT = "latent px; 1 latent px = 2 input px (the 4x output / 8)"
 # Working memory estimates (activations per latent pixel, elements per channel of width; rounded up
 # from CPU measurements of the tiny model, not yet measured on a GPU).
 TRANSFORMER_ELEMENTS_PER_CHANNEL = 24  # per latent pixel x transformer width
@@ -239,8 +240,9 @@ def predict_v(transformer, z: torch.Tensor, seq: torch.Tensor, pooled: torch.Ten
     v, plan, per_call = shrink_on_oom(attempt, tile, cost=window_pixels, floor=min(MIN_LATENT_TILE, tile),
                                       stage="transformer", device=device, retries=retries,
                                       oom_errors=hooks.oom_errors)
+    # the nodes take tile / overlap in input px: the receipt gives the latent figures and the unit
     report["transformer_tiles"] = {**plan.describe(), "tiles_per_call": per_call,
-                                   "window_area_ratio": round(plan.window_area_ratio, 4)}
+                                   "window_area_ratio": round(plan.window_area_ratio, 4), "unit": LATENT_UNIT}
     return v
 
 
