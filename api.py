@@ -27,21 +27,21 @@ import torch
 from PIL import Image
 
 from .tiling import RunHooks
-from .upscalers import discovery
-from .upscalers.assets import BUNDLED_MODEL
+from .assets import discovery
+from .assets.bundled_model import BUNDLED_MODEL
+from .imaging.image_io import has_alpha, pil_pixels, read_image, to_uint8
 from .upscalers import backends
-from .upscalers.base import UpscalerError
+from .runtime.errors import UpscalerError
 from .upscalers.contract import Upscaler
-from .upscalers.loading import WEIGHT_EXTENSIONS
 from .upscalers.receipts import Policy, UpscaleReceipt, ZoomLoopReceipt
-from .upscalers.registry import IMPLS, choose_run, pick_gan, resolve_load_impl
-from .upscalers.sdx4 import SDX4Options, is_sdx4_file
+from .upscalers import model_files
+from .upscalers.impl_policy import IMPLS, choose_run, resolve_load_impl
+from .upscalers.sdx4 import SDX4Options
 from .upscalers.size_guard import check_request
 from .upscalers.upscale import DEFAULT_OVERLAP, upscale
 from .zoom import DEFAULT_PROCESS_SIZE, ZoomSettings, zoom_loop
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
-DIFFUSERS_PREFIX, CHECKPOINTS_PREFIX = "diffusers/", "checkpoints/"
 
 
 # ------------------------------------------------------------------------------------- results
@@ -51,8 +51,6 @@ class UpscaleResult:
     receipt: UpscaleReceipt  # what ran: model, scale plan, tiles, retries, fallbacks, seconds (docs/receipts.md)
 
     def pil(self) -> Image.Image:
-        from .cli.images import to_uint8
-
         arr = to_uint8(self.image)
         return Image.fromarray(arr, "RGBA" if arr.shape[-1] == 4 else "RGB")
 
@@ -171,19 +169,7 @@ def coz_load_options(base: Path, places: ModelPlaces, transformer_lora=None, vae
 
 def resolve_model(name: str, places: ModelPlaces = ModelPlaces()) -> Path:
     """A model path from a path, `diffusers/<folder>`, `checkpoints/<file>` or an upscale_models name."""
-    path = Path(name).expanduser()
-    if path.exists():
-        return path.resolve()
-    locations = places.locations()
-    for prefix, kind in ((DIFFUSERS_PREFIX, "diffusers"), (CHECKPOINTS_PREFIX, "checkpoints")):
-        if name.startswith(prefix):
-            rest = name[len(prefix):]
-            for folder in locations.folders(kind):
-                if (Path(folder) / rest).exists():
-                    return Path(folder) / rest
-            searched = ", ".join(str(f) for f in locations.folders(kind))
-            raise UpscalerError(f"model {name!r}: {rest!r} not found in {searched}; put it there or give its path")
-    return discovery.locate(name, "upscale_models", locations).path
+    return model_files.resolve_model(name, places.locations())
 
 
 def load_upscaler(model: str | os.PathLike | None = None, *, impl: str = "auto", dtype: str = "auto",
@@ -215,13 +201,6 @@ def load_upscaler(model: str | os.PathLike | None = None, *, impl: str = "auto",
     return backends.load_upscaler(path, impl=impl, dtype=dtype, device=pick_device(device),
                                   tokenizer_dir=tokenizer_dir or places.tokenizer_dir(),
                                   attention_slicing=attention_slicing, offload=cpu_offload, **extra)
-
-
-def _folder_gan_names(places: ModelPlaces) -> list[str]:
-    locations = places.locations()
-    listed = [p.name for d in locations.folders("upscale_models") if Path(d).is_dir() for p in sorted(Path(d).iterdir())
-              if p.suffix.lower() in WEIGHT_EXTENSIONS and not is_sdx4_file(p)]
-    return discovery.model_names("upscale_models", locations, listed)
 
 
 def plan_upscaler(scale: float | None, model: str | os.PathLike | None = None, *, impl: str = "auto",
@@ -258,8 +237,8 @@ def folder_gan(native: int, *, dtype: str = "auto", device: str | torch.device |
                places: ModelPlaces = ModelPlaces()) -> Upscaler:
     """A GAN from the model folders for a native scale (Real-ESRGAN first, any x2/x4 name next), else the
     bundled model: what impl auto / gan runs next to an SD x4 model, and the SD x4 out-of-memory fallback."""
-    name = pick_gan(_folder_gan_names(places), native) or BUNDLED_MODEL
-    return load_upscaler(name, impl="gan", dtype=dtype, device=device, places=places)
+    path = model_files.folder_gan_path(native, places.locations())
+    return load_upscaler(path, impl="gan", dtype=dtype, device=device, places=places)
 
 
 def pick_device(device: str | torch.device | None) -> torch.device:
@@ -284,12 +263,8 @@ def as_image(image: ImageLike, *, check: Callable[[int, int, int], None] | None 
     decoded.
     """
     if isinstance(image, (str, os.PathLike)):
-        from .cli.images import read_image
-
         return read_image(image, check=check)
     if isinstance(image, Image.Image):
-        from .cli.images import has_alpha, pil_pixels
-
         if check is not None:  # Image.open is lazy: nothing is decoded yet
             check(*image.size, 4 if has_alpha(image) else 3)
         image = pil_pixels(image)  # as the file would read: 16-bit grey keeps its precision

@@ -66,7 +66,7 @@ QUICK = {"compact": (352, 2), "x4plus": (96, 1), "bf16": (96, 2), "memory": (384
 # memory variants in one subprocess and the unseen cases in one (numbers mean nothing)
 SMOKE = {"compact": (64, 1), "x4plus": (24, 1), "bf16": (24, 1), "memory": (32, 1), "unseen": (24, 1)}
 # Photos and models the pack was never tuned on (issue 14): (case, skimage photo, model, untiled-size note).
-# "bundled" = the Compact file shipped in upscalers/bundled; "rrdb6" = an RRDB x4 with 6 blocks built here
+# "bundled" = the Compact file shipped in assets/bundled; "rrdb6" = an RRDB x4 with 6 blocks built here
 # with random weights (RealESRGAN_x4plus_anime_6B's shape); sizes are the photos' own.
 UNSEEN = (
     ("astronaut 512² / Compact (bundled)", "astronaut", "bundled"),
@@ -330,7 +330,7 @@ def gan_case(name: str, weights: Path, size: int, repeats: int, tiled: bool, log
 
 
 def bf16_case(weights: Path, size: int, repeats: int, log) -> dict:
-    from dreamforge_upscale.upscalers.dtypes import cpu_bf16_accelerated
+    from dreamforge_upscale.runtime.dtypes import cpu_bf16_accelerated
 
     log(f"== bf16: {weights.name}, {size}x{size} crop, {repeats} repeat(s)")
     image = photo(size)
@@ -435,7 +435,7 @@ def skimage_photo(name: str, side: int = 0):
 
 def unseen_weights(kind: str, weights: Path, tmp: Path) -> Path:
     if kind == "bundled":
-        from dreamforge_upscale.upscalers.assets import bundled_model_path
+        from dreamforge_upscale.assets.bundled_model import bundled_model_path
 
         return bundled_model_path()
     if kind == "rrdb6":
@@ -539,7 +539,7 @@ def unseen_case(label: str, photo_name: str, kind: str, weights: Path, repeats: 
 
 def unseen_in_subprocess(label: str | list[str], repeats: int, args, log) -> list[dict]:
     """One unseen case in a fresh interpreter. A pass whose heap bound is lifted (> 2 GiB of activations,
-    tiling/cpu_memory.py) leaves glibc's heap laid out so that later plain calls in the same process fault
+    runtime/cpu_allocator.py) leaves glibc's heap laid out so that later plain calls in the same process fault
     far less (a plain Compact call on 600x400: 6.6 s before, 3.3 s after one), which would time the next
     case's untiled and core variants in a state no fresh ComfyUI process has."""
     import tempfile
@@ -761,7 +761,7 @@ def main() -> None:
     def log(msg):
         print(msg, flush=True)
 
-    from dreamforge_upscale.upscalers.dtypes import cpu_bf16_accelerated
+    from dreamforge_upscale.runtime.dtypes import cpu_bf16_accelerated
 
     results = {"env": {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),

@@ -156,7 +156,7 @@ def decode_comparison(latent: int, repeats: int, narrow: bool) -> dict:
     pack_import.install()
     import torch
 
-    from dreamforge_upscale.tiling.vae_decode import decode_tiled
+    from dreamforge_upscale.tiling.vae_tiles import decode_tiled
     from dreamforge_upscale.upscalers.sdx4.sampler import VAE_OVERLAP, VAE_PAD
 
     vae = real_size_vae(narrow)

@@ -87,8 +87,8 @@ def bench_loop(size: int, repeats: int) -> dict:
     from PIL import Image
 
     from dreamforge_upscale.upscalers import GANUpscaler, upscale
-    from dreamforge_upscale.upscalers.assets import bundled_model_path
-    from dreamforge_upscale.upscalers.color_fix import color_fix
+    from dreamforge_upscale.assets.bundled_model import bundled_model_path
+    from dreamforge_upscale.imaging.color_fix import color_fix
     from dreamforge_upscale.zoom import ZoomSettings, from_pil, zoom_loop
     from dreamforge_upscale.zoom.geometry import centre_box
     from dreamforge_upscale.zoom.prompts import TWO_IMAGE_INSTRUCTION
@@ -152,7 +152,7 @@ def full16_worker(variant: str, size: int) -> dict:
     import torch
 
     from dreamforge_upscale.upscalers import GANUpscaler, upscale
-    from dreamforge_upscale.upscalers.assets import bundled_model_path
+    from dreamforge_upscale.assets.bundled_model import bundled_model_path
     from dreamforge_upscale.zoom import zoom_upscale
 
     compact = GANUpscaler.load(bundled_model_path())

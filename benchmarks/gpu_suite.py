@@ -143,7 +143,7 @@ def rrdb_state_dict(blocks: int, nf: int, gc_: int = 32, seed: int = 0) -> dict:
 
 
 def gan_models(sizes: Sizes, tmp: Path, smoke: bool) -> list[tuple[str, Path]]:
-    from dreamforge_upscale.upscalers.assets import bundled_model_path
+    from dreamforge_upscale.assets.bundled_model import bundled_model_path
 
     models = [("Compact", bundled_model_path())]
     x4plus = WEIGHTS / "RealESRGAN_x4plus.pth"

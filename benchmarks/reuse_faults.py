@@ -2,7 +2,7 @@
 """What CPU memory reuse changes in one pass: CPU seconds (user, sys), minor page faults, wall, peak RSS.
 
 CPU seconds and page faults move far less than wall time when other jobs share the cores, so this shows
-the mechanism (tiling/cpu_memory.py) on a loaded machine where the interleaved wall-time ratios of
+the mechanism (runtime/cpu_allocator.py) on a loaded machine where the interleaved wall-time ratios of
 bench_gan.py are too noisy. Ours with reuse on and off (DREAMFORGE_CPU_MALLOC=0), interleaved:
 
     .venv/bin/python benchmarks/reuse_faults.py --blocks 6 --side 384 --repeats 2

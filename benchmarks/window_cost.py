@@ -89,7 +89,7 @@ def main() -> None:
 
     from spandrel import ModelLoader
 
-    from dreamforge_upscale.tiling.cpu_memory import reuse
+    from dreamforge_upscale.runtime.cpu_allocator import reuse
     from dreamforge_upscale.upscalers import GANUpscaler
 
     with tempfile.TemporaryDirectory() as tmp:

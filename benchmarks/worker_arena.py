@@ -40,12 +40,12 @@ import pack_import; pack_import.install()
 import torch
 import bench_gan
 from bench_gan import skimage_photo
-from dreamforge_upscale.tiling import cpu_memory
+from dreamforge_upscale.runtime import cpu_allocator
 from dreamforge_upscale.upscalers import GANUpscaler, upscale
-from dreamforge_upscale.upscalers.assets import bundled_model_path
+from dreamforge_upscale.assets.bundled_model import bundled_model_path
 mode, photo, side, passes, comfy = sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]), sys.argv[7]
 if mode == "arena":  # before the worker thread starts, as the bridge does when opted in
-    assert ctypes.CDLL(None).mallopt(cpu_memory.M_ARENA_MAX, 1) == 1
+    assert ctypes.CDLL(None).mallopt(cpu_allocator.M_ARENA_MAX, 1) == 1
 if mode == "core":
     from pathlib import Path
     bench_gan.setup_imports(Path(comfy))

@@ -1,4 +1,4 @@
-"""The command line: `upscale`, `zoom` and `assets` (model assets, upscalers/assets_cli.py).
+"""The command line: `upscale`, `zoom` and `assets` (model assets, cli/assets_cmd.py).
 
     python -m <pack> upscale INPUT... [--scale 2.5] [--impl auto|gan|diffusion] [--model NAME] [--out DIR]
                      [--tile N] [--prompt TEXT] [--seed N] [--skip-existing] [--ray [ADDRESS]]
@@ -16,11 +16,11 @@ import argparse
 import sys
 
 from ..tiling.resample import METHODS as RESAMPLE_METHODS
-from ..upscalers.assets import BUNDLED_MODEL
-from ..upscalers.base import UpscalerError
-from ..upscalers.discovery import ENV_MIRROR, ENV_MODELS_ROOT
-from ..upscalers.dtypes import DTYPE_NAMES
-from ..upscalers.registry import IMPLS
+from ..assets.bundled_model import BUNDLED_MODEL
+from ..runtime.errors import UpscalerError
+from ..assets.discovery import ENV_MIRROR, ENV_MODELS_ROOT
+from ..runtime.dtypes import DTYPE_NAMES
+from ..upscalers.impl_policy import IMPLS
 from ..upscalers.upscale import DEFAULT_OVERLAP
 from ..upscalers.coz_sd3.lora import LORA_FOLDER, TRANSFORMER_LORA, VAE_ENCODER_LORA
 from ..zoom import COLOR_FIX_CHOICES, DEFAULT_PROCESS_SIZE, MODES, SAMPLING_CHOICES
@@ -138,7 +138,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, prog: str = "dreamforge-upscale") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "assets":  # its own parser, unchanged
-        from ..upscalers.assets_cli import main as assets_main
+        from .assets_cmd import main as assets_main
 
         return assets_main(argv[1:], prog=f"{prog} assets")
     args = build_parser(prog).parse_args(argv)

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from ..api import resolve_model
-from ..upscalers.assets import BUNDLED_MODEL
-from ..upscalers.base import UpscalerError
+from ..assets.bundled_model import BUNDLED_MODEL
+from ..runtime.errors import UpscalerError
 from .images import Job
 from .progress import Outcome, Progress
-from .upscale_cmd import UpscaleConfig, process_one
+from .upscale_jobs import UpscaleConfig, process_one
 
 COLUMNS = ("source", "output", "status", "reason", "seconds")
 

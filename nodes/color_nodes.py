@@ -1,10 +1,10 @@
-"""Colour family: Color Fix (backend upscalers/color_fix.py)."""
+"""Colour family: Color Fix (backend imaging/color_fix.py)."""
 from __future__ import annotations
 
-from ..upscalers.color_fix import METHODS, color_fix
+from ..imaging.color_fix import METHODS, color_fix
 from . import bridge
 from .bridge import Choice, io, schema
-from .upscale_nodes import CATEGORY
+from .shared_inputs import CATEGORY
 
 
 class ColorFix(io.ComfyNode):

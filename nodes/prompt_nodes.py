@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..upscalers import UpscalerError
-from ..zoom import derive_seed, make_prompt, to_pil
+from ..imaging.image_io import to_pil
+from ..zoom import derive_seed, make_prompt
 from . import bridge
 from .bridge import PROMPT_MODEL, PROMPT_MODEL_FOLDER, TAGGER_FOLDER, Choice, advanced, io, schema
-from .upscale_nodes import SEED_MAX, ZOOM_CATEGORY
+from .shared_inputs import SEED_MAX, ZOOM_CATEGORY
 
 ALIASES = ("prompt", "caption", "describe image", "vlm", "chain of zoom", "coz")
 PROMPT_MODEL_TOOLTIP = "For Chain-of-Zoom nodes and Prompt from Image."

@@ -11,7 +11,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from . import bridge
 from .bridge import io, schema
-from .upscale_nodes import CATEGORY
+from .shared_inputs import CATEGORY
 
 RECEIPT_CHUNK = "dreamforge_receipt"  # PNG text chunk beside core's "prompt" and "workflow"
 COMPRESS_LEVEL = 4  # core SaveImage's

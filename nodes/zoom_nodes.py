@@ -11,11 +11,12 @@ from ..upscalers import UpscalerError
 from ..upscalers.receipts import BatchReceipt
 from ..zoom import (
     COLOR_FIX_CHOICES, DEFAULT_MAX_SIDE, DEFAULT_PROCESS_SIZE, MODES as ZOOM_MODES, SAMPLING_CHOICES, ZoomSettings,
-    from_pil, to_pil, zoom_loop, zoom_step, zoom_upscale,
+    zoom_loop, zoom_step, zoom_upscale,
 )
+from ..imaging.image_io import from_pil, to_pil
 from . import bridge
 from .bridge import PROMPT_MODEL, Choice, advanced, io, schema
-from .upscale_nodes import SEED_MAX, TILE_TOOLTIP, ZOOM_CATEGORY, tiling_inputs, upscaler_input
+from .shared_inputs import SEED_MAX, TILE_TOOLTIP, ZOOM_CATEGORY, tiling_inputs, upscaler_input
 
 ALIASES = ("chain of zoom", "coz", "extreme zoom", "zoom in", "super resolution")
 UPSCALER_TOOLTIP = "A 4x upscaler (SD x4, a 4x GAN, or Chain-of-Zoom's own model from Load Chain-of-Zoom Model)."

@@ -5,7 +5,7 @@
     python scripts/dreamforge_assets.py verify [--manifest FILE.json] [--models-root DIR]
     python scripts/dreamforge_assets.py list [--json] [--models-root DIR]
 
-Same as `python -m <pack folder> assets ...` (see upscalers/assets_cli.py), which needs the pack's
+Same as `python -m <pack folder> assets ...` (see cli/assets_cmd.py), which needs the pack's
 folder name to be an importable module name.
 """
 import sys
@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pack_import  # noqa: E402
 
 pack_import.install()
-from dreamforge_upscale.upscalers.assets_cli import main  # noqa: E402
+from dreamforge_upscale.cli.assets_cmd import main  # noqa: E402
 
 if __name__ == "__main__":
     raise SystemExit(main(prog="dreamforge_assets.py"))

@@ -108,12 +108,12 @@ class Example:
     def properties_models(self) -> dict[str, list[dict]]:
         """{node id: properties.models} from the catalogue: the file's name, its direct URL and its folder."""
         try:
-            from dreamforge_upscale.upscalers.catalog import CATALOG
+            from dreamforge_upscale.assets.catalog import CATALOG
         except ImportError:  # run as a script: the backends under their package name (scripts/pack_import.py)
             import pack_import
 
             pack_import.install()
-            from dreamforge_upscale.upscalers.catalog import CATALOG
+            from dreamforge_upscale.assets.catalog import CATALOG
         out: dict[str, list[dict]] = {}
         for node_id, name in self.models:
             spec = CATALOG[name]

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BACKENDS = ("tiling", "upscalers", "zoom", "cli", "api.py")  # cli/ + api.py: the library and command line
+BACKENDS = ("runtime", "assets", "tiling", "imaging", "upscalers", "zoom", "cli", "api.py")  # cli/ + api.py: the library and command line
 
 
 def install(name: str = "dreamforge_upscale") -> Path:

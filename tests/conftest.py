@@ -37,7 +37,7 @@ import pytest  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "scripts"))  # comfy_headless
 TEST_NODES = Path(__file__).resolve().parent / "comfy_test_nodes"
-BUNDLED_MODEL = "realesr-animevideov3.pth"  # ships in upscalers/bundled (not linked into models/)
+BUNDLED_MODEL = "realesr-animevideov3.pth"  # ships in assets/bundled (not linked into models/)
 X4PLUS_MODEL = "RealESRGAN_x4plus.pth"  # RRDB x4 from the shared weights
 NOT_A_MODEL = "not_a_model.pth"  # garbage bytes
 FAKE_SD_X4 = "x4-upscaler-ema.safetensors"  # header-true stand-in for the SD x4 upscaler checkpoint

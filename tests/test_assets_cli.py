@@ -15,7 +15,7 @@ import pytest
 from asset_server import AssetServer, closed_port, sha256  # noqa: E402 - conftest puts tests/ on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
-BUNDLED = REPO / "upscalers" / "bundled" / "realesr-animevideov3.pth"
+BUNDLED = REPO / "assets" / "bundled" / "realesr-animevideov3.pth"
 HF_REPO = "dreamforge-test/tiny-x4"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

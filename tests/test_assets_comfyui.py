@@ -17,11 +17,11 @@ from PIL import Image
 
 from asset_server import AssetServer, sha256  # noqa: E402 - conftest puts tests/ on sys.path
 from comfy_headless import ComfyServer, comfyui_dir  # noqa: E402 - conftest puts scripts/ on sys.path
-from dreamforge_upscale.upscalers.catalog import AssetSpec
-from dreamforge_upscale.upscalers.discovery import Locations, install
+from dreamforge_upscale.assets.catalog import AssetSpec
+from dreamforge_upscale.assets.discovery import Locations, install
 
 REPO = Path(__file__).resolve().parents[1]
-BUNDLED = REPO / "upscalers" / "bundled" / "realesr-animevideov3.pth"
+BUNDLED = REPO / "assets" / "bundled" / "realesr-animevideov3.pth"
 TEST_NODES = Path(__file__).resolve().parent / "comfy_test_nodes"
 
 

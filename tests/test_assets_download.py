@@ -13,12 +13,12 @@ import torch
 
 from asset_server import AssetServer, closed_port, sha256  # noqa: E402 - conftest puts tests/ on sys.path
 from dreamforge_upscale.upscalers import GANUpscaler, upscale
-from dreamforge_upscale.upscalers.assets import bundled_model_path
-from dreamforge_upscale.upscalers.base import AssetError
-from dreamforge_upscale.upscalers.catalog import CATALOG, AssetSpec, bundle_specs, load_manifest
-from dreamforge_upscale.upscalers.discovery import Locations, install, locate, model_names, resolve
-from dreamforge_upscale.upscalers.download import fetch_url
-from dreamforge_upscale.upscalers.provenance import read_sidecar, sidecar_path
+from dreamforge_upscale.assets.bundled_model import bundled_model_path
+from dreamforge_upscale.runtime.errors import AssetError
+from dreamforge_upscale.assets.catalog import CATALOG, AssetSpec, bundle_specs, load_manifest
+from dreamforge_upscale.assets.discovery import Locations, install, locate, model_names, resolve
+from dreamforge_upscale.assets.download import fetch_url
+from dreamforge_upscale.assets.provenance import read_sidecar, sidecar_path
 
 SIZE = 300_000
 
@@ -281,7 +281,7 @@ def test_receipt_quotes_the_provenance_sidecar(server, tmp_path):
 
 
 def test_list_finds_each_folder_layout_and_skips_partial_downloads(tmp_path):
-    from dreamforge_upscale.upscalers.discovery import list_installed
+    from dreamforge_upscale.assets.discovery import list_installed
 
     root = tmp_path / "root"
     for rel, data in {

@@ -28,10 +28,11 @@ from dreamforge_upscale.api import (
     select_upscaler, upscale_image,
 )
 from dreamforge_upscale.cli import main
-from dreamforge_upscale.cli import upscale_cmd
-from dreamforge_upscale.cli.images import Job, plan_jobs, read_image, unfinished_reason
+from dreamforge_upscale.cli import upscale_jobs
+from dreamforge_upscale.cli.images import Job, plan_jobs, unfinished_reason
+from dreamforge_upscale.imaging.image_io import read_image
 from dreamforge_upscale.upscalers import GANUpscaler, UpscalerError
-from dreamforge_upscale.upscalers.assets import bundled_model_path
+from dreamforge_upscale.assets.bundled_model import bundled_model_path
 from dreamforge_upscale.upscalers.receipts import Policy
 from dreamforge_upscale.zoom import ZoomSettings, prepare, zoom_loop
 
@@ -135,15 +136,15 @@ def test_resume_after_a_killed_run(tmp_path):
 
 def test_settings_change_input_change_and_broken_receipts_are_redone(tmp_path, compact):
     src = write_photos(tmp_path / "in", count=1)[0]
-    cfg = upscale_cmd.UpscaleConfig(scale=2.0, device="cpu")
+    cfg = upscale_jobs.UpscaleConfig(scale=2.0, device="cpu")
     (job,), _ = plan_jobs([str(src)], tmp_path / "out", 2.0)
     assert unfinished_reason(job, cfg.settings()) == "no receipt"
     policy = Policy("gan", "gan", "impl gan: the connected GAN model")
-    outcome = upscale_cmd.process_one(compact, policy, job, cfg)
+    outcome = upscale_jobs.process_one(compact, policy, job, cfg)
     assert outcome.status == "done", outcome.reason
     assert dataclasses.asdict(policy) == receipt_of(job.output)["policy"]
     assert unfinished_reason(job, cfg.settings()) is None
-    assert unfinished_reason(job, upscale_cmd.UpscaleConfig(scale=2.0, tile=64).settings()) == "made with other settings"
+    assert unfinished_reason(job, upscale_jobs.UpscaleConfig(scale=2.0, tile=64).settings()) == "made with other settings"
     original = src.read_bytes()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src)
     assert unfinished_reason(job, cfg.settings()) == "input changed"
@@ -157,7 +158,7 @@ def test_settings_change_input_change_and_broken_receipts_are_redone(tmp_path, c
     # an output folder that cannot be written: that image fails, reported (OSError), nothing raised
     blocked = Job(src, tmp_path / "a_file" / "x.png", tmp_path / "a_file" / "x.json")
     (tmp_path / "a_file").write_text("not a folder")
-    failed = upscale_cmd.process_one(compact, policy, blocked, cfg)
+    failed = upscale_jobs.process_one(compact, policy, blocked, cfg)
     assert failed.status == "failed" and "a_file" in failed.reason
 
 
@@ -204,7 +205,7 @@ def test_command_line_errors(tmp_path, capsys, monkeypatch):
 
 def test_interrupt_stops_with_a_summary(tmp_path, capsys, monkeypatch):
     write_photos(tmp_path / "in", count=3)
-    real = upscale_cmd.process_one
+    real = upscale_jobs.process_one
     calls = []
 
     def interrupted_second(*args, **kwargs):
@@ -213,7 +214,7 @@ def test_interrupt_stops_with_a_summary(tmp_path, capsys, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(upscale_cmd, "process_one", interrupted_second)
+    monkeypatch.setattr(upscale_jobs, "process_one", interrupted_second)
     assert main(["upscale", str(tmp_path / "in"), "--scale", "2", "--out", str(tmp_path / "o"), "--device", "cpu"]) == 130
     out = capsys.readouterr().out
     assert "done 1, skipped 0, failed 0 (of 1)" in out and "interrupted after 1 of 3" in out
@@ -323,7 +324,7 @@ def test_pip_install_gives_the_console_script(tmp_path):
     inst = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target), str(wheel), "-q"],
                           capture_output=True, text=True, timeout=300)
     assert inst.returncode == 0, inst.stderr
-    assert (target / "dreamforge_upscale" / "upscalers" / "bundled" / "realesr-animevideov3.pth").is_file()
+    assert (target / "dreamforge_upscale" / "assets" / "bundled" / "realesr-animevideov3.pth").is_file()
     photo = write_photos(tmp_path / "in", count=1)[0]
     env = {**os.environ, "PYTHONPATH": str(target)}
     run = subprocess.run([str(target / "bin" / "dreamforge-upscale"), "upscale", str(photo), "--scale", "2", "--out",

@@ -23,12 +23,13 @@ from PIL import Image, ImageFile
 from cli_photos import receipt_of, sha256, write_photos
 from dreamforge_upscale.api import as_image, load_upscaler, upscale_image
 from dreamforge_upscale.cli import main
-from dreamforge_upscale.cli import upscale_cmd
-from dreamforge_upscale.cli.images import plan_jobs, read_image, unfinished_reason
+from dreamforge_upscale.cli import upscale_jobs
+from dreamforge_upscale.cli.images import plan_jobs, unfinished_reason
+from dreamforge_upscale.imaging.image_io import read_image
 from dreamforge_upscale.cli import progress
 from dreamforge_upscale.cli.progress import Outcome, Progress
 from dreamforge_upscale.upscalers import UpscalerError
-from dreamforge_upscale.upscalers.assets import bundled_model_path
+from dreamforge_upscale.assets.bundled_model import bundled_model_path
 
 
 # ------------------------------------------------------------------------------------- 1. model identity
@@ -73,7 +74,7 @@ def test_skip_existing_redoes_outputs_when_the_weights_behind_the_same_path_chan
 
 
 def test_settings_name_every_option_that_changes_pixels_and_old_receipts_are_redone(tmp_path):
-    cfg = upscale_cmd.UpscaleConfig(scale=2.0, device="cpu", models_root=str(tmp_path / "root"))
+    cfg = upscale_jobs.UpscaleConfig(scale=2.0, device="cpu", models_root=str(tmp_path / "root"))
     settings = cfg.settings()
     assert settings["model_sha256"] == sha256(bundled_model_path())
     assert "model" not in settings  # the name typed identifies nothing
@@ -84,7 +85,7 @@ def test_settings_name_every_option_that_changes_pixels_and_old_receipts_are_red
     assert settings["models_root"] == str((tmp_path / "root").resolve())
     for change in ({"steps": 20}, {"seed": 3}, {"dtype": "bf16"}, {"overlap": 8}, {"resample": "bicubic"},
                    {"models_root": str(tmp_path / "other")}):
-        assert upscale_cmd.UpscaleConfig(**{**vars(cfg), **change}).settings() != settings, change
+        assert upscale_jobs.UpscaleConfig(**{**vars(cfg), **change}).settings() != settings, change
 
     # a receipt written before the weights' hash was recorded names the model by its name: redone
     src = write_photos(tmp_path / "in", count=1)[0]
@@ -191,7 +192,7 @@ def test_a_huge_image_is_refused_from_its_header_by_the_library(huge_png, no_dec
         with pytest.raises(UpscalerError, match="over the largest side allowed"):
             upscale_image(up, lazy, 4, device="cpu")
     with pytest.raises(UpscalerError, match="over the largest side allowed"):
-        read_image(huge_png.read_bytes(), label="huge", check=lambda w, h, c: upscale_cmd.check_request(up, w, h, c, 4))
+        read_image(huge_png.read_bytes(), label="huge", check=lambda w, h, c: upscale_jobs.check_request(up, w, h, c, 4))
     assert no_decoding == []
 
 

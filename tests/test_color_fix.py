@@ -5,7 +5,7 @@ import torch
 from skimage import data
 
 from dreamforge_upscale.tiling import resize
-from dreamforge_upscale.upscalers.color_fix import color_fix
+from dreamforge_upscale.imaging.color_fix import color_fix
 from reference_color_fix import np_adain, np_wavelet
 
 def real_pair():
@@ -54,7 +54,7 @@ def test_rgba_and_batches():
 def test_large_images_run_plane_by_plane_with_the_same_result(monkeypatch):
     import importlib
 
-    module = importlib.import_module("dreamforge_upscale.upscalers.color_fix")  # the module, not the function
+    module = importlib.import_module("dreamforge_upscale.imaging.color_fix")  # the module, not the function
 
     image, ref = real_pair()
     whole = color_fix(image.repeat(2, 1, 1, 1), ref, "wavelet")

@@ -167,7 +167,7 @@ def test_load_upscale_colorfix_save_gives_exact_size(comfy, scale):
     receipt = receipt_of(comfy, entry, t)
     assert receipt["impl"] == "gan"
     assert receipt["model"]["file"] == BUNDLED
-    assert receipt["model"]["sha256"] == sha12(REPO / "upscalers" / "bundled" / BUNDLED)
+    assert receipt["model"]["sha256"] == sha12(REPO / "assets" / "bundled" / BUNDLED)
     assert receipt["output_size"] == [expect_w, expect_h] and receipt["input_size"] == [w, h]
     assert receipt["native_scale"] == 4 and receipt["device"] == "cpu" and receipt["dtype"] == "fp32"
     assert (receipt["resampled"] is None) == (scale == 0.0)

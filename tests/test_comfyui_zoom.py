@@ -19,7 +19,7 @@ from PIL import Image
 
 from comfy_headless import ComfyServer  # noqa: E402 - conftest puts scripts/ on sys.path
 from dreamforge_upscale.upscalers import GANUpscaler
-from dreamforge_upscale.upscalers.assets import bundled_model_path
+from dreamforge_upscale.assets.bundled_model import bundled_model_path
 from dreamforge_upscale.zoom import (
     MODES, SINGLE_IMAGE_INSTRUCTION, TWO_IMAGE_INSTRUCTION, ZoomSettings, prepare, zoom_loop,
 )
@@ -253,13 +253,17 @@ def _good_loop(comfy: ComfyServer) -> None:
 def test_bad_inputs_give_clear_errors_and_the_server_recovers(comfy):
     from spandrel.architectures.Compact import Compact
 
-    torch.save(Compact(num_feat=8, num_conv=2, upscale=2).state_dict(), comfy.upscale_models_dir / "compact_x2.pth")
+    x2 = comfy.upscale_models_dir / "compact_x2.pth"
+    torch.save(Compact(num_feat=8, num_conv=2, upscale=2).state_dict(), x2)
     g = workflow("coz_loop_gan.json")
     g["1"]["inputs"]["image"] = "coffee_64.png"
     g["2"]["inputs"]["model_name"] = "compact_x2.pth"
     g["3"]["inputs"].update(steps=1, process_size=64)
     g["4"]["inputs"]["filename_prefix"] = unique("coz_x2")
-    entry = comfy.wait(comfy.queue(g), timeout=120)
+    try:
+        entry = comfy.wait(comfy.queue(g), timeout=120)
+    finally:  # the session's server is shared: an x2 GAN left in its folder would change other tests' auto picks
+        x2.unlink()
     err = ComfyServer.execution_error(entry)
     assert err and err["node_type"] == "DreamForgeCoZLoop" and err["exception_type"].endswith("UpscalerError")
     assert "needs a 4x upscaler; compact_x2.pth is native x2" in err["exception_message"]

@@ -12,7 +12,7 @@ from dreamforge_upscale.tiling.cost import (
     plan_memory, plan_seconds,
 )
 from dreamforge_upscale.upscalers import GANUpscaler, upscale
-from dreamforge_upscale.upscalers.assets import bundled_model_path
+from dreamforge_upscale.assets.bundled_model import bundled_model_path
 
 WEIGHTS = Path(os.environ.get("DF_SHARED_WEIGHTS", Path(__file__).resolve().parents[2] / "shared" / "weights"))
 X4PLUS = WEIGHTS / "RealESRGAN_x4plus.pth"

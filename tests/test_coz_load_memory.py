@@ -12,7 +12,7 @@ import torch
 
 import tiny_sd3
 from dreamforge_upscale.tiling.memory import host_free_bytes
-from dreamforge_upscale.upscalers.base import UpscalerError
+from dreamforge_upscale.runtime.errors import UpscalerError
 from dreamforge_upscale.upscalers.coz_sd3 import CoZSD3Upscaler, TokenizerDirs
 from dreamforge_upscale.upscalers.coz_sd3.memory_plan import plan_load
 from dreamforge_upscale.upscalers.loading import SafetensorsFile

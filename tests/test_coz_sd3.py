@@ -16,7 +16,7 @@ from PIL import Image
 import tiny_sd3
 from dreamforge_upscale.tiling import RunHooks, plan_tiles
 from dreamforge_upscale.tiling.memory import BUDGET_FRACTION, choose_tile
-from dreamforge_upscale.upscalers.base import UpscalerError
+from dreamforge_upscale.runtime.errors import UpscalerError
 from dreamforge_upscale.upscalers.contract import Conditioning, RunMemo, WindowResult
 from dreamforge_upscale.upscalers.coz_sd3 import CoZOptions, CoZSD3Upscaler, TokenizerDirs, select_dtypes, step
 from dreamforge_upscale.upscalers.coz_sd3.backend import NO_T5_NOTE
@@ -242,7 +242,7 @@ def test_large_inputs_tile_the_latent_and_the_vae(model):
 
 def test_shared_groupnorm_matches_torch_in_any_memory_format():
     """The statistics pass and the shared-statistics pass compute GroupNorm as torch does (one multiply-add)."""
-    from dreamforge_upscale.tiling.vae_decode import SharedGroupNorm
+    from dreamforge_upscale.tiling.vae_tiles import SharedGroupNorm
 
     torch.manual_seed(0)
     norm = torch.nn.GroupNorm(4, 16)
@@ -263,7 +263,7 @@ def test_shared_groupnorm_matches_torch_in_any_memory_format():
 def test_subsampled_vae_statistics_keep_the_latents_spread(model):
     """When memory is short the statistics pass sees a smaller latent: subsampled, its statistics stay near the
     whole latent's; averaged (area), a latent's variance shrinks and the decode goes far off."""
-    from dreamforge_upscale.tiling.vae_decode import SharedGroupNorm, _stats_latent
+    from dreamforge_upscale.tiling.vae_tiles import SharedGroupNorm, _stats_latent
 
     vae = model.comps.vae
     norms = [m for m in vae.decoder.modules() if isinstance(m, torch.nn.GroupNorm)]

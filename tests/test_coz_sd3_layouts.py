@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tiny_sd3
-from dreamforge_upscale.upscalers.base import UpscalerError
+from dreamforge_upscale.runtime.errors import UpscalerError
 from dreamforge_upscale.upscalers.coz_sd3 import TokenizerDirs
 from dreamforge_upscale.upscalers.coz_sd3.components import load_diffusers_folder
 from dreamforge_upscale.upscalers.coz_sd3.prompt import encode_prompt

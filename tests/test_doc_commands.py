@@ -28,7 +28,7 @@ from PIL import Image
 from doc_commands import REPO_ROOT, Block, doc_files, documented_blocks
 from receipt_schema import problems
 
-from dreamforge_upscale.upscalers.catalog import bundle_specs
+from dreamforge_upscale.assets.catalog import bundle_specs
 
 BLOCKS = documented_blocks()
 VENV_BIN = Path(sys.executable).parent
@@ -171,7 +171,7 @@ def install_into_comfyui(block: Block, tmp: Path) -> None:
     pip_output = "".join(p.stdout + p.stderr for p in done)
     assert "Uninstalling torch" not in pip_output and metadata.version("torch") == torch_before, pip_output[-3000:]
     clone = tmp / "ComfyUI" / "custom_nodes" / "dreamforge-upscale"
-    assert (clone / "__init__.py").is_file() and (clone / "upscalers" / "bundled").is_dir()
+    assert (clone / "__init__.py").is_file() and (clone / "assets" / "bundled").is_dir()
     server = ComfyServer(tmp / "server", pack_root=clone, pack_name="dreamforge-upscale-cloned")
     try:
         server.start()

@@ -12,7 +12,7 @@ import tiny_sdx4
 from dreamforge_upscale.tiling import RunHooks
 from dreamforge_upscale.tiling.exact_decode import decode_exact, owned, whole_attention_pays
 from dreamforge_upscale.tiling.plan import plan_tiles
-from dreamforge_upscale.tiling.vae_decode import decode_tiled
+from dreamforge_upscale.tiling.vae_tiles import decode_tiled
 
 CPU = torch.device("cpu")
 

@@ -1,4 +1,4 @@
-"""The install lock (upscalers/file_lock.py): mutual exclusion, a lock file removed while held, a release
+"""The install lock (assets/file_lock.py): mutual exclusion, a lock file removed while held, a release
 that never raises and always closes its descriptor, Windows' wait loop, and the timeout's message.
 
 flock locks belong to an open file description, so two `os.open`s of one path conflict even inside one
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from dreamforge_upscale.upscalers import file_lock
-from dreamforge_upscale.upscalers.base import AssetError
-from dreamforge_upscale.upscalers.file_lock import install_lock, lock_path
+from dreamforge_upscale.assets import file_lock
+from dreamforge_upscale.runtime.errors import AssetError
+from dreamforge_upscale.assets.file_lock import install_lock, lock_path
 
 posix = pytest.mark.skipif(file_lock.fcntl is None, reason="flock: POSIX only")
 

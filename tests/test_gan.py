@@ -10,8 +10,8 @@ from skimage import data
 
 from dreamforge_upscale.tiling import plan_tiles, resize
 from dreamforge_upscale.upscalers import GANUpscaler, UpscalerError, plan_scale, resolve_load_impl, upscale
-from dreamforge_upscale.upscalers.assets import bundled_model_path
-from dreamforge_upscale.upscalers.dtypes import select_dtype
+from dreamforge_upscale.assets.bundled_model import bundled_model_path
+from dreamforge_upscale.runtime.dtypes import select_dtype
 
 WEIGHTS = Path(os.environ.get("DF_SHARED_WEIGHTS", Path(__file__).resolve().parents[2] / "shared" / "weights"))
 X4PLUS = WEIGHTS / "RealESRGAN_x4plus.pth"
@@ -300,7 +300,7 @@ def test_bf16_runs_close_to_fp32():
     b, receipt = upscale(bf16, image)
     r = receipt.to_dict()
     assert r["dtype"] == "bf16"
-    from dreamforge_upscale.upscalers.dtypes import cpu_bf16_accelerated
+    from dreamforge_upscale.runtime.dtypes import cpu_bf16_accelerated
 
     emulated = [n for n in r["notes"] if "bf16 is emulated" in n]
     assert bool(emulated) == (not cpu_bf16_accelerated())  # says when bf16 is only emulated

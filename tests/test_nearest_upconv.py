@@ -8,7 +8,7 @@ from spandrel import ModelLoader
 from torch import nn
 
 from dreamforge_upscale.upscalers import GANUpscaler, upscale
-from dreamforge_upscale.upscalers.assets import bundled_model_path
+from dreamforge_upscale.assets.bundled_model import bundled_model_path
 from dreamforge_upscale.upscalers.gan import nearest_upconv
 from dreamforge_upscale.upscalers.gan.nearest_upconv import NearestUpConv, rewrite_checked
 

@@ -12,7 +12,7 @@ import torch
 sys.path.insert(0, sys.argv[1]); import pack_import; pack_import.install()
 from dreamforge_upscale.tiling import RunHooks
 from dreamforge_upscale.upscalers import GANUpscaler, upscale
-from dreamforge_upscale.upscalers.assets import bundled_model_path
+from dreamforge_upscale.assets.bundled_model import bundled_model_path
 model = GANUpscaler.load(bundled_model_path())
 torch.manual_seed(0)
 image = torch.rand(1, 1024, 1024, 3)

@@ -14,12 +14,12 @@ import torch
 from skimage import data
 
 from dreamforge_upscale.upscalers import GANUpscaler, upscale
-from dreamforge_upscale.upscalers.assets import bundled_model_path
+from dreamforge_upscale.assets.bundled_model import bundled_model_path
 from dreamforge_upscale.upscalers.receipts import (
     RECEIPT_VERSION, BatchReceipt, Receipt, UpscaleReceipt, ZoomStepReceipt, json_schema,
 )
 from dreamforge_upscale.zoom import ZoomSettings, prepare, zoom_step
-from dreamforge_upscale.zoom.geometry import to_pil
+from dreamforge_upscale.imaging.image_io import to_pil
 from receipt_schema import SCHEMA_FILE, problems
 from zoom_helpers import BicubicX4
 

@@ -30,7 +30,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def compact():
     from dreamforge_upscale.upscalers import GANUpscaler
-    from dreamforge_upscale.upscalers.assets import bundled_model_path
+    from dreamforge_upscale.assets.bundled_model import bundled_model_path
 
     return GANUpscaler.load(bundled_model_path())
 
@@ -114,7 +114,7 @@ def test_latent_tiles_blend_into_one_image_without_seams(tiny, photo):
 
 
 def test_tiled_decode_shares_groupnorm_statistics(tiny):
-    from dreamforge_upscale.tiling.vae_decode import decode_tiled
+    from dreamforge_upscale.tiling.vae_tiles import decode_tiled
 
     vae = tiny.comps.vae
     torch.manual_seed(0)
@@ -268,7 +268,7 @@ def test_single_file_and_diffusers_folder_load_offline(tmp_path, photo, monkeypa
 
 
 def test_impl_policy_and_operator_default(monkeypatch):
-    from dreamforge_upscale.upscalers.registry import choose_run, default_impl, pick_gan, strict_scale_error
+    from dreamforge_upscale.upscalers.impl_policy import choose_run, default_impl, pick_gan, strict_scale_error
 
     def head(choice, n):
         return (choice.impl, choice.use_loaded, choice.gan_scale)[:n]

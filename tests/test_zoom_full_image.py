@@ -11,9 +11,9 @@ from skimage import data
 
 from dreamforge_upscale.tiling import plan_tiles
 from dreamforge_upscale.upscalers import GANUpscaler, UpscalerError
-from dreamforge_upscale.upscalers.assets import bundled_model_path
+from dreamforge_upscale.assets.bundled_model import bundled_model_path
 from dreamforge_upscale.zoom import TWO_IMAGE_INSTRUCTION, SINGLE_IMAGE_INSTRUCTION, passes_for, zoom_upscale
-from dreamforge_upscale.zoom.geometry import to_pil
+from dreamforge_upscale.imaging.image_io import to_pil
 from zoom_helpers import BicubicX4, RecordingProvider, same_image
 
 

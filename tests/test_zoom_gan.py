@@ -10,7 +10,7 @@ from PIL import Image
 from skimage import data
 
 from dreamforge_upscale.upscalers import GANUpscaler, UpscalerError
-from dreamforge_upscale.upscalers.assets import bundled_model_path
+from dreamforge_upscale.assets.bundled_model import bundled_model_path
 from dreamforge_upscale.zoom import ZoomSettings, prepare, to_pil, zoom_loop, zoom_step
 from zoom_helpers import RecordingProvider, same_image
 

@@ -6,7 +6,7 @@ A plan with n tiles of w x h windows (each read with `context` px of real image 
               + (out_pixels * blend_per_pixel  if n > 1)
 
 and needs `tiles_per_call * batch * w * h * bytes_per_pixel` of activation memory (bytes_per_pixel from
-the backend's capabilities; on the CPU times CPU_REUSE_FACTOR while tiling/cpu_memory.py keeps freed
+the backend's capabilities; on the CPU times CPU_REUSE_FACTOR while runtime/cpu_allocator.py keeps freed
 blocks). Context is the price of tiling: every extra tile re-reads 2 * context px on each axis, so a
 plan with fewer, larger windows wins unless per-call or memory costs say otherwise. `choose_plan` scores
 every distinct plan whose windows fit the budget and returns the cheapest; no fixed tile size is assumed.
@@ -102,7 +102,7 @@ def max_tiles_per_call(device: torch.device, per_tile=None) -> int:
 
 def memory_factor(device: torch.device) -> float:
     """How much more than the model's own peak a pass holds: the CPU heap keeps freed blocks to reuse."""
-    from .cpu_memory import status
+    from ..runtime.cpu_allocator import status
 
     return CPU_REUSE_FACTOR if device.type == "cpu" and status().active else 1.0
 
@@ -182,7 +182,7 @@ def _candidates(height, width, batch, scale, context, overlap, bytes_per_pixel, 
 def calibrate(fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device, dtype: torch.dtype = torch.float32,
               sides: tuple[int, ...] = (96, 192, 384), repeats: int = 2, channels: int = 3) -> ArchCost:
     """Fit per_call + per_pixel * px to the best of `repeats` timed calls at each window side."""
-    from .cpu_memory import reuse
+    from ..runtime.cpu_allocator import reuse
 
     xs, ys = [], []
     with reuse(device):

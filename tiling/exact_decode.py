@@ -16,7 +16,7 @@ the caller records).
 
 Memory: every window's activations are alive together (about the untiled pass's activations times the
 plan's window area ratio); the caller plans this from its budget and otherwise uses the statistics
-pass of vae_decode.py.
+pass of vae_tiles.py.
 """
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ def free_cache(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     elif device.type == "cpu":
-        from .cpu_memory import release_for_retry
+        from ..runtime.cpu_allocator import release_for_retry
 
         release_for_retry()  # the retries run with glibc's defaults: no heap reuse once memory ran out
 

@@ -4,11 +4,11 @@ coz_sd3/), the impl policy (registry.py), the request driver (upscale.py) and ty
 Runs without ComfyUI: tests and the command line use these modules directly.
 """
 from .backends import backend_for, is_diffusion_model, load_upscaler
-from .base import AssetError, UpscalerError
+from ..runtime.errors import AssetError, UpscalerError
 from .contract import Capabilities, Conditioning, ModelSource, RunMemo, Upscaler, WindowResult
 from .gan import GANUpscaler
 from .receipts import UpscaleReceipt
-from .registry import IMPLS, plan_scale, resolve_load_impl
+from .impl_policy import IMPLS, plan_scale, resolve_load_impl
 from .upscale import DEFAULT_OVERLAP, check_image, upscale
 
 __all__ = [

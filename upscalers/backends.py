@@ -2,42 +2,28 @@
 
 Each family is one folder under upscalers/ (gan/, sdx4/, coz_sd3/) exposing a `BACKEND`: how to recognise
 its models cheaply (headers, configs) and how to load one into an object that keeps the upscaler contract
-(upscalers/contract.py). A new family is its folder plus one line in BACKENDS.
+(upscalers/contract.py, which also defines the `Backend` descriptor). A new family is its folder plus one line in BACKENDS.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from .contract import Upscaler
-from .registry import resolve_load_impl
+from .contract import Backend, Upscaler
+from .coz_sd3 import BACKEND as COZ_SD3
+from .gan import BACKEND as GAN
+from .sdx4 import BACKEND as SDX4
+from .impl_policy import resolve_load_impl
 
 
-@dataclass(frozen=True)
-class Backend:
-    id: str
-    impl: str  # "gan" | "diffusion": what the impl policy calls it
-    detect: Callable[[Path], bool]  # is this file/folder one of this family's models (cheap: headers only)
-    load: Callable[..., Upscaler]  # load(path, dtype=, device=, **options)
-    options: tuple[str, ...] = ()  # load-time options this family takes (others are not passed to it)
-
-
-def _families() -> tuple[Backend, ...]:
-    from .coz_sd3 import BACKEND as COZ_SD3
-    from .gan import BACKEND as GAN
-    from .sdx4 import BACKEND as SDX4
-
-    return (SDX4, COZ_SD3, GAN)  # first match wins; spandrel (GAN) recognises the rest when it loads
+FAMILIES: tuple[Backend, ...] = (SDX4, COZ_SD3, GAN)  # first match wins; spandrel (GAN) recognises the rest
 
 
 def backend_for(path: str | os.PathLike) -> Backend:
     path = Path(path)
-    families = _families()
-    return next((b for b in families if b.detect(path)), families[-1])
+    return next((b for b in FAMILIES if b.detect(path)), FAMILIES[-1])
 
 
 def load_upscaler(path: str | os.PathLike, *, impl: str = "auto", dtype: str = "auto",

@@ -21,6 +21,7 @@ contract.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
@@ -52,7 +53,7 @@ class ModelSource:
     file: str  # file name (or a label when there is no file)
     sha256: str | None  # full hex digest, None when unknown
     architecture: str
-    provenance: dict | None = None  # from the file's .dreamforge.json sidecar (upscalers/provenance.py)
+    provenance: dict | None = None  # from the file's .dreamforge.json sidecar (assets/provenance.py)
 
     def describe(self) -> dict:
         d = asdict(self)
@@ -111,3 +112,14 @@ class Upscaler(Protocol):
 
     def describe(self) -> dict:
         """What a receipt quotes about the model (source, impl, native scale, dtypes)."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A registered family (upscalers/backends.py): how to recognise its models cheaply and how to load one."""
+
+    id: str
+    impl: str  # "gan" | "diffusion": what the impl policy calls it
+    detect: Callable[[Path], bool]  # is this file/folder one of this family's models (cheap: headers only)
+    load: Callable[..., Upscaler]  # load(path, dtype=, device=, **options)
+    options: tuple[str, ...] = ()  # load-time options this family takes (others are not passed to it)

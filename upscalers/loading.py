@@ -1,37 +1,14 @@
 """Safe reading of model files: weights only, never pickled code; clear errors for wrong files."""
 from __future__ import annotations
 
-import hashlib
 import os
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from .base import UpscalerError, error_text
-
-WEIGHT_EXTENSIONS = (".pth", ".pt", ".ckpt", ".bin", ".safetensors")
-
-
-def hash_file(path: str | os.PathLike, digest=None):
-    """The pack's one file hasher: `digest` (default SHA-256) fed with the file in 1 MiB chunks."""
-    digest = digest or hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a model file, computed once per file version (path, size, mtime)."""
-    st = os.stat(path)
-    return _sha256_cached(os.path.realpath(path), st.st_size, st.st_mtime_ns)
-
-
-@lru_cache(maxsize=64)
-def _sha256_cached(path: str, _size: int, _mtime_ns: int) -> str:  # size/mtime make edits re-hash
-    return hash_file(path).hexdigest()
+from ..assets.hashing import WEIGHT_EXTENSIONS
+from ..runtime.errors import UpscalerError, error_text
 
 
 def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:

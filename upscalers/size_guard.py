@@ -12,8 +12,8 @@ import torch
 
 from ..tiling.memory import canvas_bytes, free_bytes
 from ..tiling.resample import target_size
-from .base import UpscalerError
-from .registry import ScalePlan, plan_scale
+from ..runtime.errors import UpscalerError
+from .impl_policy import ScalePlan, plan_scale
 
 ENV_MAX_SIDE = "DREAMFORGE_MAX_SIDE"  # operators: the largest side any intermediate or output may have
 DEFAULT_MAX_SIDE = 16384

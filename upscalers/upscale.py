@@ -9,17 +9,17 @@ from typing import Callable, Union
 import torch
 
 from ..tiling import RunHooks, TileOOMError, free_bytes, is_out_of_memory, resize, run_tiled, target_size
-from ..tiling import cpu_memory
+from ..runtime import cpu_allocator
 from ..tiling.resample import ALPHA_NOTE, attach_alpha, split_alpha
 from ..tiling.cost import arch_of, choose_plan, costs_for, max_tiles_per_call, memory_factor
 from ..tiling.memory import BUDGET_FRACTION, canvas_bytes
-from .base import UpscalerError
+from ..runtime.errors import UpscalerError
 from .contract import Conditioning, RunMemo, Upscaler
 from .receipts import (
     Degraded, FallbackStep, ModelRecord, PassRecord, Policy, PromptRecord, Resampled, TilePrompt, UpscaleReceipt,
 )
-from .dtypes import cpu_bf16_accelerated, dtype_name
-from .registry import plan_scale
+from ..runtime.dtypes import cpu_bf16_accelerated, dtype_name
+from .impl_policy import plan_scale
 from .size_guard import check_planned
 
 log = logging.getLogger("dreamforge_upscale")
@@ -145,7 +145,7 @@ def _one_pass(upscaler: Upscaler, rgb: torch.Tensor, tile: int, overlap: int, de
                              reuse_factor=memory_factor(device))
         tile, tiles_per_call, reuse, keep = choice.tile, choice.tiles_per_call, choice.reuse, choice.memory
     # CPU: freed activations are reused instead of faulted in again (kept up to what the plan needs)
-    with cpu_memory.reuse(device, enabled=reuse, keep=keep):
+    with cpu_allocator.reuse(device, enabled=reuse, keep=keep):
         return run_tiled(rgb, fn, upscaler.scale, tile=tile, overlap=overlap, context=caps.context, device=device,
                          dtype=upscaler.dtype, multiple=caps.size_multiple, minimum=caps.min_size, square=caps.square,
                          hooks=hooks, per_tile=per_tile, tiles_per_call=tiles_per_call)

@@ -31,17 +31,18 @@ import torch
 from PIL import Image
 
 from ..tiling import RunHooks
-from ..upscalers.base import UpscalerError
-from ..upscalers.color_fix import METHODS as FIX_METHODS, color_fix as apply_color_fix
+from ..runtime.errors import UpscalerError
+from ..imaging.color_fix import METHODS as FIX_METHODS, color_fix as apply_color_fix
 from ..upscalers.contract import RunMemo, Upscaler
 from ..upscalers.receipts import (
     ColorFixRecord, ModelRecord, ModelSummary, ZoomCrop, ZoomLoopReceipt, ZoomPrompt, ZoomStepReceipt,
 )
-from ..upscalers.registry import overlap_for
+from ..imaging.image_io import from_pil, to_pil
+from ..upscalers.impl_policy import overlap_for
 from ..upscalers.upscale import check_image, upscale
 from .geometry import (
     DEFAULT_PROCESS_SIZE, RECURSIVE_MODES, SR_MODES, ZOOM, check_mode, check_process_size, check_step,
-    from_pil, prepare, step_factor, to_pil, zoom_crop,
+    prepare, step_factor, zoom_crop,
 )
 from .prompts import PromptProvider, make_prompt
 
@@ -81,7 +82,7 @@ def check_sampling(sampling: str) -> str:
 
 def sr_options(upscaler: Upscaler | None, sampling: str, tile: int = 0, overlap: int = 0):
     """(options for upscale(), the sampling that applies). `tile` / `overlap` are input px for every upscaler
-    (overlap 0 = auto, registry.AUTO_OVERLAP); the models that plan their own latent tiles get them converted here:
+    (overlap 0 = auto, impl_policy.AUTO_OVERLAP); the models that plan their own latent tiles get them converted here:
     CoZOptions for Chain-of-Zoom's own model (latent = input / 2), SDX4Options for SD x4 (latent = input, its other
     settings at their defaults), None for a GAN (which tiles in input px itself). The sampling applies to
     Chain-of-Zoom's model only (a GAN has no noise; SD x4 samples its own, seeded)."""
@@ -130,7 +131,7 @@ class ZoomSettings:
     seed: int = 0
     sampling: str = "sample"  # Chain-of-Zoom's own model: "sample" (the paper, seeded) or "mean" (no noise)
     tile: int = 0  # input px for every upscaler (converted for the latent-tiled models); 0 = auto
-    overlap: int = 0  # input px; 0 = auto (registry.AUTO_OVERLAP)
+    overlap: int = 0  # input px; 0 = auto (impl_policy.AUTO_OVERLAP)
     device: torch.device | None = None
     hooks: RunHooks = field(default_factory=RunHooks)
     memo: RunMemo = field(default_factory=RunMemo)  # reusable work (prompt embeddings) across one run's steps

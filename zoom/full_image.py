@@ -19,15 +19,16 @@ import torch
 
 from ..tiling import RunHooks, free_bytes, resize, target_size
 from ..tiling.resample import ALPHA_NOTE, METHODS as RESAMPLE_METHODS, attach_alpha, split_alpha
-from ..upscalers.base import UpscalerError
-from ..upscalers.color_fix import color_fix as apply_color_fix
+from ..runtime.errors import UpscalerError
+from ..imaging.color_fix import color_fix as apply_color_fix
 from ..upscalers.contract import RunMemo, Upscaler
 from ..upscalers.receipts import Resampled, ZoomPass, ZoomUpscaleReceipt
 from ..upscalers.size_guard import check_sizes
-from ..upscalers.registry import overlap_for
+from ..upscalers.impl_policy import overlap_for
 from ..upscalers.upscale import check_image, upscale
 from .chain import check_color_fix, check_sampling, check_zoom_upscaler, derive_seed, sr_options
-from .geometry import ZOOM, to_pil
+from ..imaging.image_io import to_pil
+from .geometry import ZOOM
 from .prompts import PromptProvider, make_prompt
 
 DEFAULT_MAX_SIDE = 8192

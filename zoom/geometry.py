@@ -7,11 +7,9 @@ IMAGE tensors (float 0..1) are exact both ways for 8-bit data.
 """
 from __future__ import annotations
 
-import numpy as np
-import torch
 from PIL import Image
 
-from ..upscalers.base import UpscalerError
+from ..runtime.errors import UpscalerError
 
 MODES = ("recursive", "recursive_multiscale", "onestep", "nearest", "bicubic")
 SR_MODES = ("recursive", "recursive_multiscale", "onestep")  # the others are interpolation baselines
@@ -37,25 +35,6 @@ def check_process_size(size: int) -> int:
 
 
 # ------------------------------------------------------------------------------ tensors <-> PIL
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """One ComfyUI image (H,W,C or 1,H,W,C float 0..1; grey/RGB/RGBA) -> 8-bit RGB, rounded (the
-    reference truncates) and alpha dropped (as the reference's convert('RGB'))."""
-    if image.ndim == 4:
-        if image.shape[0] != 1:
-            raise ValueError(f"to_pil takes one image, got a batch of {image.shape[0]}")
-        image = image[0]
-    rgb = image[..., :3] if image.shape[-1] >= 3 else image[..., :1].expand(-1, -1, 3)
-    # numpy (one thread, no per-op overhead): the same float32 clamp/scale/round-half-even as torch
-    arr = np.rint(np.clip(rgb.detach().float().cpu().numpy(), 0.0, 1.0) * np.float32(255.0))
-    return Image.fromarray(np.ascontiguousarray(arr.astype(np.uint8)), "RGB")
-
-
-def from_pil(image: Image.Image) -> torch.Tensor:
-    """8-bit PIL image -> 1,H,W,3 float32 in 0..1 (exact)."""
-    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(arr.copy())[None]
-
-
 # ------------------------------------------------------------------------------ published steps
 def prepare(image: Image.Image, size: int) -> Image.Image:
     """x0: short side to `size` with LANCZOS (sizes truncated with int()), then a centre crop size x size.

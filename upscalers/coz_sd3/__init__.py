@@ -3,7 +3,7 @@ from .backend import CoZSD3Upscaler, Residency, is_coz_base, select_dtypes
 from .components import TokenizerDirs
 from .lora import LORA_FOLDER, TRANSFORMER_LORA, VAE_ENCODER_LORA
 from .step import CoZOptions
-from ..backends import Backend
+from ..contract import Backend
 
 BACKEND = Backend("coz_sd3", "diffusion", detect=is_coz_base, load=CoZSD3Upscaler.load,
                   options=("transformer_lora", "vae_lora", "text_files", "tokenizer_dirs", "use_t5", "residency"))

@@ -16,9 +16,9 @@ from typing import Callable
 import torch
 
 from ...tiling import RunHooks
-from ..base import UpscalerError
+from ...runtime.errors import UpscalerError
 from ..contract import Capabilities, Conditioning, ModelSource, WindowResult
-from ..dtypes import dtype_name, select_dtype, vae_dtype_for
+from ...runtime.dtypes import dtype_name, select_dtype, vae_dtype_for
 from . import step
 from .components import CoZComponents, TokenizerDirs, is_sd3_folder, load_diffusers_folder
 from .lora import LORA_FOLDER, TRANSFORMER_LORA, VAE_ENCODER_LORA, merge_transformer_lora, merge_vae_encoder_lora

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..base import UpscalerError
+from ...runtime.errors import UpscalerError
 
 # The published step (Chain-of-Zoom's osediff_sd3 inference path).
 SCALING_FACTOR = 1.5305

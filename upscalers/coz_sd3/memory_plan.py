@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ...tiling.memory import host_free_bytes
-from ..base import UpscalerError
+from ...runtime.errors import UpscalerError
 from . import configs
 from .single_file import CHECKPOINT_FIX, ROLE_FIX, ROLE_LABEL, TEXT_ROLES, Tensors, open_weights
 
@@ -208,7 +208,7 @@ def fit_dtypes(plan: LoadPlan, dtypes: tuple[torch.dtype, torch.dtype, torch.dty
 
 
 def _names(dtypes) -> str:
-    from ..dtypes import dtype_name
+    from ...runtime.dtypes import dtype_name
 
     return "/".join(dict.fromkeys(dtype_name(d) for d in dtypes))
 

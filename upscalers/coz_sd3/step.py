@@ -13,7 +13,7 @@ with cos^2 weights (one step: the tiles are independent predictions of v), the f
 most the tile, several per call on a GPU where memory allows (docs/coz_model.md, "Tiled overhead"); the
 VAE encoder and decoder
 run whole whenever that fits the memory budget, and on overlapping windows with GroupNorm statistics
-shared across windows (tiling/vae_decode.py) only when it does not.
+shared across windows (tiling/vae_tiles.py) only when it does not.
 """
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ from ...tiling.cost import max_tiles_per_call
 from ...tiling.latent_denoise import predict_tiled
 from ...tiling.memory import BUDGET_FRACTION
 from ...tiling.plan import plan_tiles
-from ...tiling.vae_decode import decode_tiled
-from ..base import UpscalerError
+from ...tiling.vae_tiles import decode_tiled
+from ...runtime.errors import UpscalerError
 from . import configs
 
 ZOOM = 4

@@ -1,5 +1,5 @@
 """GAN / feed-forward SR backend family: any single-image model spandrel loads (impl "gan")."""
-from ..backends import Backend
+from ..contract import Backend
 from .backend import CONTEXT_BY_ARCH, DEFAULT_CONTEXT, GANUpscaler, capabilities_of, register_sd_x4_refusal
 
 # spandrel recognises the architecture when it loads: any weights file is a candidate

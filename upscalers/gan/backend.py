@@ -12,11 +12,12 @@ from spandrel import (
 )
 
 from ...tiling import RunHooks
-from ..base import UpscalerError, error_text
+from ...runtime.errors import UpscalerError, error_text
 from ..contract import Capabilities, Conditioning, ModelSource, WindowResult
-from ..dtypes import dtype_name, select_dtype
-from ..loading import read_weights, sha256_of
-from ..provenance import receipt_provenance
+from ...runtime.dtypes import dtype_name, select_dtype
+from ...assets.hashing import sha256_of
+from ..loading import read_weights
+from ...assets.provenance import receipt_provenance
 from ..sdx4.detect import SD_X4_MESSAGE, is_sdx4_file, is_sdx4_state_dict
 from .nearest_upconv import rewrite_checked
 

@@ -2,7 +2,7 @@
 from .backend import DEFAULT_PROMPT, SDX4Modules, SDX4Upscaler, select_dtypes
 from .detect import SD_X4_MESSAGE, is_sdx4_file, is_sdx4_folder, is_sdx4_path, is_sdx4_state_dict
 from .sampler import SDX4Options
-from ..backends import Backend
+from ..contract import Backend
 
 BACKEND = Backend("sdx4", "diffusion", detect=is_sdx4_path, load=SDX4Upscaler.load,
                   options=("tokenizer_dir", "attention_slicing", "offload"))

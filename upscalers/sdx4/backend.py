@@ -7,11 +7,12 @@ from pathlib import Path
 import torch
 
 from ...tiling import RunHooks
-from ..base import UpscalerError
+from ...runtime.errors import UpscalerError
 from ..contract import Capabilities, Conditioning, ModelSource, WindowResult
-from ..dtypes import dtype_name, select_dtype, vae_dtype_for
-from ..loading import read_weights, sha256_of
-from ..provenance import receipt_provenance
+from ...runtime.dtypes import dtype_name, select_dtype, vae_dtype_for
+from ...assets.hashing import sha256_of
+from ..loading import read_weights
+from ...assets.provenance import receipt_provenance
 from . import sampler
 from .components import SDX4Components, load_diffusers_folder
 from .detect import is_sdx4_state_dict

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..base import UpscalerError, error_text
+from ...runtime.errors import UpscalerError, error_text
 from . import configs
 from .detect import is_sdx4_folder
 

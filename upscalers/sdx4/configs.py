@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..base import UpscalerError
+from ...runtime.errors import UpscalerError
 
 ORIGINAL_CONFIG = Path(__file__).with_name("x4-upscaling.yaml")
 UNET_PREFIX = "model.diffusion_model."

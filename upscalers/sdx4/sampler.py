@@ -17,8 +17,8 @@ from ...tiling.latent_denoise import plan_latent, predict_tiled, step_hooks
 from ...tiling.memory import BUDGET_FRACTION
 from ...tiling.exact_decode import decode_flops_per_px, whole_attention_pays
 from ...tiling.plan import plan_tiles
-from ...tiling.vae_decode import decode_tiled
-from ..base import UpscalerError
+from ...tiling.vae_tiles import decode_tiled
+from ...runtime.errors import UpscalerError
 from .components import SDX4Components
 
 VAE_SCALE = 4  # latent = input size, output = 4x
@@ -154,7 +154,7 @@ def denoise(comps: SDX4Components, image: torch.Tensor, embeds: torch.Tensor, op
 
 def decode(comps: SDX4Components, latents: torch.Tensor, opts: SDX4Options, device: torch.device,
            dtype: torch.dtype, hooks: RunHooks, report: dict) -> torch.Tensor:
-    """latents B,4,h,w -> image B,4h,4w,3 float32 in 0..1 (tiled when large; see tiling/vae_decode.py)."""
+    """latents B,4,h,w -> image B,4h,4w,3 float32 in 0..1 (tiled when large; see tiling/vae_tiles.py)."""
     vae = comps.vae
     z = latents.to(dtype) / vae.config.scaling_factor
     height, width = z.shape[-2:]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..base import UpscalerError
+from ...runtime.errors import UpscalerError
 from . import configs
 from .components import SDX4Components, clip_tokenizer
 from .detect import LDM_UNET_IN, state_dict_layout

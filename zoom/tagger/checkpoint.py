@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from ...upscalers.base import UpscalerError
+from ...runtime.errors import UpscalerError
 
 WRAPPERS = ("model", "state_dict", "params")  # training scripts nest the weights under one of these
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ...upscalers.base import UpscalerError
+from ...runtime.errors import UpscalerError
 
 LORA_ALPHA = 1.0  # loralib's default, what SeeSR / DAPE train with
 SUFFIXES = (".lora_A", ".lora_B")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...upscalers.base import UpscalerError
+from ...runtime.errors import UpscalerError
 from .checkpoint import open_state_dict
 from .head import TaggingHead, head_shape
 from .lora import SUFFIXES, lora_delta, lora_pairs

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...upscalers.base import UpscalerError
+from ...runtime.errors import UpscalerError
 
 PREFIX = "visual_encoder."
 TIMM_NAME = "swin_large_patch4_window12_384"

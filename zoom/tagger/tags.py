@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ...upscalers.base import UpscalerError
+from ...runtime.errors import UpscalerError
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 TAG_LIST = DATA_DIR / "ram_tag_list.txt"

@@ -27,7 +27,7 @@ import os
 import time
 from pathlib import Path
 
-from .base import AssetError
+from ..runtime.errors import AssetError
 
 try:
     import fcntl

@@ -6,7 +6,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from .base import UpscalerError
+from ..runtime.errors import UpscalerError
 from .contract import Capabilities
 
 IMPLS = ("auto", "diffusion", "gan")

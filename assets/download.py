@@ -27,8 +27,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .base import AssetError
-from .loading import hash_file
+from ..runtime.errors import AssetError
+from .hashing import hash_file
 
 CHUNK = 1 << 16
 USER_AGENT = "dreamforge-upscale/0.1 (+assets)"

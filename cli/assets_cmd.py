@@ -15,11 +15,12 @@ import argparse
 import json
 import sys
 from dataclasses import replace
+from pathlib import Path
 
-from .base import AssetError, UpscalerError
-from .catalog import BUNDLES, CATALOG, FOLDERS, bundle_specs, load_manifest, parse_revisions
-from .discovery import ENV_MIRROR, ENV_MODELS_ROOT, Locations, install, list_installed
-from .verify import verify
+from ..runtime.errors import AssetError, UpscalerError
+from ..assets.catalog import BUNDLES, CATALOG, FOLDERS, bundle_specs, load_manifest, parse_revisions
+from ..assets.discovery import ENV_MIRROR, ENV_MODELS_ROOT, Locations, install, list_installed
+from ..assets.verify import verify
 
 
 def _human(n: int | None) -> str:
@@ -88,8 +89,18 @@ def cmd_prefetch(args) -> int:
     return 0
 
 
+def _load_gan(path: Path) -> None:
+    """The offline load check of an upscale_models file: spandrel, as every GAN run loads it (imported here:
+    `list` and `prefetch` need no torch)."""
+    import torch
+
+    from ..upscalers.gan import GANUpscaler
+
+    GANUpscaler.load(path, dtype="fp32", device=torch.device("cpu"))
+
+
 def cmd_verify(args) -> int:
-    checks = verify(_locations(args), _specs(args, for_prefetch=False), load=not args.no_load)
+    checks = verify(_locations(args), _specs(args, for_prefetch=False), load_gan=None if args.no_load else _load_gan)
     if args.json:
         print(json.dumps([c.as_json() for c in checks], indent=1))
     else:

@@ -2,7 +2,7 @@
 
 References, most specific first: the entry of the manifest/bundle being verified, the file's
 provenance sidecar, the bundled model's known hash, the catalogue entry of the same file name.
-Load checks never touch the network: spandrel (GANUpscaler.load) for upscale models; for diffusers
+Load checks never touch the network: the caller's GAN loader (`load_gan`: spandrel) for upscale models; for diffusers
 folders model_index.json plus a local-files-only config load of each component and a read of each
 weights file's header (no full weight load); a header/weights-only read for other files.
 """
@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from .assets import BUNDLED_DIR
-from .base import AssetError, UpscalerError, error_text
+from .bundled_model import BUNDLED_DIR
+from ..runtime.errors import AssetError, UpscalerError, error_text
 from .catalog import AssetSpec, catalogue_file
 from .discovery import Installed, Locations, list_installed, reference_sha256
 from .download import tree_sha256
-from .loading import sha256_of
+from .hashing import sha256_of
 
 PASSING = ("ok", "unpinned")  # unpinned: no reference hash known, but it loads
 
@@ -121,18 +122,15 @@ def check_diffusers_folder(path: Path) -> list[str]:
     return problems
 
 
-def load_check(kind: str, path: Path) -> str | None:
-    """None when the model loads offline, else what is wrong."""
+def load_check(kind: str, path: Path, load_gan: Callable[[Path], object]) -> str | None:
+    """None when the model loads offline, else what is wrong. `load_gan` loads an upscale_models file (it
+    raises when it cannot): the loader lives with the backends, above this package."""
     try:
         if kind == "diffusers":
             problems = check_diffusers_folder(path)
             return "; ".join(problems) or None
         if kind == "upscale_models":
-            import torch
-
-            from .gan import GANUpscaler
-
-            GANUpscaler.load(path, dtype="fp32", device=torch.device("cpu"))
+            load_gan(path)
             return None
         if path.is_dir():  # an LLM folder (transformers layout)
             import transformers
@@ -191,8 +189,10 @@ def _installed_for(spec: AssetSpec, locations: Locations) -> Installed | None:
     return None
 
 
-def verify(locations: Locations, specs: list[AssetSpec] | None = None, load: bool = True) -> list[Check]:
-    """Check `specs` (each must be installed), or else everything installed."""
+def verify(locations: Locations, specs: list[AssetSpec] | None = None,
+           load_gan: Callable[[Path], object] | None = None) -> list[Check]:
+    """Check `specs` (each must be installed), or else everything installed; with `load_gan` (see load_check)
+    each also loads offline."""
     checks = []
     if specs is not None:
         pairs = []
@@ -218,8 +218,8 @@ def verify(locations: Locations, specs: list[AssetSpec] | None = None, load: boo
             pairs.append((item, expected, None))
     for item, expected, spec in pairs:
         check = _hash_check(item, expected, spec)
-        if load and check.status in PASSING:
-            problem = load_check(item.folder, item.path)
+        if load_gan is not None and check.status in PASSING:
+            problem = load_check(item.folder, item.path, load_gan)
             if problem:
                 check = Check(check.name, check.folder, check.path, "load-failed", problem, check.expected, check.actual)
         checks.append(check)

@@ -27,12 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .assets import BUNDLED_DIR, BUNDLED_SHA256, bundled_model_path
-from .base import AssetError
+from .bundled_model import BUNDLED_DIR, BUNDLED_SHA256, bundled_model_path
+from ..runtime.errors import AssetError
 from .catalog import FOLDERS, AssetSpec, catalogue_file
 from .download import copy_verified, fetch_snapshot, fetch_url, tree_sha256
 from .file_lock import install_lock
-from .loading import WEIGHT_EXTENSIONS, sha256_of
+from .hashing import WEIGHT_EXTENSIONS, sha256_of
 from .provenance import read_sidecar, sidecar_path, utc_now, write_sidecar
 
 ENV_MODELS_ROOT = "DF_MODELS_ROOT"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import UpscalerError
+from .errors import UpscalerError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = tuple(DTYPES)

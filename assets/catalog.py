@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .base import AssetError
+from ..runtime.errors import AssetError
 
 # Model folders, named as in ComfyUI's models/ (LLM: prompt models, as other packs name it).
 FOLDERS = ("upscale_models", "checkpoints", "diffusers", "LLM")

@@ -12,7 +12,7 @@ import time
 import uuid
 from pathlib import Path
 
-from .base import AssetError
+from ..runtime.errors import AssetError
 
 SUFFIX = ".dreamforge.json"
 FORMAT = 1

@@ -1,4 +1,4 @@
-"""tiling/cpu_memory.py: CPU heap reuse during a pass -- bounded, switchable, a no-op off glibc.
+"""runtime/cpu_allocator.py: CPU heap reuse during a pass -- bounded, switchable, a no-op off glibc.
 
 Behaviour, not timing: page faults are counted (getrusage), the settings read back through their
 effect, RSS compared before/after.
@@ -12,34 +12,34 @@ from pathlib import Path
 import pytest
 import torch
 
-from dreamforge_upscale.tiling import cpu_memory
+from dreamforge_upscale.runtime import cpu_allocator
 from dreamforge_upscale.tiling.retry import free_cache
 from dreamforge_upscale.upscalers import GANUpscaler, upscale
-from dreamforge_upscale.upscalers.assets import bundled_model_path
+from dreamforge_upscale.assets.bundled_model import bundled_model_path
 
 REPO = Path(__file__).resolve().parents[1]
-on_glibc = pytest.mark.skipif(cpu_memory._load_glibc() is None, reason="needs glibc on Linux")
+on_glibc = pytest.mark.skipif(cpu_allocator._load_glibc() is None, reason="needs glibc on Linux")
 
 
 def test_switched_off_by_the_env_var():
-    st = cpu_memory.status({"DREAMFORGE_CPU_MALLOC": "0"}, glibc_present=True)
+    st = cpu_allocator.status({"DREAMFORGE_CPU_MALLOC": "0"}, glibc_present=True)
     assert not st.active and "DREAMFORGE_CPU_MALLOC=0" in st.reason
 
 
 def test_left_alone_when_the_user_configured_malloc():
-    st = cpu_memory.status({"MALLOC_ARENA_MAX": "2"}, glibc_present=True)
+    st = cpu_allocator.status({"MALLOC_ARENA_MAX": "2"}, glibc_present=True)
     assert not st.active and "MALLOC_ARENA_MAX" in st.reason
 
 
 def test_no_op_off_glibc():
-    assert cpu_memory._load_glibc("darwin") is None and cpu_memory._load_glibc("win32") is None
-    st = cpu_memory.status({}, glibc_present=False)
+    assert cpu_allocator._load_glibc("darwin") is None and cpu_allocator._load_glibc("win32") is None
+    st = cpu_allocator.status({}, glibc_present=False)
     assert not st.active and "not glibc" in st.reason
 
 
 def test_off_glibc_reuse_changes_nothing_and_upscaling_works(monkeypatch):
-    monkeypatch.setattr(cpu_memory, "_glibc", lambda: None)
-    with cpu_memory.reuse(torch.device("cpu")) as st:
+    monkeypatch.setattr(cpu_allocator, "_glibc", lambda: None)
+    with cpu_allocator.reuse(torch.device("cpu")) as st:
         assert not st.active
     out, _ = upscale(GANUpscaler.load(bundled_model_path()), torch.rand(1, 24, 24, 3))
     assert out.shape == (1, 96, 96, 3)
@@ -47,28 +47,28 @@ def test_off_glibc_reuse_changes_nothing_and_upscaling_works(monkeypatch):
 
 def test_retained_bound_is_clamped(caplog):
     mib = 2**20
-    assert cpu_memory.keep_bytes({}) == cpu_memory.DEFAULT_KEEP_MB * mib
-    assert cpu_memory.keep_bytes({"DREAMFORGE_CPU_MALLOC_KEEP_MB": "1"}) == 16 * mib
-    assert cpu_memory.keep_bytes({"DREAMFORGE_CPU_MALLOC_KEEP_MB": "999999"}) == 2047 * mib  # mallopt takes an int
+    assert cpu_allocator.keep_bytes({}) == cpu_allocator.DEFAULT_KEEP_MB * mib
+    assert cpu_allocator.keep_bytes({"DREAMFORGE_CPU_MALLOC_KEEP_MB": "1"}) == 16 * mib
+    assert cpu_allocator.keep_bytes({"DREAMFORGE_CPU_MALLOC_KEEP_MB": "999999"}) == 2047 * mib  # mallopt takes an int
     with caplog.at_level(logging.WARNING, logger="dreamforge_upscale"):
-        assert cpu_memory.keep_bytes({"DREAMFORGE_CPU_MALLOC_KEEP_MB": "lots"}) == cpu_memory.DEFAULT_KEEP_MB * mib
+        assert cpu_allocator.keep_bytes({"DREAMFORGE_CPU_MALLOC_KEEP_MB": "lots"}) == cpu_allocator.DEFAULT_KEEP_MB * mib
     assert "DREAMFORGE_CPU_MALLOC_KEEP_MB" in caplog.text and "not a whole number" in caplog.text
 
 
 def test_non_cpu_devices_are_not_touched():
-    assert not cpu_memory.configure(torch.device("meta")).active
-    with cpu_memory.reuse(torch.device("meta")) as st:
+    assert not cpu_allocator.configure(torch.device("meta")).active
+    with cpu_allocator.reuse(torch.device("meta")) as st:
         assert not st.active
 
 
 def test_logged_once(monkeypatch, caplog):
-    for name in (cpu_memory.ENV_SWITCH, *cpu_memory.USER_ENV):
+    for name in (cpu_allocator.ENV_SWITCH, *cpu_allocator.USER_ENV):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(cpu_memory, "_glibc", lambda: _RecordingGlibc())
-    monkeypatch.setattr(cpu_memory, "_state", {**cpu_memory._state, "logged": False, "depth": 0})
+    monkeypatch.setattr(cpu_allocator, "_glibc", lambda: _RecordingGlibc())
+    monkeypatch.setattr(cpu_allocator, "_state", {**cpu_allocator._state, "logged": False, "depth": 0})
     with caplog.at_level(logging.INFO, logger="dreamforge_upscale"):
         for _ in range(2):
-            with cpu_memory.reuse(torch.device("cpu")):
+            with cpu_allocator.reuse(torch.device("cpu")):
                 pass
     assert caplog.text.count("DreamForge CPU memory reuse") == 1
 
@@ -77,10 +77,10 @@ def test_logged_once(monkeypatch, caplog):
 CHILD = textwrap.dedent(r"""
     import os, resource, sys, threading, psutil, torch
     sys.path.insert(0, sys.argv[1]); import pack_import; pack_import.install()
-    from dreamforge_upscale.tiling import cpu_memory
+    from dreamforge_upscale.runtime import cpu_allocator
     torch.set_num_threads(1)
-    os.environ[cpu_memory.ENV_ARENA] = "1"  # the opt-in: the worker thread below shares the main arena
-    assert cpu_memory.configure().active  # before the worker thread starts, as the ComfyUI bridge does
+    os.environ[cpu_allocator.ENV_ARENA] = "1"  # the opt-in: the worker thread below shares the main arena
+    assert cpu_allocator.configure().active  # before the worker thread starts, as the ComfyUI bridge does
     net = torch.nn.Sequential(*[torch.nn.Conv2d(4, 4, 3, padding=1) for _ in range(4)]).eval()
     # 36 MiB activations: over the 32 MiB up to which glibc raises its mmap threshold as blocks are freed,
     # so without reuse every pass maps them afresh however glibc has adapted
@@ -100,11 +100,11 @@ CHILD = textwrap.dedent(r"""
         forward()
         result["plain"] = faults(forward)
         rss0 = psutil.Process().memory_info().rss
-        with cpu_memory.reuse(torch.device("cpu")) as st:
+        with cpu_allocator.reuse(torch.device("cpu")) as st:
             result["active"] = st.active
             forward(); forward()  # the heap settles (glibc's small remainders of aligned blocks) within two passes
             result["reused"] = faults(forward)
-            with cpu_memory.reuse(torch.device("cpu")):
+            with cpu_allocator.reuse(torch.device("cpu")):
                 pass  # a nested pass ending must not restore the defaults under the outer one
             result["after_nested"] = faults(forward)
             result["rss_in"] = psutil.Process().memory_info().rss
@@ -123,7 +123,7 @@ CHILD = textwrap.dedent(r"""
 def child() -> dict:
     import os
 
-    env = {k: v for k, v in os.environ.items() if k not in cpu_memory.USER_ENV and k != cpu_memory.ENV_ARENA}
+    env = {k: v for k, v in os.environ.items() if k not in cpu_allocator.USER_ENV and k != cpu_allocator.ENV_ARENA}
     proc = subprocess.run([sys.executable, "-c", CHILD, str(REPO / "scripts")], capture_output=True, text=True,
                           env=env, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -164,32 +164,32 @@ def test_a_pass_planned_without_reuse_leaves_the_allocator_alone(monkeypatch):
     """tiling/cost.py may choose one tile without reuse over tiles with it (memory-tight CPU): then the
     pass must not switch glibc to keeping freed memory."""
     fake = _RecordingGlibc()
-    for name in (cpu_memory.ENV_SWITCH, *cpu_memory.USER_ENV):
+    for name in (cpu_allocator.ENV_SWITCH, *cpu_allocator.USER_ENV):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(cpu_memory, "_glibc", lambda: fake)
-    monkeypatch.setattr(cpu_memory, "_state", {**cpu_memory._state, "arena_set": True, "depth": 0})
-    with cpu_memory.reuse(torch.device("cpu"), enabled=False) as st:
+    monkeypatch.setattr(cpu_allocator, "_glibc", lambda: fake)
+    monkeypatch.setattr(cpu_allocator, "_state", {**cpu_allocator._state, "arena_set": True, "depth": 0})
+    with cpu_allocator.reuse(torch.device("cpu"), enabled=False) as st:
         assert not st.active and "off for this pass" in st.reason
     assert fake.calls == []
-    with cpu_memory.reuse(torch.device("cpu")) as st:
+    with cpu_allocator.reuse(torch.device("cpu")) as st:
         assert st.active
-    assert ("mallopt", cpu_memory.M_MMAP_MAX, 0) in fake.calls and fake.calls[-1] == ("malloc_trim", 0)
+    assert ("mallopt", cpu_allocator.M_MMAP_MAX, 0) in fake.calls and fake.calls[-1] == ("malloc_trim", 0)
 
 
 def test_an_out_of_memory_inside_a_pass_gives_the_heap_back_for_the_retries(monkeypatch):
     """Memory is tight after an out-of-memory: the retries run with glibc's defaults and a trimmed heap."""
     fake = _RecordingGlibc()
-    for name in (cpu_memory.ENV_SWITCH, *cpu_memory.USER_ENV):
+    for name in (cpu_allocator.ENV_SWITCH, *cpu_allocator.USER_ENV):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(cpu_memory, "_glibc", lambda: fake)
-    monkeypatch.setattr(cpu_memory, "_state", {**cpu_memory._state, "arena_set": True, "depth": 0})
-    assert not cpu_memory.release_for_retry()  # no pass: nothing to change
+    monkeypatch.setattr(cpu_allocator, "_glibc", lambda: fake)
+    monkeypatch.setattr(cpu_allocator, "_state", {**cpu_allocator._state, "arena_set": True, "depth": 0})
+    assert not cpu_allocator.release_for_retry()  # no pass: nothing to change
     assert fake.calls == []
-    with cpu_memory.reuse(torch.device("cpu")):
+    with cpu_allocator.reuse(torch.device("cpu")):
         fake.calls.clear()
         free_cache(torch.device("cpu"))  # what the tile-size retry calls after an out-of-memory
-        assert fake.calls == [("mallopt", cpu_memory.M_MMAP_MAX, cpu_memory.DEFAULT_MMAP_MAX),
-                              ("mallopt", cpu_memory.M_TRIM_THRESHOLD, cpu_memory.DEFAULT_TRIM_THRESHOLD),
+        assert fake.calls == [("mallopt", cpu_allocator.M_MMAP_MAX, cpu_allocator.DEFAULT_MMAP_MAX),
+                              ("mallopt", cpu_allocator.M_TRIM_THRESHOLD, cpu_allocator.DEFAULT_TRIM_THRESHOLD),
                               ("malloc_trim", 0)]
 
 
@@ -199,18 +199,18 @@ def test_the_heap_keeps_what_the_pass_needs(monkeypatch, keep_mb, expected):
     plan's predicted memory; past what mallopt's int holds, trimming is off for the pass, and the pass's
     end restores glibc's default and trims."""
     fake = _RecordingGlibc()
-    for name in (cpu_memory.ENV_SWITCH, cpu_memory.ENV_KEEP_MB, *cpu_memory.USER_ENV):
+    for name in (cpu_allocator.ENV_SWITCH, cpu_allocator.ENV_KEEP_MB, *cpu_allocator.USER_ENV):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(cpu_memory, "_glibc", lambda: fake)
-    monkeypatch.setattr(cpu_memory, "_state", {**cpu_memory._state, "arena_set": True, "depth": 0})
-    with cpu_memory.reuse(torch.device("cpu"), keep=None if keep_mb is None else keep_mb * 2**20):
-        assert ("mallopt", cpu_memory.M_TRIM_THRESHOLD, expected) in fake.calls
-    assert fake.calls[-2:] == [("mallopt", cpu_memory.M_TRIM_THRESHOLD, cpu_memory.DEFAULT_TRIM_THRESHOLD),
+    monkeypatch.setattr(cpu_allocator, "_glibc", lambda: fake)
+    monkeypatch.setattr(cpu_allocator, "_state", {**cpu_allocator._state, "arena_set": True, "depth": 0})
+    with cpu_allocator.reuse(torch.device("cpu"), keep=None if keep_mb is None else keep_mb * 2**20):
+        assert ("mallopt", cpu_allocator.M_TRIM_THRESHOLD, expected) in fake.calls
+    assert fake.calls[-2:] == [("mallopt", cpu_allocator.M_TRIM_THRESHOLD, cpu_allocator.DEFAULT_TRIM_THRESHOLD),
                                ("malloc_trim", 0)]
 
 
 def _clean_env(monkeypatch):
-    for name in (cpu_memory.ENV_SWITCH, cpu_memory.ENV_KEEP_MB, cpu_memory.ENV_ARENA, *cpu_memory.USER_ENV):
+    for name in (cpu_allocator.ENV_SWITCH, cpu_allocator.ENV_KEEP_MB, cpu_allocator.ENV_ARENA, *cpu_allocator.USER_ENV):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -219,32 +219,32 @@ def test_a_pass_never_changes_the_arenas_and_ends_with_glibcs_defaults(monkeypat
     what a pass does change is undone when it ends."""
     fake = _RecordingGlibc()
     _clean_env(monkeypatch)
-    monkeypatch.setattr(cpu_memory, "_glibc", lambda: fake)
-    monkeypatch.setattr(cpu_memory, "_state", {**cpu_memory._state, "arena_set": False, "depth": 0})
-    with cpu_memory.reuse(torch.device("cpu")) as st:
+    monkeypatch.setattr(cpu_allocator, "_glibc", lambda: fake)
+    monkeypatch.setattr(cpu_allocator, "_state", {**cpu_allocator._state, "arena_set": False, "depth": 0})
+    with cpu_allocator.reuse(torch.device("cpu")) as st:
         assert st.active
-        assert fake.calls[:1] == [("mallopt", cpu_memory.M_MMAP_MAX, 0)]
-    assert not [c for c in fake.calls if c[:2] == ("mallopt", cpu_memory.M_ARENA_MAX)]
-    assert fake.calls[-3:] == [("mallopt", cpu_memory.M_MMAP_MAX, cpu_memory.DEFAULT_MMAP_MAX),
-                               ("mallopt", cpu_memory.M_TRIM_THRESHOLD, cpu_memory.DEFAULT_TRIM_THRESHOLD),
+        assert fake.calls[:1] == [("mallopt", cpu_allocator.M_MMAP_MAX, 0)]
+    assert not [c for c in fake.calls if c[:2] == ("mallopt", cpu_allocator.M_ARENA_MAX)]
+    assert fake.calls[-3:] == [("mallopt", cpu_allocator.M_MMAP_MAX, cpu_allocator.DEFAULT_MMAP_MAX),
+                               ("mallopt", cpu_allocator.M_TRIM_THRESHOLD, cpu_allocator.DEFAULT_TRIM_THRESHOLD),
                                ("malloc_trim", 0)]
 
 
 def test_configure_changes_nothing_unless_the_host_opts_in(monkeypatch):
     fake = _RecordingGlibc()
     _clean_env(monkeypatch)
-    monkeypatch.setattr(cpu_memory, "_glibc", lambda: fake)
-    monkeypatch.setattr(cpu_memory, "_state", {**cpu_memory._state, "arena_set": False, "depth": 0})
-    cpu_memory.configure(torch.device("cpu"))
+    monkeypatch.setattr(cpu_allocator, "_glibc", lambda: fake)
+    monkeypatch.setattr(cpu_allocator, "_state", {**cpu_allocator._state, "arena_set": False, "depth": 0})
+    cpu_allocator.configure(torch.device("cpu"))
     assert fake.calls == []
-    monkeypatch.setenv(cpu_memory.ENV_SWITCH, "0")  # the master switch wins over the opt-in
-    monkeypatch.setenv(cpu_memory.ENV_ARENA, "1")
-    cpu_memory.configure(torch.device("cpu"))
+    monkeypatch.setenv(cpu_allocator.ENV_SWITCH, "0")  # the master switch wins over the opt-in
+    monkeypatch.setenv(cpu_allocator.ENV_ARENA, "1")
+    cpu_allocator.configure(torch.device("cpu"))
     assert fake.calls == []
-    monkeypatch.delenv(cpu_memory.ENV_SWITCH)
-    cpu_memory.configure(torch.device("cpu"))
-    cpu_memory.configure(torch.device("cpu"))  # once per process
-    assert fake.calls == [("mallopt", cpu_memory.M_ARENA_MAX, 1)]
+    monkeypatch.delenv(cpu_allocator.ENV_SWITCH)
+    cpu_allocator.configure(torch.device("cpu"))
+    cpu_allocator.configure(torch.device("cpu"))  # once per process
+    assert fake.calls == [("mallopt", cpu_allocator.M_ARENA_MAX, 1)]
 
 
 # A fresh interpreter that loads the pack the way ComfyUI does and builds its node list, with every
@@ -284,7 +284,7 @@ def _register_in_fresh_comfy(extra_env: dict) -> list:
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
     env = {k: v for k, v in os.environ.items()
-           if k not in (*cpu_memory.USER_ENV, cpu_memory.ENV_SWITCH, cpu_memory.ENV_ARENA)}
+           if k not in (*cpu_allocator.USER_ENV, cpu_allocator.ENV_SWITCH, cpu_allocator.ENV_ARENA)}
     proc = subprocess.run([sys.executable, "-c", REGISTER, str(root), str(REPO / "tests")], capture_output=True,
                           text=True, env={**env, **extra_env}, cwd=root, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -299,4 +299,4 @@ def test_loading_and_registering_the_pack_leaves_the_allocator_alone():
 
 @on_glibc
 def test_the_host_can_opt_in_to_sharing_the_main_arena():
-    assert _register_in_fresh_comfy({cpu_memory.ENV_ARENA: "1"}) == [(cpu_memory.M_ARENA_MAX, 1)]
+    assert _register_in_fresh_comfy({cpu_allocator.ENV_ARENA: "1"}) == [(cpu_allocator.M_ARENA_MAX, 1)]
