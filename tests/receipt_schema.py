@@ -1,6 +1,6 @@
 """Every receipt the suite produces is checked against docs/receipt.schema.json.
 
-In-process receipts: tests/conftest.py watches every receipt object made during a test and validates its
+In-process receipts: tests/receipt_fixtures.py watches every receipt object made during a test and validates its
 final state when the test ends. Receipts made inside the ComfyUI server arrive as JSON text (the
 DreamForgeTestSaveText node writes them to the server's output folder): the session fixture validates
 every such file when the server stops.

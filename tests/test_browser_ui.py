@@ -43,7 +43,7 @@ from receipt_schema import problems as receipt_problems  # noqa: E402
 pytestmark = pytest.mark.browser
 
 ARTIFACTS = REPO_ROOT / "out" / "browser"
-PACK_FOLDER = "dreamforge-upscale-test"  # the pack's folder name under custom_nodes (tests/conftest.py)
+PACK_FOLDER = "dreamforge-upscale-test"  # the pack's folder name under custom_nodes (tests/comfy_fixtures.py)
 LOADER_FILES = {"DreamForgeLoadUpscaler": ("model_name",),  # loader -> its widgets that name model files
                 "DreamForgeLoadCoZModel": ("base_model", "transformer_lora", "vae_lora")}
 WORKFLOWS = ui_workflow_files()

@@ -1,6 +1,6 @@
 """The pack inside a real, unmodified ComfyUI 0.3.75 (CPU), driven over its HTTP API.
 
-One server for the session (the `comfy` fixture in conftest.py): the pack is installed as
+One server for the session (the `comfy` fixture in comfy_fixtures.py): the pack is installed as
 custom_nodes/dreamforge-upscale-test (a symlink, so a folder name unlike the repository's), next to
 the test-only nodes in tests/comfy_test_nodes. Inputs are real photos from scikit-image, cropped
 small; the bundled Compact model does the work except where the RRDB model is the point.

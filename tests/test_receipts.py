@@ -1,12 +1,11 @@
 """Typed receipts (upscalers/receipts.py): one shape whatever the path, and the schema the suite checks them with.
 
-tests/conftest.py validates every receipt a test makes against docs/receipt.schema.json; these tests make
+tests/receipt_fixtures.py validates every receipt a test makes against docs/receipt.schema.json; these tests make
 sure that check has teeth (a broken receipt is rejected) and that the file is the classes' schema.
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 
 import pytest
@@ -16,11 +15,12 @@ from skimage import data
 from dreamforge_upscale.upscalers import GANUpscaler, upscale
 from dreamforge_upscale.assets.bundled_model import bundled_model_path
 from dreamforge_upscale.upscalers.receipts import (
-    RECEIPT_VERSION, BatchReceipt, Receipt, UpscaleReceipt, ZoomStepReceipt, json_schema,
+    RECEIPT_VERSION, BatchReceipt, UpscaleReceipt, ZoomStepReceipt, json_schema,
 )
 from dreamforge_upscale.zoom import ZoomSettings, prepare, zoom_step
 from dreamforge_upscale.imaging.image_io import to_pil
 from receipt_schema import SCHEMA_FILE, problems
+from receipt_watch import receipts_made
 from zoom_helpers import BicubicX4
 
 
@@ -111,20 +111,15 @@ def test_the_validator_rejects_a_broken_receipt(compact, break_it, where):
     assert found and any(where in p for p in found), found
 
 
-def test_the_suite_wide_check_sees_every_receipt_made(compact, monkeypatch):
-    """conftest.py's check is fed by Receipt.watchers: every receipt object made is handed to it."""
-    seen: list = []
-    Receipt.watchers.append(seen.append)
-    try:
+def test_the_suite_wide_check_sees_every_receipt_made(compact):
+    """receipt_fixtures.py's check sees every receipt object made (receipt_watch.py), once each."""
+    with receipts_made() as seen:
         upscale(compact, photo(), 16.0)
-    finally:
-        Receipt.watchers.remove(seen.append)
     assert [type(r) for r in seen] == [UpscaleReceipt]
-    # a receipt object made wrong (passes as a dict, as before the typed receipts) is what that check
-    # reports; made out of the watchers' sight, or this test itself would fail the suite-wide check
-    monkeypatch.setattr(Receipt, "watchers", [])
-    bad = dataclasses.replace(seen[0], passes={"1": seen[0].passes[0]})
-    assert any(p.startswith("passes") for p in problems(bad.to_dict()))
+    # a receipt made wrong (passes as a dict, as before the typed receipts) is what that check reports
+    bad = seen[0].to_dict()
+    bad["passes"] = {"1": bad["passes"][0]}
+    assert any(p.startswith("passes") for p in problems(bad))
 
 
 def test_a_batch_receipt_validates_and_holds_one_receipt_per_image():
