@@ -29,13 +29,14 @@ from PIL import Image
 from .tiling import RunHooks
 from .assets import discovery
 from .assets.bundled_model import BUNDLED_MODEL
+from .runtime.devices import default_device
 from .imaging.image_io import has_alpha, pil_pixels, read_image, to_uint8
 from .upscalers import backends
 from .runtime.errors import UpscalerError
 from .upscalers.contract import Upscaler
 from .upscalers.receipts import Policy, UpscaleReceipt, ZoomLoopReceipt
 from .upscalers import model_files
-from .upscalers.impl_policy import IMPLS, choose_run, resolve_load_impl
+from .upscalers.impl_policy import check_impl, choose_run, resolve_load_impl
 from .upscalers.sdx4 import SDX4Options
 from .upscalers.size_guard import check_request
 from .upscalers.upscale import DEFAULT_OVERLAP, upscale
@@ -207,8 +208,7 @@ def plan_upscaler(scale: float | None, model: str | os.PathLike | None = None, *
                   places: ModelPlaces = ModelPlaces()):
     """select_upscaler's choice without loading anything: (the model's path, the impl policy's RunChoice);
     the weights that run are `path` when choice.use_loaded, else folder_gan(choice.gan_scale)'s."""
-    if impl not in IMPLS:
-        raise UpscalerError(f"impl must be one of {', '.join(IMPLS)}; got {impl!r}")
+    check_impl(impl)
     if model is None and impl == "diffusion":
         raise UpscalerError("impl diffusion needs the Stable Diffusion x4 upscaler: give its diffusers folder "
                             "(diffusers/<folder> or a path) or x4-upscaler-ema.safetensors as the model")
@@ -243,7 +243,7 @@ def folder_gan(native: int, *, dtype: str = "auto", device: str | torch.device |
 
 def pick_device(device: str | torch.device | None) -> torch.device:
     if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return default_device()
     try:
         dev = torch.device(device)
     except RuntimeError:

@@ -65,7 +65,7 @@ QUICK = {"compact": (352, 2), "x4plus": (96, 1), "bf16": (96, 2), "memory": (384
 # DREAMFORGE_BENCH_SMOKE=1 (scripts/bench_smoke.py): every case's code path at tiny sizes, one repeat, the
 # memory variants in one subprocess and the unseen cases in one (numbers mean nothing)
 SMOKE = {"compact": (64, 1), "x4plus": (24, 1), "bf16": (24, 1), "memory": (32, 1), "unseen": (24, 1)}
-# Photos and models the pack was never tuned on (issue 14): (case, skimage photo, model, untiled-size note).
+# Photos and models the pack was never tuned on: (case, skimage photo, model, untiled-size note).
 # "bundled" = the Compact file shipped in assets/bundled; "rrdb6" = an RRDB x4 with 6 blocks built here
 # with random weights (RealESRGAN_x4plus_anime_6B's shape); sizes are the photos' own.
 UNSEEN = (

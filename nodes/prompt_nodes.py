@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..upscalers import UpscalerError
 from ..imaging.image_io import to_pil
+from ..runtime.dtypes import DTYPE_NAMES
 from ..zoom import derive_seed, make_prompt
 from . import bridge
 from .bridge import PROMPT_MODEL, PROMPT_MODEL_FOLDER, TAGGER_FOLDER, Choice, advanced, io, schema
@@ -19,7 +20,7 @@ WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
 
 def dtype_input(tooltip: str) -> io.Input:
-    return Choice("dtype", options=["auto", "fp32", "fp16", "bf16"], default="auto", tooltip=tooltip)
+    return Choice("dtype", options=["auto", *DTYPE_NAMES], default="auto", tooltip=tooltip)
 
 
 def prompt_model_output() -> list[io.Output]:

@@ -1,5 +1,5 @@
-"""Save family: Save Image + Receipt, core SaveImage that also keeps the upscale receipt with the file
-(issue 23: a receipt shown only in Preview as Text was lost once the image was saved)."""
+"""Save family: Save Image + Receipt, core SaveImage that also keeps the upscale receipt with the file (a
+receipt shown only in Preview as Text is gone once the image is saved)."""
 from __future__ import annotations
 
 import json

@@ -167,8 +167,6 @@ def _sdx4_options(steps, guidance, noise_level, negative_prompt, tile=0, overlap
 
 
 class TiledUpscale(io.ComfyNode):
-    CHECKED = ("impl", "scale", "strict_scale")  # the inputs validate_inputs names (ComfyUI skips its checks)
-
     @classmethod
     def define_schema(cls):
         return schema(

@@ -9,6 +9,11 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = tuple(DTYPES)
 
 
+def itemsize(dtype: torch.dtype) -> int:
+    """Bytes per element of a floating-point dtype."""
+    return torch.finfo(dtype).bits // 8
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}[dtype]
 

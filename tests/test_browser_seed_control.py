@@ -1,4 +1,4 @@
-"""Issue 23: a seed that cannot change the result must not invalidate ComfyUI's cache.
+"""A seed that cannot change the result must not invalidate ComfyUI's cache.
 
 In ComfyUI's real frontend (the pinned 1.32.9, headless Chromium, tests/test_browser_ui.py's harness) against
 the session server: the pack's web extension (web/seed_control.js) starts the seed control of Tiled Upscale

@@ -1,4 +1,4 @@
-"""The command line and the library with Chain-of-Zoom's own model and DAPE tag prompts (issue 21, part 4).
+"""The command line and the library with Chain-of-Zoom's own model and DAPE tag prompts.
 
 `dreamforge-upscale zoom photo.png --coz-model ... --tagger ... --sampling mean` and the library calls
 (load_upscaler with both LoRA files, load_tagger, chain_of_zoom) run on the tiny random SD3 + LoRA files

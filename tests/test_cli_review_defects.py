@@ -1,4 +1,4 @@
-"""Defects an independent review reproduced in the command line and the library (issue 20: 1, 3, 5, 6).
+"""Defects an independent review reproduced in the command line and the library.
 
 1. --skip-existing knew the model by the name typed: new weights behind the same path kept old outputs.
 3. api.as_image passed integer tensors / arrays through unscaled (white output).

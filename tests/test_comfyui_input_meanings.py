@@ -1,4 +1,4 @@
-"""Issue 23: one meaning per input name, one unit per quantity, through a real ComfyUI 0.3.75 over HTTP.
+"""One meaning per input name, one unit per quantity, through a real ComfyUI 0.3.75 over HTTP.
 
 - Tiled Upscale takes core's UPSCALE_MODEL as ESRGAN Upscale does (core Load Upscale Model -> Tiled Upscale).
 - scale 0 = the connected model's native scale on Tiled Upscale too.

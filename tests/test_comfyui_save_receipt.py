@@ -1,4 +1,4 @@
-"""Save Image + Receipt (issue 23) through the real session server, over HTTP: the saved PNG carries what
+"""Save Image + Receipt through the real session server, over HTTP: the saved PNG carries what
 core SaveImage writes plus the upscale receipt in a `dreamforge_receipt` chunk, `receipt_file` writes
 NAME.json beside it, a receipt that is not JSON is an execution error naming `receipt`, and with no
 receipt the node is core SaveImage. --disable-metadata is checked at the function level in a fresh

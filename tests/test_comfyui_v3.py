@@ -1,4 +1,4 @@
-"""The V3 port (issue 13) through real ComfyUI 0.3.75 servers.
+"""The V3 port through real ComfyUI 0.3.75 servers.
 
 - Every node's /object_info input spec equals the V1 one saved before the port
   (tests/data/object_info_v1.json), so saved workflows and API twins keep loading unchanged.

@@ -1,4 +1,4 @@
-"""Before a Chain-of-Zoom load: what it will need, from the headers, against the free memory (issue 22).
+"""Before a Chain-of-Zoom load: what it will need, from the headers, against the free memory.
 
 The plan counts each network's elements from the files the loaders will read (every published layout); a
 load that would not fit is refused with the numbers and the fixes before any tensor is read; dtype auto

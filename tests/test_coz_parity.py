@@ -250,7 +250,7 @@ def test_the_loop_matches_the_authors_loop_in_process(reference, ours, photo):
 
 
 def test_the_float_bicubic_the_pack_used_to_feed_is_far_off(reference, ours, photo):
-    """Issue 21: PIL mode "F" bicubic (no rounding, no clipping: overshoot at edges) was fed to the step."""
+    """PIL mode "F" bicubic (no rounding, no clipping: overshoot at edges) was fed to the step."""
     from dreamforge_upscale.upscalers.coz_sd3 import step
 
     x0 = resize_and_center_crop(photo, SIZE)

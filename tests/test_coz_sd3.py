@@ -135,7 +135,7 @@ def test_one_step_matches_the_unmerged_reference(files, model):
 
 
 def test_the_sr_input_is_the_8bit_bicubic_of_the_whole_pass_input(model, monkeypatch):
-    """Issue 21: PIL BICUBIC on the 8-bit RGB image (rounded, clipped: a hard edge does not overshoot), /255 - and
+    """PIL BICUBIC on the 8-bit RGB image (rounded, clipped: a hard edge does not overshoot), /255 - and
     for a tiled pass the bicubic of the whole input, so tiles are cut from it (a crop's bicubic differs at borders)."""
     edge = torch.zeros(1, 3, 12, 12)
     edge[..., 6:] = 1.0

@@ -1,4 +1,4 @@
-"""Every file layout a ComfyUI user has for SD3 medium and its text encoders (issue 21 part 3, issue 22).
+"""Every file layout a ComfyUI user has for SD3 medium and its text encoders.
 
 tests/tiny_sd3.write_layouts writes one tiny SD3 (fp16-valued weights) as the diffusers folder, the four
 sd3_medium*.safetensors checkpoints, clip_l / clip_g and the three t5xxl files, each in its published key
@@ -362,7 +362,7 @@ def test_damaged_or_foreign_checkpoints_are_refused_by_name(layouts, tmp_path):
              "decoder.conv_out.weight")
 
 
-# ------------------------------------------------------------------------------ memory (issue 22)
+# ------------------------------------------------------------------------------ memory
 PROBE = r"""
 import gc, json, sys
 sys.path[:0] = [sys.argv[1], sys.argv[2]]
@@ -390,8 +390,8 @@ SMALL_CONSTANT = 16 << 20  # staging buffers and allocator slack
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's resettable VmHWM")
 def test_building_t5_from_an_fp16_file_peaks_near_the_networks_bytes(tmp_path):
     """A 42 M-parameter T5 (ComfyUI's fp16 layout, 83 MB): the load peaks at <= 1.2x the network in its compute
-    dtype (+ 16 MiB), in fp32 (each tensor widened once) and fp16 (read straight in; `wo` widened). Before
-    issue 22: 5.0x the file (2.5x the fp32 network)."""
+    dtype (+ 16 MiB), in fp32 (each tensor widened once) and fp16 (read straight in; `wo` widened). A random
+    init and a load of `.float()` copies peaked at 5.0x the file (2.5x the fp32 network)."""
     path = tmp_path / "t5xxl_fp16.safetensors"
     params = tiny_sd3.write_t5_file(path, d_model=512, layers=6, d_ff=2048)
     tests, scripts = Path(__file__).resolve().parent, Path(__file__).resolve().parents[1] / "scripts"

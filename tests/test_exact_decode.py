@@ -1,4 +1,4 @@
-"""The one-pass exact tiled VAE decode (issue 22 part 2): GroupNorm sums shared across windows, the middle
+"""The one-pass exact tiled VAE decode: GroupNorm sums shared across windows, the middle
 attention over the whole latent; equal to the untiled decode, and every failure path bounded."""
 from __future__ import annotations
 

@@ -14,23 +14,10 @@ Given `reuse_factor` it also scores each plan without heap reuse (less memory, R
 time), so a memory-tight CPU runs one tile without reuse rather than tiles that re-read their context.
 Where each constant comes from: docs/speed.md ("Where every constant comes from").
 
-Calibration (this repository's CPU: AMD EPYC Zen 3 KVM guest, 2 cores, torch 2.14.1, fp32, memory reuse
-on). `calibrate()` fits per_call + per_pixel * px over windows of 96-384 px. On a loaded machine the fits
-move 2-60x between runs (docs/speed.md), so CPU_COSTS holds per-pixel costs from quiet-machine passes instead (RealESRGAN_x4plus: 3.0-3.6e-4
-s/px at every window side from 64 to 320 px; an RRDB with 6 blocks 0.91-1.08e-4 from 128 px to the whole
-741x500 photo, i.e. no growth with the window; Compact 500x500 in 6-7 s = 2.5e-5 s/px under load, about
-1.2e-5 quiet) and a per-call cost of a few 96 px windows. On the CPU every candidate's cost is dominated by
-per_pixel, so the choice is: one tile when it fits, else the plan reading the fewest pixels.
-
-Only the ratios matter for the choice (per_call : per_pixel : blend), not the absolute speed. To
-recalibrate on another machine (e.g. a GPU):
-
-    .venv/bin/python benchmarks/gpu_suite.py --calibrate MODEL.pth [--dtype fp16]   # CUDA when present
-
-(or call `calibrate(upscaler.upscale_window, device, ...)`) on a quiet machine and put the printed line
-into CPU_COSTS or CUDA_COSTS under the architecture id (`costs_for(arch, device)` picks the table; a GPU
-needs its own: per_call is launch latency there, which batching tiles divides). CUDA_COSTS below are
-placeholders of the right order until that runs on a GPU.
+CPU_COSTS holds per-pixel costs of whole quiet passes on a 2-core CPU and a per-call cost of a few small
+windows; on the CPU per_pixel dominates, so the choice is one tile when it fits, else the plan reading the
+fewest pixels. Only the ratios matter (per_call : per_pixel : blend). Each constant's measurement and how to
+refit them on another machine (`benchmarks/gpu_suite.py --calibrate`, or `calibrate()`): docs/speed.md.
 """
 from __future__ import annotations
 
@@ -41,6 +28,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from .memory import TILE_STEP
 from .plan import TilePlan, plan_tiles
 
 CPU_REUSE_FACTOR = 2.0  # heap reuse keeps freed blocks: peak RSS above the start 1.95-2.0x of a default pass (docs/speed.md)
@@ -48,7 +36,6 @@ CPU_REUSE_FACTOR = 2.0  # heap reuse keeps freed blocks: peak RSS above the star
 # CPU (1.35-1.49x, Compact and RRDB, docs/benchmarks.md). Low on purpose: an error here only moves the
 # rare memory-tight choice between "one tile, reuse off" and "tiles, reuse on", never the output.
 REUSE_OFF_SLOWDOWN = 1.35
-TILE_STEP = 32
 MIN_TILE = 64
 
 
@@ -59,12 +46,12 @@ class ArchCost:
     blend_per_pixel: float = 2.0e-8  # seconds per output pixel to weight and add a tile into the canvas
 
 
-# Measured with calibrate() on this repository's CPU (see the module docstring).
+# Per-pixel costs of quiet whole passes on a 2-core CPU (docs/speed.md).
 CPU_COSTS = {
     "Compact": ArchCost(per_call=0.02, per_pixel=1.2e-5),
     "ESRGAN": ArchCost(per_call=0.05, per_pixel=3.3e-4),  # RealESRGAN_x4plus, quiet: flat over 64-320 px windows
 }
-# Not measured yet (no GPU so far): per-call latency dominates small tiles on a GPU.
+# Placeholders of the right order, not measured (docs/speed.md): per-call latency dominates small tiles on a GPU.
 CUDA_COSTS = {
     "Compact": ArchCost(per_call=0.002, per_pixel=2.0e-9, blend_per_pixel=1.0e-10),
     "ESRGAN": ArchCost(per_call=0.005, per_pixel=4.0e-8, blend_per_pixel=1.0e-10),

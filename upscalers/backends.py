@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..runtime.devices import default_device
 from .contract import Backend, Upscaler
 from .coz_sd3 import BACKEND as COZ_SD3
 from .gan import BACKEND as GAN
@@ -34,7 +35,7 @@ def load_upscaler(path: str | os.PathLike, *, impl: str = "auto", dtype: str = "
     path = Path(path)
     backend = backend_for(path)
     resolve_load_impl(impl, backend.impl == "diffusion", path.name)
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     given = {k: v for k, v in options.items() if k in backend.options}
     return backend.load(path, dtype=dtype, device=device, **given)
 

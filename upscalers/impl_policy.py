@@ -21,6 +21,12 @@ AUTO_DIFFUSION_FROM = 3.0  # auto with SD x4 connected: scales below this run a 
 AUTO_OVERLAP = {"gan": 16, "diffusion": 32}
 
 
+def check_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise UpscalerError(f"impl must be one of {', '.join(IMPLS)}; got {impl!r}")
+    return impl
+
+
 def default_impl() -> str:
     value = os.environ.get(ENV_DEFAULT_IMPL, "auto").strip().lower() or "auto"
     if value not in IMPLS:
@@ -35,8 +41,7 @@ def overlap_for(impl: str, overlap: int) -> int:
 
 def resolve_load_impl(impl: str, is_diffusion_model: bool, name: str) -> str:
     """What Load Upscaler loads: auto follows the model; an explicit impl must match it."""
-    if impl not in IMPLS:
-        raise UpscalerError(f"impl must be one of {', '.join(IMPLS)}; got {impl!r}")
+    check_impl(impl)
     found = "diffusion" if is_diffusion_model else "gan"
     if impl in ("auto", found):
         return found
@@ -69,8 +74,7 @@ def choose_run(impl: str, scale: float | None, loaded_impl: str) -> RunChoice:
     connected SD x4 model (scale 2 runs x4 then downsamples unless strict_scale). Scale 0 = the connected
     model's native scale.
     """
-    if impl not in IMPLS:
-        raise UpscalerError(f"impl must be one of {', '.join(IMPLS)}; got {impl!r}")
+    check_impl(impl)
     target = float(scale) if scale else float(DIFFUSION_NATIVE if loaded_impl == "diffusion" else 0)
     gan_scale = 2 if 0 < target < AUTO_DIFFUSION_FROM else 4
     if impl == "diffusion":

@@ -15,10 +15,11 @@ from typing import Callable
 
 import torch
 
+from ...runtime.devices import default_device
 from ...tiling import RunHooks
 from ...runtime.errors import UpscalerError
 from ..contract import Capabilities, Conditioning, ModelSource, WindowResult
-from ...runtime.dtypes import dtype_name, select_dtype, vae_dtype_for
+from ...runtime.dtypes import DTYPE_NAMES, dtype_name, select_dtype, vae_dtype_for
 from . import step
 from .components import CoZComponents, TokenizerDirs, is_sd3_folder, load_diffusers_folder
 from .lora import LORA_FOLDER, TRANSFORMER_LORA, VAE_ENCODER_LORA, merge_transformer_lora, merge_vae_encoder_lora
@@ -113,7 +114,7 @@ class CoZSD3Upscaler:
                                          if getattr(comps, k) is not None}).eval().requires_grad_(False)
         per_input_px = ZOOM_PX * step.transformer_bytes_per_latent_px(comps.transformer, torch.float32) / 4
         self.capabilities = Capabilities(
-            impl="diffusion", native_scales=(step.ZOOM,), dtypes=("fp32", "fp16", "bf16"), size_multiple=1,
+            impl="diffusion", native_scales=(step.ZOOM,), dtypes=DTYPE_NAMES, size_multiple=1,
             min_size=1, square=False, context=0, bytes_per_pixel=per_input_px,
             in_channels=3, out_channels=3, prompted=True, whole_image=True,
         )
@@ -224,7 +225,7 @@ class CoZSD3Upscaler:
                 "Chain-of-Zoom Model'; in Python pass both files, load_upscaler(base, transformer_lora=..., "
                 "vae_lora=...); on the command line, zoom --coz-model BASE (the files are looked up in "
                 f"loras/{LORA_FOLDER}/ of the models root, or give --transformer-lora and --vae-lora)")
-        device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = device or default_device()
         dtypes, memory = select_dtypes(dtype, device), None
         if base.is_file() or is_sd3_folder(base):  # anything else is refused by name by the loaders below
             dtypes, memory = check_before_load(base, text_files, use_t5, dtypes, dtype, free_ram)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ...runtime.dtypes import itemsize
 from ...tiling import RunHooks, free_bytes, shrink_on_oom
 from ...tiling.cost import max_tiles_per_call
 from ...tiling.latent_denoise import predict_tiled
@@ -112,21 +113,17 @@ def pad_to_multiple(x: torch.Tensor, multiple: int = SIDE_MULTIPLE) -> torch.Ten
     return F.pad(x, (0, pw, 0, ph), mode=mode)
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.finfo(dtype).bits // 8
-
-
 def _budget(hooks: RunHooks, device: torch.device) -> int:
     return int((hooks.free_bytes or free_bytes)(device) * BUDGET_FRACTION)
 
 
 def transformer_bytes_per_latent_px(transformer, dtype: torch.dtype) -> float:
     width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-    return TRANSFORMER_ELEMENTS_PER_CHANNEL * width * _itemsize(dtype)
+    return TRANSFORMER_ELEMENTS_PER_CHANNEL * width * itemsize(dtype)
 
 
 def vae_bytes_per_latent_px(vae, dtype: torch.dtype) -> float:
-    return VAE_ELEMENTS_PER_CHANNEL * vae.config.block_out_channels[0] * _itemsize(dtype)
+    return VAE_ELEMENTS_PER_CHANNEL * vae.config.block_out_channels[0] * itemsize(dtype)
 
 
 def max_latent_side(transformer) -> int:

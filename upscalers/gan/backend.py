@@ -11,6 +11,7 @@ from spandrel import (
     canonicalize_state_dict,
 )
 
+from ...runtime.devices import default_device
 from ...tiling import RunHooks
 from ...runtime.errors import UpscalerError, error_text
 from ..contract import Capabilities, Conditioning, ModelSource, WindowResult
@@ -206,7 +207,7 @@ class GANUpscaler:
                 f"{path.name} looks like a known architecture but its weights do not fit it "
                 f"({error_text(exc)}); the file is damaged or incomplete: re-download it."
             ) from None
-        device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = device or default_device()
         chosen = select_dtype(dtype, device, descriptor.supports_half, descriptor.supports_bfloat16)
         sha = sha256_of(path)
         source = ModelSource(path.name, sha, descriptor.architecture.name, receipt_provenance(path, sha))

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import torch
 
+from ...runtime.devices import default_device
 from ...tiling import RunHooks
 from ...runtime.errors import UpscalerError
 from ..contract import Capabilities, Conditioning, ModelSource, WindowResult
-from ...runtime.dtypes import dtype_name, select_dtype, vae_dtype_for
+from ...runtime.dtypes import DTYPE_NAMES, dtype_name, select_dtype, vae_dtype_for
 from ...assets.hashing import sha256_of
 from ..loading import read_weights
 from ...assets.provenance import receipt_provenance
@@ -57,7 +58,7 @@ class SDX4Upscaler:
             comps.unet.set_attention_slice("auto")
         self.holder = SDX4Modules(comps.unet, comps.vae, comps.text_encoder).eval().requires_grad_(False)
         self.capabilities = Capabilities(
-            impl="diffusion", native_scales=(sampler.VAE_SCALE,), dtypes=("fp32", "fp16", "bf16"), size_multiple=1,
+            impl="diffusion", native_scales=(sampler.VAE_SCALE,), dtypes=DTYPE_NAMES, size_multiple=1,
             min_size=1, square=False, context=0,
             bytes_per_pixel=sampler.unet_bytes_per_pixel(comps, torch.float32, cfg=True),
             in_channels=3, out_channels=3, prompted=True, whole_image=True,
@@ -104,7 +105,7 @@ class SDX4Upscaler:
              offload: bool = False) -> "SDX4Upscaler":
         """A diffusers folder or the official single file (.safetensors/.ckpt), offline."""
         path = Path(path)
-        device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = device or default_device()
         unet_dtype, vae_dtype = select_dtypes(dtype, device)
         if path.is_dir():
             comps = load_diffusers_folder(path, tokenizer_dir)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...runtime.dtypes import itemsize
 from ...tiling import RunHooks, choose_tile, free_bytes, shrink_on_oom
 from ...tiling.latent_denoise import plan_latent, predict_tiled, step_hooks
 from ...tiling.memory import BUDGET_FRACTION
@@ -59,16 +60,12 @@ class SDX4Options:
             raise UpscalerError("tile, overlap and vae_tile must be >= 0 (0 = auto)")
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.finfo(dtype).bits // 8
-
-
 def unet_bytes_per_pixel(comps: SDX4Components, dtype: torch.dtype, cfg: bool) -> float:
-    return UNET_ELEMENTS_PER_CHANNEL * comps.unet.config.block_out_channels[0] * _itemsize(dtype) * (2 if cfg else 1)
+    return UNET_ELEMENTS_PER_CHANNEL * comps.unet.config.block_out_channels[0] * itemsize(dtype) * (2 if cfg else 1)
 
 
 def vae_bytes_per_pixel(comps: SDX4Components, dtype: torch.dtype) -> float:
-    return VAE_ELEMENTS_PER_CHANNEL * comps.vae.config.block_out_channels[0] * VAE_SCALE**2 * _itemsize(dtype)
+    return VAE_ELEMENTS_PER_CHANNEL * comps.vae.config.block_out_channels[0] * VAE_SCALE**2 * itemsize(dtype)
 
 
 def _tokens(tokenizer, texts: list[str], length: int) -> torch.Tensor:
