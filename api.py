@@ -33,13 +33,14 @@ from .runtime.devices import default_device
 from .imaging.image_io import has_alpha, pil_pixels, read_image, to_uint8
 from .upscalers import backends
 from .runtime.errors import UpscalerError
-from .upscalers.contract import Upscaler
+from .upscalers.contract import Impl, Upscaler
 from .upscalers.receipts import Policy, UpscaleReceipt, ZoomLoopReceipt
 from .upscalers import model_files
 from .upscalers.impl_policy import check_impl, choose_run, resolve_load_impl
 from .upscalers.sdx4 import SDX4Options
 from .upscalers.size_guard import check_request
-from .upscalers.upscale import DEFAULT_OVERLAP, upscale
+from .upscalers.request import DEFAULT_OVERLAP, UpscaleRequest
+from .upscalers.upscale import upscale
 from .zoom import DEFAULT_PROCESS_SIZE, ZoomSettings, zoom_loop
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
@@ -309,12 +310,12 @@ def upscale_image(upscaler: Upscaler, image: ImageLike, scale: float | None = No
     record and ignore them); `progress(done, total)` is called per tile.
     """
     dev = pick_device(device)
-    options = (sdx4 or SDX4Options()) if upscaler.capabilities.impl == "diffusion" else None
+    options = (sdx4 or SDX4Options()) if upscaler.capabilities.impl is Impl.DIFFUSION else None
     # a file's size is checked from its header: an upscale refused anyway never decodes the image
     pixels = as_image(image, check=lambda w, h, c: check_request(upscaler, w, h, c, scale, strict_scale=strict_scale))
-    out, receipt = upscale(upscaler, pixels, scale, tile=tile, overlap=overlap, strict_scale=strict_scale,
-                           resample=resample, device=dev, hooks=RunHooks(progress=progress), prompt=prompt, seed=seed,
-                           options=options, fallback=fallback, policy=policy)
+    request = UpscaleRequest(scale=scale, tile=tile, overlap=overlap, strict_scale=strict_scale, resample=resample,
+                             prompt=prompt, seed=seed, options=options, policy=policy, fallbacks=("gan",))
+    out, receipt = upscale(upscaler, pixels, request, device=dev, hooks=RunHooks(progress=progress), gan=fallback)
     return UpscaleResult(out.cpu(), receipt)
 
 

@@ -180,9 +180,9 @@ def run_core(model, image):
 
 
 def run_ours(upscaler, image, tile=0):
-    from dreamforge_upscale.upscalers import upscale
+    from dreamforge_upscale.upscalers import UpscaleRequest, upscale
 
-    return upscale(upscaler, image, tile=tile)  # (B,H,W,C, receipt)
+    return upscale(upscaler, image, UpscaleRequest(tile=tile))  # (B,H,W,C, receipt)
 
 
 def timed(fn):

@@ -100,15 +100,15 @@ def overhead(size: int, repeats: int, steps: int, narrow: bool = False) -> dict:
     hooks = RunHooks()
     with torch.inference_mode():
         embeds = sampler.encode_prompt(model.comps, "a photo", "", 1, True, x.device)
-        lat = sampler.denoise(model.comps, x, embeds, SDX4Options(steps=1), 0, x.device, torch.float32, hooks, {})
+        lat, _ = sampler.denoise(model.comps, x, embeds, SDX4Options(steps=1), 0, x.device, torch.float32, hooks)
     variants = {
         "denoise_untiled": lambda: sampler.denoise(model.comps, x, embeds, SDX4Options(steps=steps, tile=0), 0,
-                                                   x.device, torch.float32, hooks, {}),
+                                                   x.device, torch.float32, hooks),
         "denoise_tiled": lambda: sampler.denoise(model.comps, x, embeds, SDX4Options(steps=steps, tile=tile), 0,
-                                                 x.device, torch.float32, hooks, {}),
+                                                 x.device, torch.float32, hooks),
         "decode_untiled": lambda: sampler.decode(model.comps, lat, SDX4Options(vae_tile=size), x.device,
-                                                 torch.float32, hooks, {}),
-        "decode_tiled": lambda: sampler.decode(model.comps, lat, SDX4Options(), x.device, torch.float32, hooks, {}),
+                                                 torch.float32, hooks),
+        "decode_tiled": lambda: sampler.decode(model.comps, lat, SDX4Options(), x.device, torch.float32, hooks),
     }
     for fn in variants.values():  # warm-up: threads, allocator, first-call initialisation
         with torch.inference_mode():
@@ -122,8 +122,7 @@ def overhead(size: int, repeats: int, steps: int, narrow: bool = False) -> dict:
                 variants[name]()
             times[name].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in times.items()}
-    report = {}
-    sampler.decode(model.comps, lat, SDX4Options(), x.device, torch.float32, hooks, report)
+    _, report = sampler.decode(model.comps, lat, SDX4Options(), x.device, torch.float32, hooks)
     return {
         "size": size, "steps": steps, "latent_tiles": plan_latent(size, size, tile, 32).count,
         "vae_tiles": report["vae_tiles"]["count"], "seconds": med,

@@ -86,7 +86,7 @@ def bench_loop(size: int, repeats: int) -> dict:
     import torch
     from PIL import Image
 
-    from dreamforge_upscale.upscalers import GANUpscaler, upscale
+    from dreamforge_upscale.upscalers import GANUpscaler, UpscaleRequest, upscale
     from dreamforge_upscale.assets.bundled_model import bundled_model_path
     from dreamforge_upscale.imaging.color_fix import color_fix
     from dreamforge_upscale.zoom import ZoomSettings, from_pil, zoom_loop
@@ -125,7 +125,7 @@ def bench_loop(size: int, repeats: int) -> dict:
                 vlm.describe([states[n - 1], view], TWO_IMAGE_INSTRUCTION, seed=n)
                 prompt += time.perf_counter() - t
                 t = time.perf_counter()
-                out, _ = upscale(compact, from_pil(crop), None, prompt="p", seed=n)
+                out, _ = upscale(compact, from_pil(crop), UpscaleRequest(prompt="p", seed=n))
                 sr += time.perf_counter() - t
                 if fix != "none":
                     t = time.perf_counter()
@@ -151,7 +151,7 @@ def bench_loop(size: int, repeats: int) -> dict:
 def full16_worker(variant: str, size: int) -> dict:
     import torch
 
-    from dreamforge_upscale.upscalers import GANUpscaler, upscale
+    from dreamforge_upscale.upscalers import GANUpscaler, UpscaleRequest, upscale
     from dreamforge_upscale.assets.bundled_model import bundled_model_path
     from dreamforge_upscale.zoom import zoom_upscale
 
@@ -160,7 +160,7 @@ def full16_worker(variant: str, size: int) -> dict:
     upscale(compact, torch.rand(1, 8, 8, 3))  # warm up threads and the allocator
     def run():
         if variant == "chained_gan":
-            return upscale(compact, image, 16.0)
+            return upscale(compact, image, UpscaleRequest(scale=16.0))
         return zoom_upscale(compact, image, 16.0, color_fix="none" if variant == "coz_nofix" else "wavelet")
 
     measured = measure_peak(run, interval=0.01)

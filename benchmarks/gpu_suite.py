@@ -252,7 +252,7 @@ def sdx4_model(sizes: Sizes, device: torch.device):
 
 def sdx4_section(sizes: Sizes, device: torch.device, vram_budget: int | None) -> list[Row]:
     from dreamforge_upscale.tiling import RunHooks
-    from dreamforge_upscale.upscalers import upscale
+    from dreamforge_upscale.upscalers import UpscaleRequest, upscale
     from dreamforge_upscale.upscalers.sdx4 import SDX4Options
 
     rows = []
@@ -267,7 +267,7 @@ def sdx4_section(sizes: Sizes, device: torch.device, vram_budget: int | None) ->
         size = f"{side}² → {4 * side}²"
         try:
             seconds, peak, (out, receipt) = measure(
-                lambda: upscale(model, image, options=opts, seed=0, hooks=hooks, device=device), device, 1,
+                lambda: upscale(model, image, UpscaleRequest(options=opts, seed=0), hooks=hooks, device=device), device, 1,
                 sizes.warmup)
         except Exception as exc:  # noqa: BLE001 - reported
             rows.append(Row("SD x4", label, f"{sizes.sdx4_steps} steps", size, note=f"failed: {str(exc)[:100]}"))
@@ -307,7 +307,7 @@ def coz_model(sizes: Sizes, device: torch.device):
 
 
 def coz_section(sizes: Sizes, device: torch.device) -> list[Row]:
-    from dreamforge_upscale.upscalers import upscale
+    from dreamforge_upscale.upscalers import UpscaleRequest, upscale
 
     model = coz_model(sizes, device)
     params = sum(p.numel() for p in model.comps.transformer.parameters()) / 1e6
@@ -316,7 +316,8 @@ def coz_section(sizes: Sizes, device: torch.device) -> list[Row]:
     image = torch.rand(1, sizes.coz, sizes.coz, 3)
     size = f"{sizes.coz}² → {4 * sizes.coz}²"
     try:
-        seconds, peak, (out, receipt) = measure(lambda: upscale(model, image, prompt="a photo", seed=0,
+        seconds, peak, (out, receipt) = measure(lambda: upscale(model, image,
+                                                                UpscaleRequest(prompt="a photo", seed=0),
                                                                 device=device), device, 1, sizes.warmup)
     except Exception as exc:  # noqa: BLE001 - reported
         return [Row("CoZ SD3", label, "1 step", size, note=f"failed: {str(exc)[:100]}")]

@@ -362,7 +362,7 @@ def child_coz(root: Path, use_t5: bool) -> dict:
     from receipt_fields import first_pass
 
     import tiny_sd3
-    from dreamforge_upscale.upscalers import upscale
+    from dreamforge_upscale.upscalers import UpscaleRequest, upscale
     from dreamforge_upscale.upscalers.coz_sd3 import CoZOptions, CoZSD3Upscaler, TokenizerDirs
 
     from dreamforge_upscale.upscalers.coz_sd3.memory_plan import plan_load
@@ -386,7 +386,7 @@ def child_coz(root: Path, use_t5: bool) -> dict:
     clock = StageClock(transformer=c.transformer, vae_encoder=c.vae.encoder, vae_decoder=c.vae.decoder,
                        clip_l=c.clip_l, clip_g=c.clip_g, t5=c.t5)
     image = test_image(side)
-    step = measure_peak(lambda: upscale(model, image, options=CoZOptions(), seed=0, prompt=PROMPT))
+    step = measure_peak(lambda: upscale(model, image, UpscaleRequest(options=CoZOptions(), seed=0, prompt=PROMPT)))
     out, receipt = step.value
     backend = first_pass(receipt)["backend"]
     return {
@@ -437,7 +437,7 @@ def child_sdx4(root: Path, side: int, steps: int) -> dict:
     from peak_memory import measure_peak
     from receipt_fields import first_pass
 
-    from dreamforge_upscale.upscalers import upscale
+    from dreamforge_upscale.upscalers import UpscaleRequest, upscale
     from dreamforge_upscale.upscalers.sdx4 import SDX4Options, sampler
 
     model, start, load = sdx4_load(root)
@@ -445,7 +445,7 @@ def child_sdx4(root: Path, side: int, steps: int) -> dict:
     opts = SDX4Options(steps=steps)
     clock = StageClock(unet=c.unet, vae_decoder=c.vae.decoder, text_encoder=c.text_encoder)
     image = test_image(side)
-    step = measure_peak(lambda: upscale(model, image, options=opts, seed=0))
+    step = measure_peak(lambda: upscale(model, image, UpscaleRequest(options=opts, seed=0)))
     out, receipt = step.value
     backend = first_pass(receipt)["backend"]
     cfg = opts.guidance > 1.0
@@ -477,14 +477,13 @@ def child_vae(root: Path, latent: int) -> dict:
     c = model.comps
     z = torch.randn(1, c.vae.config.latent_channels, latent, latent,
                     generator=torch.Generator().manual_seed(0)) * c.vae.config.scaling_factor
-    report: dict = {}
 
     def decode():
         with torch.inference_mode():
-            return sampler.decode(c, z, SDX4Options(), torch.device("cpu"), model.vae_dtype, RunHooks(), report)
+            return sampler.decode(c, z, SDX4Options(), torch.device("cpu"), model.vae_dtype, RunHooks())
 
     step = measure_peak(decode)
-    out = step.value
+    out, report = step.value
     return {
         "dtypes": {"vae": str(model.vae_dtype)}, "latent": latent, "start_rss": start,
         "weights_bytes": load.pop("weights_bytes"), "load": load,

@@ -21,7 +21,7 @@ from ..upscalers.receipts import Policy
 from ..upscalers import model_files
 from ..upscalers.sdx4 import SDX4Options
 from ..upscalers.size_guard import check_request
-from ..upscalers.upscale import DEFAULT_OVERLAP
+from ..upscalers.request import DEFAULT_OVERLAP
 from ..imaging.image_io import encode_png, read_image
 from .images import Job, sha256_bytes, unfinished_reason, write_atomic
 from .progress import Outcome, Progress
@@ -116,10 +116,9 @@ def process_one(upscaler: Upscaler, policy: Policy, job: Job, cfg: UpscaleConfig
         # the size guard sees the header first: a huge image it refuses anyway is never decoded
         image = read_image(raw, label=str(job.source),
                            check=lambda w, h, c: check_request(upscaler, w, h, c, cfg.scale))
-        fallback = None
-        if upscaler.capabilities.impl == "diffusion":
-            def fallback():  # SD x4 out of memory even with the smallest tiles: a GAN, then Lanczos
-                return folder_gan(4, dtype=cfg.dtype, device=cfg.device, places=cfg.places())
+        def fallback():  # what a diffusion model out of memory at the smallest tiles falls back to (the driver decides)
+            return folder_gan(4, dtype=cfg.dtype, device=cfg.device, places=cfg.places())
+
         result = upscale_image(upscaler, image, cfg.scale, tile=cfg.tile, overlap=cfg.overlap, resample=cfg.resample,
                                prompt=cfg.prompt, seed=cfg.seed, sdx4=cfg.sdx4(), device=cfg.device,
                                progress=progress, fallback=fallback, policy=policy)

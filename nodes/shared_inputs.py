@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..tiling.resample import METHODS as RESAMPLE_METHODS
+from ..upscalers.contract import Impl
 from ..upscalers.impl_policy import AUTO_OVERLAP
 from .bridge import UPSCALER, Choice, advanced, io
 
@@ -18,9 +19,9 @@ def upscaler_input(name: str, tooltip: str) -> io.Input:
 TILE_TOOLTIP = ("Tile side in input pixels, for every model (converted inside: SD x4's latent is the input's size, "
                 "Chain-of-Zoom's model tiles a latent of half the input's size). 0 = auto: the largest tile that fits "
                 "free memory (one pass when the whole image fits).")
-OVERLAP_TOOLTIP = (f"Blend between tiles in input pixels, at least this much (cos²). 0 = auto: {AUTO_OVERLAP['gan']} "
-                   f"for a GAN, {AUTO_OVERLAP['diffusion']} for SD x4 and Chain-of-Zoom's model (its "
-                   f"{AUTO_OVERLAP['diffusion'] // 2} latent px). Each GAN tile also reads the context its "
+OVERLAP_TOOLTIP = (f"Blend between tiles in input pixels, at least this much (cos²). 0 = auto: {AUTO_OVERLAP[Impl.GAN]} "
+                   f"for a GAN, {AUTO_OVERLAP[Impl.DIFFUSION]} for SD x4 and Chain-of-Zoom's model (its "
+                   f"{AUTO_OVERLAP[Impl.DIFFUSION] // 2} latent px). Each GAN tile also reads the context its "
                    "architecture needs.")
 
 

@@ -5,9 +5,10 @@ The tiling inputs and the SD x4 inputs are built here, once.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
-from ..upscalers import IMPLS, GANUpscaler, UpscalerError, upscale
+from ..upscalers import IMPLS, GANUpscaler, UpscaleRequest, UpscalerError, upscale
 from ..upscalers.coz_sd3 import (
     LORA_FOLDER, TRANSFORMER_LORA, VAE_ENCODER_LORA, CoZOptions, CoZSD3Upscaler, TokenizerDirs,
 )
@@ -15,6 +16,7 @@ from ..upscalers.coz_sd3.step import SAMPLING as COZ_SAMPLING
 from ..upscalers.coz_sd3.components import is_sd3_folder
 from ..upscalers.coz_sd3.single_file import is_sd3_checkpoint
 from ..runtime.dtypes import DTYPE_NAMES
+from ..upscalers.contract import Impl
 from ..upscalers.receipts import Policy
 from ..upscalers.impl_policy import choose_run, overlap_for, strict_scale_error
 from ..upscalers.sdx4 import DEFAULT_PROMPT, SDX4Options, is_sdx4_file, is_sdx4_folder
@@ -68,19 +70,12 @@ def image_and_receipt(image_tooltip: str, receipt_tooltip: str) -> list[io.Outpu
             io.String.Output(display_name="receipt", tooltip=receipt_tooltip)]
 
 
-def run_upscale(handle: bridge.UpscalerHandle, image, scale, *, tile: int, overlap: int, resample: str,
-                strict_scale: bool = False, prompt=None, seed=None, options=None, policy: Policy | None = None,
-                fallbacks: bool = False) -> io.NodeOutput:
-    """Run the handle's upscaler with ComfyUI's hooks. `fallbacks`: on out-of-memory at the smallest tiles a
-    diffusion run may fall back to a GAN, then to Lanczos (never under strict_scale); a degraded result is
-    also reported to the UI / API client (`dreamforge_degraded`) besides the receipt and the log."""
-    diffusion = handle.upscaler.capabilities.impl == "diffusion"
-    out, receipt = upscale(
-        handle.upscaler, image, scale, tile=tile, overlap=overlap, strict_scale=strict_scale, resample=resample,
-        device=bridge.device(), hooks=bridge.run_hooks(handle), prompt=prompt, seed=seed, options=options,
-        fallback=bridge.gan_fallback if fallbacks and diffusion else None, resample_fallback=fallbacks,
-        policy=policy,
-    )
+def run_upscale(handle: bridge.UpscalerHandle, image, request: UpscaleRequest) -> io.NodeOutput:
+    """Run the handle's upscaler with ComfyUI's hooks. The GAN a diffusion run may fall back to comes from the
+    model folders; which fallbacks apply the driver decides from what the node's request allows. A degraded
+    result is also reported to the UI / API client (`dreamforge_degraded`) besides the receipt and the log."""
+    out, receipt = upscale(handle.upscaler, image, request, device=bridge.device(), hooks=bridge.run_hooks(handle),
+                           gan=bridge.gan_fallback)
     ui = {"dreamforge_degraded": [receipt.to_dict()["degraded"]]} if receipt.degraded else None
     return io.NodeOutput(bridge.to_output(out), receipt.to_json(), ui=ui)
 
@@ -154,11 +149,11 @@ class ESRGANUpscale(io.ComfyNode):
     @classmethod
     def execute(cls, image, upscale_model, scale, tile, overlap, resample) -> io.NodeOutput:
         handle = bridge.as_handle(upscale_model)
-        if handle.upscaler.capabilities.impl != "gan":
+        if handle.upscaler.capabilities.impl is not Impl.GAN:
             raise UpscalerError("ESRGAN Upscale runs GAN models, but upscale_model is the Stable Diffusion x4 upscaler: "
                                 "connect it to 'SDX4 Upscale (DreamForge)' or 'Tiled Upscale (DreamForge)' instead")
-        return run_upscale(handle, image, scale or None, tile=tile, overlap=overlap_for("gan", overlap),
-                           resample=resample)
+        return run_upscale(handle, image, UpscaleRequest(scale=scale or None, tile=tile,
+                                                         overlap=overlap_for(Impl.GAN, overlap), resample=resample))
 
 
 def _sdx4_options(steps, guidance, noise_level, negative_prompt, tile=0, overlap=32, vae_tile=0) -> SDX4Options:
@@ -224,20 +219,20 @@ class TiledUpscale(io.ComfyNode):
         if strict_scale and (error := strict_scale_error(choice.impl, scale)):
             raise UpscalerError(error)
         chosen = handle if choice.use_loaded else bridge.folder_gan(choice.gan_scale)
-        gan_overlap = overlap_for("gan", overlap)  # also the GAN fallback's, on a diffusion run
+        gan_overlap = overlap_for(Impl.GAN, overlap)  # also the GAN fallback's, on a diffusion run
         overlap = overlap_for(choice.impl, overlap)
-        common = dict(tile=tile, overlap=gan_overlap, resample=resample, strict_scale=strict_scale,
-                      policy=Policy(impl, choice.impl, choice.reason), fallbacks=not strict_scale)
-        if choice.impl == "diffusion" and isinstance(chosen.upscaler, CoZSD3Upscaler):
+        request = UpscaleRequest(scale=scale, tile=tile, overlap=gan_overlap, resample=resample, strict_scale=strict_scale,
+                                 policy=Policy(impl, choice.impl, choice.reason), fallbacks=("gan", "resize"))
+        if choice.impl is Impl.DIFFUSION and isinstance(chosen.upscaler, CoZSD3Upscaler):
             # one step, no guidance: the user's tile and overlap (input px) become its latent px (half; the
             # receipt says both)
             options = CoZOptions.from_input_px(tile, overlap, sampling=sampling)
-            return run_upscale(chosen, image, scale, prompt=prompt, seed=seed, options=options, **common)
-        if choice.impl == "diffusion":
+            return run_upscale(chosen, image, replace(request, prompt=prompt, seed=seed, options=options))
+        if choice.impl is Impl.DIFFUSION:
             # the latent is the input's size, so the user's tile and overlap are the UNet's latent tiles
             options = _sdx4_options(steps, guidance, noise_level, negative_prompt, tile=tile, overlap=overlap)
-            return run_upscale(chosen, image, scale, prompt=prompt, seed=seed, options=options, **common)
-        return run_upscale(chosen, image, scale, **common)
+            return run_upscale(chosen, image, replace(request, prompt=prompt, seed=seed, options=options))
+        return run_upscale(chosen, image, request)
 
 
 class SDX4Upscale(io.ComfyNode):
@@ -269,16 +264,17 @@ class SDX4Upscale(io.ComfyNode):
     def execute(cls, image, upscaler, prompt, negative_prompt, seed, steps, guidance, noise_level, tile, overlap,
                 vae_tile) -> io.NodeOutput:
         handle = bridge.as_handle(upscaler)
-        if handle.upscaler.capabilities.impl != "diffusion":
+        if handle.upscaler.capabilities.impl is not Impl.DIFFUSION:
             raise UpscalerError(
                 "SDX4 Upscale needs the Stable Diffusion x4 upscaler, but the connected upscaler is a GAN "
                 f"({handle.upscaler.source.file}); load x4-upscaler-ema.safetensors or its diffusers folder with "
                 "'Load Upscaler' (impl diffusion), or use 'ESRGAN Upscale' / 'Tiled Upscale' for GANs."
             )
-        options = _sdx4_options(steps, guidance, noise_level, negative_prompt, tile, overlap_for("diffusion", overlap),
+        options = _sdx4_options(steps, guidance, noise_level, negative_prompt, tile, overlap_for(Impl.DIFFUSION, overlap),
                                 vae_tile)
-        return run_upscale(handle, image, 4, tile=0, overlap=0, resample="lanczos", prompt=prompt, seed=seed,
-                           options=options, fallbacks=True)
+        # the request's overlap is the GAN fallback's: SD x4 itself takes its tiles from the options
+        return run_upscale(handle, image, UpscaleRequest(scale=4, overlap=overlap_for(Impl.GAN, overlap), prompt=prompt,
+                                                         seed=seed, options=options, fallbacks=("gan", "resize")))
 
 
 FROM_CHECKPOINT = "(from checkpoint)"
@@ -341,11 +337,8 @@ class LoadCoZModel(io.ComfyNode):
         upscaler = CoZSD3Upscaler.load(
             base, str(bridge.full_path("loras", transformer_lora)), str(bridge.full_path("loras", vae_lora)),
             text_files=text_files, tokenizer_dirs=TokenizerDirs(bridge.CLIP_TOKENIZER_DIR, bridge.T5_TOKENIZER_DIR),
-            use_t5=t5xxl != NO_T5, dtype=dtype, device=bridge.device())
-        main, text = bridge.patcher_for(upscaler.module()), bridge.patcher_for(upscaler.text_module())
-        upscaler.residency = bridge.residency(text, main)
-        upscaler.text_patcher = text  # the manager keeps weak references: the upscaler keeps this one alive
-        return io.NodeOutput(bridge.UpscalerHandle(upscaler, main))
+            use_t5=t5xxl != NO_T5, dtype=dtype, device=bridge.device(), residency=bridge.residency)
+        return io.NodeOutput(bridge.UpscalerHandle(upscaler, upscaler.residency.held[0]))
 
 
 NODES = [LoadUpscaler, ESRGANUpscale, TiledUpscale, SDX4Upscale, LoadCoZModel]

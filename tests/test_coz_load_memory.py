@@ -98,9 +98,9 @@ def test_auto_lowers_the_text_encoders_then_the_transformer_to_fit(files):
     assert note.startswith("CLIP-L, CLIP-G, T5-XXL in bf16 (dtype auto)") and "were free" in note
     all_bf16 = load(files, free_ram=plan.need_bytes((torch.bfloat16, torch.float32, torch.bfloat16)))
     assert all_bf16.networks()["transformer"] == "bf16" and "transformer" in all_bf16.load_memory["note"]
-    from dreamforge_upscale.upscalers import upscale
+    from dreamforge_upscale.upscalers import UpscaleRequest, upscale
 
-    _, receipt = upscale(model, torch.rand(1, 16, 16, 3), seed=0)
+    _, receipt = upscale(model, torch.rand(1, 16, 16, 3), UpscaleRequest(seed=0))
     backend = receipt.to_dict()["passes"][0]["backend"]
     assert note in receipt.notes and backend["load_memory"]["note"] == note
 

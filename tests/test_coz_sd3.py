@@ -22,6 +22,7 @@ from dreamforge_upscale.upscalers.coz_sd3 import CoZOptions, CoZSD3Upscaler, Tok
 from dreamforge_upscale.upscalers.coz_sd3.backend import NO_T5_NOTE
 from dreamforge_upscale.upscalers.coz_sd3.lora import merge_transformer_lora, merge_vae_encoder_lora
 from dreamforge_upscale.upscalers.upscale import upscale
+from dreamforge_upscale.upscalers.request import UpscaleRequest
 
 CPU = torch.device("cpu")
 PROMPT = "a red fox in the snow, detailed fur"
@@ -288,7 +289,8 @@ def test_the_pack_upscale_path_records_tiled_upscale_options(model):
     from dreamforge_upscale.upscalers.sdx4 import SDX4Options
 
     image = low_res(8, (18, 14)).permute(0, 2, 3, 1)
-    out, receipt = upscale(model, image, 4, prompt=PROMPT, seed=5, options=SDX4Options(tile=16, overlap=8))
+    out, receipt = upscale(model, image,
+                           UpscaleRequest(scale=4, prompt=PROMPT, seed=5, options=SDX4Options(tile=16, overlap=8)))
     assert out.shape == (1, 72, 56, 3) and receipt.impl == "diffusion" and receipt.seed == 5
     backend = receipt.passes[0].backend
     assert backend["transformer_tiles"]["tile"][0] <= 8 and any("steps, guidance" in n for n in receipt.notes)
@@ -354,10 +356,8 @@ def test_batched_transformer_windows_match_one_per_call(model):
     opts = CoZOptions(tile=16, overlap=4)  # 3 x 3 windows of 16
 
     def predict(transformer, max_per_call, hooks=RunHooks()):
-        report = {}
         with torch.inference_mode():
-            v = step.predict_v(transformer, z, seq, pooled, opts, CPU, torch.float32, hooks, report, max_per_call)
-        return v, report
+            return step.predict_v(transformer, z, seq, pooled, opts, CPU, torch.float32, hooks, max_per_call)
 
     one, report = predict(model.comps.transformer, None)  # the CPU policy: one window per call
     assert report["transformer_tiles"]["tiles_per_call"] == 1 and report["transformer_tiles"]["count"] == 9

@@ -156,10 +156,9 @@ def test_the_sdx4_decode_chooses_one_pass_from_the_budget(vae):
     per_px = vae_bytes_per_pixel(comps, torch.float32)
     reports = {}
     for name, free in (("roomy", 100 * per_px * 40 * 56), ("short", 0.6 * per_px * 40 * 56)):
-        report: dict = {}
         with torch.inference_mode():
-            decode(comps, z, SDX4Options(vae_tile=16), CPU, torch.float32, RunHooks(free_bytes=lambda d, f=free: int(f)),
-                   report)
+            _, report = decode(comps, z, SDX4Options(vae_tile=16), CPU, torch.float32,
+                               RunHooks(free_bytes=lambda d, f=free: int(f)))
         reports[name] = report["vae_tiles"]["statistics"]
     assert reports["roomy"]["one_pass"] and reports["roomy"]["exact"]
     assert reports["short"]["one_pass"] is False

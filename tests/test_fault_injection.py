@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import tiny_sdx4
 from dreamforge_upscale.tiling import RunHooks, TileOOMError, run_tiled
-from dreamforge_upscale.upscalers import UpscalerError, upscale
+from dreamforge_upscale.upscalers import UpscaleRequest, UpscalerError, upscale
 from dreamforge_upscale.upscalers.contract import Capabilities, Conditioning, ModelSource, WindowResult
 from dreamforge_upscale.upscalers.sdx4 import SDX4Options, SDX4Upscaler, sampler
 from dreamforge_upscale.upscalers.sdx4.components import SDX4Components, clip_tokenizer
@@ -113,7 +113,8 @@ def test_one_transient_out_of_memory_is_retried_and_recorded(kind, at):
     fault = Fault(at=at)
     image = _image(kind)
     before = image.clone()
-    run = lambda: upscale(FaultyGAN(fault), image, 2, tile=0 if at == 1 else 128, overlap=4, hooks=PLENTY)  # noqa: E731
+    run = lambda: upscale(FaultyGAN(fault), image,
+                          UpscaleRequest(scale=2, tile=0 if at == 1 else 128, overlap=4), hooks=PLENTY)  # noqa: E731
     if kind == "small" and at == 1:  # 40 px: already below the floor, nothing smaller to try
         with pytest.raises(TileOOMError, match=r"tried 40; allocator: CUDA out of memory. Tried to allocate 1.50 GiB"):
             run()
@@ -138,7 +139,7 @@ def test_one_transient_out_of_memory_is_retried_and_recorded(kind, at):
 def test_out_of_memory_above_a_window_size_shrinks_until_it_fits(kind):
     fault = Fault(pixels=80 * 80)
     image = _image(kind)
-    out, receipt = upscale(FaultyGAN(fault), image, 2, overlap=4, hooks=PLENTY)
+    out, receipt = upscale(FaultyGAN(fault), image, UpscaleRequest(scale=2, overlap=4), hooks=PLENTY)
     receipt = receipt.to_dict()
     assert torch.allclose(out, _nearest(image), atol=1e-6)
     if image.shape[1] * image.shape[2] > 80 * 80:
@@ -149,9 +150,10 @@ def test_out_of_memory_above_a_window_size_shrinks_until_it_fits(kind):
 def test_a_gan_at_the_floor_raises_instead_of_returning_a_silent_resize():
     fault = Fault(always=True)
     with pytest.raises(TileOOMError, match="out of memory in tiles"):
-        upscale(FaultyGAN(fault), _image("small"), 2, hooks=PLENTY)
+        upscale(FaultyGAN(fault), _image("small"), UpscaleRequest(scale=2), hooks=PLENTY)
     # only where the caller allows it: a resize, said loudly (receipt + flag)
-    out, receipt = upscale(FaultyGAN(Fault(always=True)), _image("small"), 2, hooks=PLENTY, resample_fallback=True)
+    out, receipt = upscale(FaultyGAN(Fault(always=True)), _image("small"),
+                           UpscaleRequest(scale=2, fallbacks=("resize",)), hooks=PLENTY)
     receipt = receipt.to_dict()
     assert out.shape == (1, 80, 80, 3) and receipt["impl"] == "resample"
     assert receipt["degraded"] == {"ran": "resample", "instead_of": "gan", "reason": receipt["degraded"]["reason"]}
@@ -169,7 +171,7 @@ def test_a_batch_is_split_before_giving_up():
 
     fault = PerImage()
     image = _image("batch")
-    out, receipt = upscale(FaultyGAN(fault), image, 2, hooks=PLENTY)
+    out, receipt = upscale(FaultyGAN(fault), image, UpscaleRequest(scale=2), hooks=PLENTY)
     receipt = receipt.to_dict()
     assert torch.allclose(out, _nearest(image), atol=1e-6) and fault.calls < 40
     assert receipt["retries"][0]["event"] == "split_batch" and receipt["retries"][0]["batch"] == 3
@@ -185,10 +187,12 @@ def test_fallback_chain_with_and_without_strict_scale(strict):
     image = _image("small")
     if strict:
         with pytest.raises(UpscalerError, match="strict_scale forbids falling back"):
-            upscale(first, image, 2, strict_scale=True, hooks=PLENTY, fallback=lambda: gan, resample_fallback=True)
+            upscale(first, image,
+                    UpscaleRequest(scale=2, strict_scale=True, fallbacks=("gan", "resize")), hooks=PLENTY,
+                    gan=lambda: gan)
         assert gan.fault.calls == 0
         return
-    out, receipt = upscale(first, image, 2, hooks=PLENTY, fallback=lambda: gan)
+    out, receipt = upscale(first, image, UpscaleRequest(scale=2, fallbacks=("gan",)), hooks=PLENTY, gan=lambda: gan)
     receipt = receipt.to_dict()
     assert torch.allclose(out, _nearest(image), atol=1e-6)
     assert [f["impl"] for f in receipt["fallbacks"]] == ["diffusion", "gan"]
@@ -200,7 +204,7 @@ def test_an_output_larger_than_free_memory_is_refused_before_any_work():
     fault = Fault()
     small_ram = RunHooks(free_bytes=lambda device: 50 * 2**20)  # 50 MB free
     with pytest.raises(UpscalerError, match=r"pass 1 of 1 \(x2\) needs a 5200x6000 canvas .* GB of memory are free"):
-        upscale(FaultyGAN(fault), torch.rand(1, 3000, 2600, 3), 2, hooks=small_ram)
+        upscale(FaultyGAN(fault), torch.rand(1, 3000, 2600, 3), UpscaleRequest(scale=2), hooks=small_ram)
     assert fault.calls == 0
 
 
@@ -209,7 +213,7 @@ def test_a_canvas_filling_the_cpu_budget_runs_small_tiles_instead_of_crashing():
     fault = Fault()
     hooks = RunHooks(free_bytes=lambda device: 10 * 2**20)
     image = torch.rand(1, 400, 400, 3)  # 800x800x3 float32 output = 7.3 MB
-    out, receipt = upscale(FaultyGAN(fault), image, 2, overlap=4, hooks=hooks)
+    out, receipt = upscale(FaultyGAN(fault), image, UpscaleRequest(scale=2, overlap=4), hooks=hooks)
     assert out.shape == (1, 800, 800, 3) and receipt.to_dict()["passes"][0]["tiles"]["count"] > 1
 
 
@@ -217,7 +221,7 @@ def test_max_side_is_checked_for_every_pass(monkeypatch):
     monkeypatch.setenv("DREAMFORGE_MAX_SIDE", "1000")
     fault = Fault()
     with pytest.raises(UpscalerError, match=r"pass 2 of 2 \(x4\) would be 1200x1200, over the largest side allowed"):
-        upscale(FaultyGAN(fault), torch.rand(1, 300, 300, 3), 3.5, hooks=PLENTY)
+        upscale(FaultyGAN(fault), torch.rand(1, 300, 300, 3), UpscaleRequest(scale=3.5), hooks=PLENTY)
     assert fault.calls == 0
 
 
@@ -236,7 +240,7 @@ def sdx4_reference():
     patch.setattr(sampler, "VAE_PAD", 4)
     image = _image("large")[:, :64, :64]
     opts = SDX4Options(steps=2, tile=0, overlap=8, vae_tile=32)
-    out, receipt = upscale(_sdx4(), image, 4, options=opts, seed=3, hooks=PLENTY)
+    out, receipt = upscale(_sdx4(), image, UpscaleRequest(scale=4, options=opts, seed=3), hooks=PLENTY)
     (only,) = receipt.to_dict()["passes"]
     assert only["tiles"] is None  # SD x4 plans its own tiles: they are in its report
     assert only["backend"]["unet_tiles"]["count"] == 1 and only["backend"]["vae_tiles"]["count"] == 9
@@ -264,7 +268,7 @@ def test_sdx4_one_out_of_memory_in_any_stage_is_retried_and_keeps_the_denoising(
     unet_calls = Fault()
     if stage != "unet":
         _inject(up.comps.unet, unet_calls)
-    out, receipt = upscale(up, image, 4, options=opts, seed=3, hooks=PLENTY)
+    out, receipt = upscale(up, image, UpscaleRequest(scale=4, options=opts, seed=3), hooks=PLENTY)
     receipt = receipt.to_dict()
     backend = receipt["passes"][0]["backend"]
     assert out.shape == (1, 256, 256, 3) and torch.isfinite(out).all()
@@ -290,9 +294,13 @@ def test_sdx4_always_out_of_memory_falls_back_or_raises_within_bounds(sdx4_refer
     gan = FaultyGAN(Fault())
     if strict:
         with pytest.raises(UpscalerError, match="strict_scale forbids"):
-            upscale(up, image, 4, options=opts, strict_scale=True, hooks=PLENTY, fallback=lambda: gan)
+            upscale(up, image,
+                    UpscaleRequest(scale=4, options=opts, strict_scale=True, fallbacks=("gan",)), hooks=PLENTY,
+                    gan=lambda: gan)
     else:
-        out, receipt = upscale(up, image, 4, options=opts, hooks=PLENTY, fallback=lambda: gan)
+        out, receipt = upscale(up, image,
+                               UpscaleRequest(scale=4, options=opts, fallbacks=("gan",)), hooks=PLENTY,
+                               gan=lambda: gan)
         receipt = receipt.to_dict()
         assert out.shape == (1, 256, 256, 3) and receipt["impl"] == "gan"
         assert receipt["fallbacks"][0]["impl"] == "diffusion" and receipt["degraded"]["instead_of"] == "diffusion"
@@ -302,10 +310,13 @@ def test_sdx4_always_out_of_memory_falls_back_or_raises_within_bounds(sdx4_refer
 def test_sdx4_exact_statistics_when_memory_allows_and_the_tone_difference(sdx4_reference):
     """Exact statistics (the whole latent) vs a downsampled pass, against the untiled decode."""
     image, opts, exact = sdx4_reference
-    untiled, _ = upscale(_sdx4(), image, 4, options=dataclasses.replace(opts, vae_tile=0), seed=3, hooks=PLENTY)
+    untiled, _ = upscale(_sdx4(), image,
+                         UpscaleRequest(scale=4, options=dataclasses.replace(opts, vae_tile=0), seed=3), hooks=PLENTY)
     # a budget that lets the statistics pass decode only a ~27 px latent: approximate, and said so
     tight = RunHooks(free_bytes=lambda device: 40 * 2**20)
-    approx, receipt = upscale(_sdx4(), image, 4, options=dataclasses.replace(opts, tile=64), seed=3, hooks=tight)
+    approx, receipt = upscale(_sdx4(), image,
+                              UpscaleRequest(scale=4, options=dataclasses.replace(opts, tile=64), seed=3),
+                              hooks=tight)
     assert receipt.to_dict()["passes"][0]["backend"]["vae_tiles"]["statistics"]["exact"] is False
     err_exact = (exact - untiled).abs().mean().item()
     err_approx = (approx - untiled).abs().mean().item()
@@ -330,7 +341,8 @@ def test_sdx4_offload_moves_one_network_at_a_time_to_the_hosts_offload_device():
         module.to = spy
     holder_to = up.holder.to
     up.holder.to = lambda *a, **k: (moves.append(("holder", str(a[0] if a else k))), holder_to(*a, **k))[1]
-    out, _ = upscale(up, _image("small")[:, :16, :16], 4, options=SDX4Options(steps=1), device=torch.device("cpu"),
+    out, _ = upscale(up, _image("small")[:, :16, :16],
+                     UpscaleRequest(scale=4, options=SDX4Options(steps=1)), device=torch.device("cpu"),
                      hooks=RunHooks(offload_device=parked, free_bytes=lambda d: 64 * 2**30))
     assert out.shape == (1, 64, 64, 3)
     assert all(name != "holder" for name, _ in moves), moves

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from skimage import data
 
 from dreamforge_upscale.tiling import plan_tiles, resize
-from dreamforge_upscale.upscalers import GANUpscaler, UpscalerError, plan_scale, resolve_load_impl, upscale
+from dreamforge_upscale.upscalers import GANUpscaler, UpscaleRequest, UpscalerError, plan_scale, resolve_load_impl, upscale
 from dreamforge_upscale.assets.bundled_model import bundled_model_path
 from dreamforge_upscale.runtime.dtypes import select_dtype
 
@@ -57,7 +57,7 @@ def test_bundled_model_is_the_real_compact(compact):
 def test_compact_tiled_matches_untiled_on_real_photo(compact):
     image = photo("coffee", 100, 150, 120, 200)
     untiled, r0 = upscale(compact, image)
-    tiled, r1 = upscale(compact, image, tile=48)
+    tiled, r1 = upscale(compact, image, UpscaleRequest(tile=48))
     assert tiles(r0)["count"] == 1 and tiles(r1)["count"] > 4
     assert tiled.shape == untiled.shape == (1, 480, 800, 3)
     assert (tiled - untiled).abs().max() <= 1 / 255
@@ -74,7 +74,7 @@ def test_compact_needs_its_declared_context(compact):
         caps = compact.capabilities
         object.__setattr__(caps, "context", ctx)
         try:
-            tiled, _ = upscale(compact, image, tile=32)
+            tiled, _ = upscale(compact, image, UpscaleRequest(tile=32))
         finally:
             object.__setattr__(caps, "context", 32)
         errors[ctx] = (tiled - untiled).abs().max().item() * 255
@@ -90,7 +90,7 @@ def test_x4plus_tiled_within_3_of_255():
     assert model.source.architecture == "ESRGAN" and model.capabilities.context == 64
     image = photo("astronaut", 40, 100, 48, 224)
     untiled, _ = upscale(model, image)
-    tiled, receipt = upscale(model, image, tile=64)
+    tiled, receipt = upscale(model, image, UpscaleRequest(tile=64))
     assert tiles(receipt)["count"] >= 3
     assert (tiled - untiled).abs().max() <= 3 / 255
 
@@ -98,7 +98,7 @@ def test_x4plus_tiled_within_3_of_255():
 @pytest.mark.parametrize("scale,passes", [(2.5, 1), (1.5, 1), (0.5, 1), (6.0, 2)])
 def test_scale_other_than_native_gives_exact_size(compact, scale, passes):
     image = photo("astronaut", 0, 0, 37, 53)
-    out, receipt = upscale(compact, image, scale)
+    out, receipt = upscale(compact, image, UpscaleRequest(scale=scale))
     assert out.shape == (1, round(37 * scale), round(53 * scale), 3)
     r = receipt.to_dict()
     assert r["pass_count"] == passes and len(r["passes"]) == passes and r["resampled"]["from_scale"] == 4**passes
@@ -108,14 +108,14 @@ def test_scale_other_than_native_gives_exact_size(compact, scale, passes):
 def test_resampled_output_is_the_native_output_resized(compact):
     image = photo("coffee", 0, 0, 40, 60)
     native, _ = upscale(compact, image)
-    half, _ = upscale(compact, image, 2.0, resample="bicubic")
+    half, _ = upscale(compact, image, UpscaleRequest(scale=2.0, resample="bicubic"))
     assert torch.allclose(half, resize(native, 80, 120, "bicubic"), atol=1e-6)
 
 
 def test_strict_scale_refuses_resampling(compact):
     with pytest.raises(UpscalerError, match="strict_scale.*scale 2"):
-        upscale(compact, photo(), 2.0, strict_scale=True)
-    out, receipt = upscale(compact, photo(h=16, w=16), 16.0, strict_scale=True)  # 4x4: chained natively
+        upscale(compact, photo(), UpscaleRequest(scale=2.0, strict_scale=True))
+    out, receipt = upscale(compact, photo(h=16, w=16), UpscaleRequest(scale=16.0, strict_scale=True))  # 4x4: chained natively
     r = receipt.to_dict()
     assert out.shape == (1, 256, 256, 3) and r["resampled"] is None and r["pass_count"] == 2 == len(r["passes"])
 
@@ -133,14 +133,14 @@ def test_rgba_keeps_alpha(compact):
 
 def test_batch_equals_one_by_one(compact):
     a, b = photo("astronaut", h=24, w=24), photo("coffee", h=24, w=24)
-    both, receipt = upscale(compact, torch.cat([a, b]), tile=16)
+    both, receipt = upscale(compact, torch.cat([a, b]), UpscaleRequest(tile=16))
     assert receipt.to_dict()["batch"] == 2
-    assert torch.allclose(both[0:1], upscale(compact, a, tile=16)[0], atol=1e-5)
-    assert torch.allclose(both[1:2], upscale(compact, b, tile=16)[0], atol=1e-5)
+    assert torch.allclose(both[0:1], upscale(compact, a, UpscaleRequest(tile=16))[0], atol=1e-5)
+    assert torch.allclose(both[1:2], upscale(compact, b, UpscaleRequest(tile=16))[0], atol=1e-5)
 
 
 def test_receipt_says_what_ran(compact):
-    _, receipt = upscale(compact, photo(h=80, w=120), 3.0, tile=16, overlap=4)
+    _, receipt = upscale(compact, photo(h=80, w=120), UpscaleRequest(scale=3.0, tile=16, overlap=4))
     r = receipt.to_dict()
     assert r["impl"] == "gan" and r["model"]["file"] == "realesr-animevideov3.pth"
     assert r["model"]["sha256"] == "9917685390d0" and r["model"]["architecture"] == "RealESRGAN Compact"
@@ -201,7 +201,7 @@ def test_x2plus_architecture_with_pixel_unshuffle(tmp_path):
     out, _ = upscale(model, photo(h=21, w=33))  # odd sizes: windows padded to the model's multiple
     assert out.shape == (1, 42, 66, 3)
     image = photo(h=90, w=200)
-    tiled, r = upscale(model, image, tile=32)
+    tiled, r = upscale(model, image, UpscaleRequest(tile=32))
     untiled, _ = upscale(model, image)
     assert tiles(r)["count"] > 1 and (tiled - untiled).abs().max() <= 1 / 255
 

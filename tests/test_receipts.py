@@ -12,7 +12,7 @@ import pytest
 import torch
 from skimage import data
 
-from dreamforge_upscale.upscalers import GANUpscaler, upscale
+from dreamforge_upscale.upscalers import GANUpscaler, UpscaleRequest, upscale
 from dreamforge_upscale.assets.bundled_model import bundled_model_path
 from dreamforge_upscale.upscalers.receipts import (
     RECEIPT_VERSION, BatchReceipt, UpscaleReceipt, ZoomStepReceipt, json_schema,
@@ -44,8 +44,8 @@ def test_the_schema_file_is_the_classes_schema():
 @pytest.mark.parametrize("scale", [None, 16.0])
 def test_a_gan_receipt_lists_its_passes_with_one_shape(compact, scale):
     """x4 model: one native pass for 4x, two for 16x; `passes` is a list either way, with the same keys."""
-    _, one = upscale(compact, photo(), None)
-    _, receipt = upscale(compact, photo(), scale)
+    _, one = upscale(compact, photo())
+    _, receipt = upscale(compact, photo(), UpscaleRequest(scale=scale))
     one, r = one.to_dict(), receipt.to_dict()
     count = 1 if scale is None else 2
     assert r["receipt_version"] == RECEIPT_VERSION and r["kind"] == "upscale"
@@ -62,8 +62,9 @@ def test_a_gan_receipt_lists_its_passes_with_one_shape(compact, scale):
 def test_a_per_tile_prompt_and_a_text_prompt_give_the_same_prompt_record_shape():
     image = photo(24, 32)
     per_tile, text = BicubicX4(prompted=True), BicubicX4(prompted=True)
-    _, tiled = upscale(per_tile, image, tile=8, overlap=2, prompt=lambda box: f"tile at {box[0]},{box[1]}")
-    _, plain = upscale(text, image, tile=8, overlap=2, prompt="a face")
+    _, tiled = upscale(per_tile, image,
+                       UpscaleRequest(tile=8, overlap=2, prompt=lambda box: f"tile at {box[0]},{box[1]}"))
+    _, plain = upscale(text, image, UpscaleRequest(tile=8, overlap=2, prompt="a face"))
     tiled, plain = tiled.to_dict(), plain.to_dict()
     assert set(tiled["prompt"]) == set(plain["prompt"]) == {"mode", "text", "used", "note"}
     assert tiled["prompt"]["mode"] == "per_tile" and plain["prompt"]["mode"] == "text"
@@ -81,7 +82,7 @@ def test_a_per_tile_prompt_and_a_text_prompt_give_the_same_prompt_record_shape()
 
 
 def test_a_model_without_prompts_records_the_prompt_it_ignored(compact):
-    _, given = upscale(compact, photo(), prompt="a face")
+    _, given = upscale(compact, photo(), UpscaleRequest(prompt="a face"))
     _, none = upscale(compact, photo())
     given = given.to_dict()
     assert given["prompt"] == {"mode": "text", "text": "a face", "used": False,
@@ -114,7 +115,7 @@ def test_the_validator_rejects_a_broken_receipt(compact, break_it, where):
 def test_the_suite_wide_check_sees_every_receipt_made(compact):
     """receipt_fixtures.py's check sees every receipt object made (receipt_watch.py), once each."""
     with receipts_made() as seen:
-        upscale(compact, photo(), 16.0)
+        upscale(compact, photo(), UpscaleRequest(scale=16.0))
     assert [type(r) for r in seen] == [UpscaleReceipt]
     # a receipt made wrong (passes as a dict, as before the typed receipts) is what that check reports
     bad = seen[0].to_dict()

@@ -7,7 +7,7 @@ import torch
 import tiny_sdx4
 from window_call import window
 from dreamforge_upscale.tiling import RunHooks, TileOOMError
-from dreamforge_upscale.upscalers import UpscalerError, upscale
+from dreamforge_upscale.upscalers import UpscaleRequest, UpscalerError, upscale
 from dreamforge_upscale.upscalers.contract import ModelSource
 from dreamforge_upscale.upscalers.sdx4 import SDX4Options, SDX4Upscaler
 from dreamforge_upscale.upscalers.sdx4 import configs
@@ -143,7 +143,8 @@ def test_tiled_decode_shares_groupnorm_statistics(tiny):
 
 def test_upscale_receipt_and_scale_two_downsamples(tiny, photo):
     image = photo.permute(0, 2, 3, 1)
-    out, receipt = upscale(tiny, image, 2, prompt="a face", seed=5, options=SDX4Options(steps=2))
+    out, receipt = upscale(tiny, image,
+                           UpscaleRequest(scale=2, prompt="a face", seed=5, options=SDX4Options(steps=2)))
     receipt = receipt.to_dict()
     assert out.shape == (1, 96, 128, 3)
     assert receipt["impl"] == "diffusion" and receipt["resampled"]["from_scale"] == 4 and receipt["seed"] == 5
@@ -153,8 +154,8 @@ def test_upscale_receipt_and_scale_two_downsamples(tiny, photo):
     assert only["prompts"] == [{"window": [0, 0, 64, 48], "text": "a face", "tile": None}]
     assert receipt["prompt"] == {"mode": "text", "text": "a face", "used": True, "note": None}
     with pytest.raises(UpscalerError, match="strict_scale: impl diffusion"):
-        upscale(tiny, image, 2, strict_scale=True)
-    _, drawn = upscale(tiny, image[:, :8, :8], None, options=SDX4Options(steps=1))
+        upscale(tiny, image, UpscaleRequest(scale=2, strict_scale=True))
+    _, drawn = upscale(tiny, image[:, :8, :8], UpscaleRequest(options=SDX4Options(steps=1)))
     drawn = drawn.to_dict()
     assert drawn["prompt"]["used"] is True and drawn["prompt"]["text"] is None  # the model's default prompt
     assert isinstance(drawn["seed"], int) and drawn["seed"] == drawn["passes"][0]["backend"]["seed"]  # a drawn seed is recorded so the image can be reproduced
@@ -210,7 +211,9 @@ def test_out_of_memory_halves_tiles_then_falls_back_to_gan_then_lanczos(photo, c
     up = make_upscaler()
     up.comps.unet = _OOMUNet(up.comps.unet)
     image = photo.permute(0, 2, 3, 1)
-    out, receipt = upscale(up, image, 4, options=SDX4Options(steps=2, tile=64), fallback=lambda: compact)
+    out, receipt = upscale(up, image,
+                           UpscaleRequest(scale=4, options=SDX4Options(steps=2, tile=64), fallbacks=("gan",)),
+                           gan=lambda: compact)
     receipt = receipt.to_dict()
     assert out.shape == (1, 192, 256, 3)
     assert [s["impl"] for s in receipt["fallbacks"]] == ["diffusion", "gan"]
@@ -234,15 +237,20 @@ def test_out_of_memory_halves_tiles_then_falls_back_to_gan_then_lanczos(photo, c
             return self.inner.describe()
 
     with pytest.raises(TileOOMError, match="allocator: simulated"):  # a plain resize only where allowed
-        upscale(up, image, 3, options=SDX4Options(steps=1), fallback=lambda: OOMGan(compact))
-    out, receipt = upscale(up, image, 3, options=SDX4Options(steps=1), fallback=lambda: OOMGan(compact),
-                           resample_fallback=True)
+        upscale(up, image,
+                UpscaleRequest(scale=3, options=SDX4Options(steps=1), fallbacks=("gan",)),
+                gan=lambda: OOMGan(compact))
+    out, receipt = upscale(up, image,
+                           UpscaleRequest(scale=3, options=SDX4Options(steps=1), fallbacks=("gan", "resize")),
+                           gan=lambda: OOMGan(compact))
     receipt = receipt.to_dict()
     assert out.shape == (1, 144, 192, 3) and receipt["impl"] == "resample"
     assert [s["impl"] for s in receipt["fallbacks"]] == ["diffusion", "gan", "resample"]
     assert receipt["degraded"]["instead_of"] == "diffusion" and receipt["degraded"]["ran"] == "resample"
     with pytest.raises(UpscalerError, match="strict_scale forbids falling back"):
-        upscale(up, image, 4, strict_scale=True, options=SDX4Options(steps=1), fallback=lambda: compact)
+        upscale(up, image,
+                UpscaleRequest(scale=4, strict_scale=True, options=SDX4Options(steps=1), fallbacks=("gan",)),
+                gan=lambda: compact)
     assert torch.equal(image, photo.permute(0, 2, 3, 1))  # the input is untouched
 
 

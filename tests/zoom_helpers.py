@@ -25,7 +25,7 @@ class BicubicX4:
 
     def __init__(self, *, scale: int = 4, prompted: bool = False, gains=(1.0, 1.0, 1.0), context: int = 0):
         self.capabilities = Capabilities(
-            impl="test", native_scales=(scale,), dtypes=("fp32",), size_multiple=1, min_size=1, square=False,
+            impl="gan", native_scales=(scale,), dtypes=("fp32",), size_multiple=1, min_size=1, square=False,
             context=context, bytes_per_pixel=256.0, in_channels=3, out_channels=3, prompted=prompted,
         )
         self.source = ModelSource(f"bicubic-x{scale} (test)", None, "PIL bicubic")

@@ -9,10 +9,11 @@ from .contract import Capabilities, Conditioning, ModelSource, RunMemo, Upscaler
 from .gan import GANUpscaler
 from .receipts import UpscaleReceipt
 from .impl_policy import IMPLS, plan_scale, resolve_load_impl
-from .upscale import DEFAULT_OVERLAP, check_image, upscale
+from .request import DEFAULT_OVERLAP, UpscaleRequest
+from .upscale import check_image, upscale
 
 __all__ = [
     "backend_for", "is_diffusion_model", "load_upscaler", "AssetError", "UpscalerError", "Capabilities",
     "Conditioning", "ModelSource", "RunMemo", "Upscaler", "WindowResult", "GANUpscaler", "UpscaleReceipt", "IMPLS",
-    "plan_scale", "resolve_load_impl", "DEFAULT_OVERLAP", "check_image", "upscale",
+    "plan_scale", "resolve_load_impl", "DEFAULT_OVERLAP", "UpscaleRequest", "check_image", "upscale",
 ]

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..runtime.devices import default_device
-from .contract import Backend, Upscaler
+from .contract import Backend, Impl, Upscaler
 from .coz_sd3 import BACKEND as COZ_SD3
 from .gan import BACKEND as GAN
 from .sdx4 import BACKEND as SDX4
@@ -34,14 +34,14 @@ def load_upscaler(path: str | os.PathLike, *, impl: str = "auto", dtype: str = "
     attention_slicing / offload, or the Chain-of-Zoom model's LoRA files)."""
     path = Path(path)
     backend = backend_for(path)
-    resolve_load_impl(impl, backend.impl == "diffusion", path.name)
+    resolve_load_impl(impl, backend.impl is Impl.DIFFUSION, path.name)
     device = device or default_device()
     given = {k: v for k, v in options.items() if k in backend.options}
     return backend.load(path, dtype=dtype, device=device, **given)
 
 
 def is_diffusion_model(path: str | os.PathLike) -> bool:
-    return backend_for(path).impl == "diffusion"
+    return backend_for(path).impl is Impl.DIFFUSION
 
 
 __all__ = ["Backend", "backend_for", "is_diffusion_model", "load_upscaler"]

@@ -21,6 +21,7 @@ contract.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Protocol, runtime_checkable
 
@@ -29,9 +30,22 @@ import torch
 from ..tiling import RunHooks
 
 
+class Impl(str, Enum):
+    """The two kinds of upscaler the impl policy chooses between (a str: receipts and JSON carry "gan" / "diffusion")."""
+
+    GAN = "gan"
+    DIFFUSION = "diffusion"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
 @dataclass(frozen=True)
 class Capabilities:
-    impl: str  # "gan" | "diffusion"
+    impl: Impl
     native_scales: tuple[int, ...]
     dtypes: tuple[str, ...]  # of "fp32", "fp16", "bf16"
     size_multiple: int  # window sides must be a multiple of this
@@ -44,6 +58,9 @@ class Capabilities:
     prompted: bool = False  # conditioned on Conditioning.prompt and .seed
     whole_image: bool = False  # plans its own tiles: one call per pass with the whole image
     tiling_hint: str = "supported"  # spandrel's hint for window-tiled models: "supported" | "discouraged"
+
+    def __post_init__(self):
+        object.__setattr__(self, "impl", Impl(self.impl))  # "gan" / "diffusion" from a third-party backend too
 
 
 @dataclass(frozen=True)
@@ -114,12 +131,26 @@ class Upscaler(Protocol):
         """What a receipt quotes about the model (source, impl, native scale, dtypes)."""
 
 
+def merge_reports(*parts: dict) -> dict:
+    """One window's report from its stages' own reports (each stage returns what it did): their keys side by
+    side, their out-of-memory `retries` in order."""
+    merged: dict = {}
+    retries: list = []
+    for part in parts:
+        retries += part.get("retries", [])
+        merged.update((k, v) for k, v in part.items() if k != "retries")
+    return {**merged, "retries": retries}
+
+
 @dataclass(frozen=True)
 class Backend:
     """A registered family (upscalers/backends.py): how to recognise its models cheaply and how to load one."""
 
     id: str
-    impl: str  # "gan" | "diffusion": what the impl policy calls it
+    impl: Impl
     detect: Callable[[Path], bool]  # is this file/folder one of this family's models (cheap: headers only)
     load: Callable[..., Upscaler]  # load(path, dtype=, device=, **options)
     options: tuple[str, ...] = ()  # load-time options this family takes (others are not passed to it)
+
+    def __post_init__(self):
+        object.__setattr__(self, "impl", Impl(self.impl))

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 
 from ..runtime.errors import UpscalerError
-from .contract import Capabilities
+from .contract import Capabilities, Impl
 
 IMPLS = ("auto", "diffusion", "gan")
 # operators: the default of Tiled Upscale's impl policy (auto/diffusion/gan). Never Load Upscaler's impl, which
@@ -18,7 +18,7 @@ AUTO_DIFFUSION_FROM = 3.0  # auto with SD x4 connected: scales below this run a 
 # The nodes' `overlap` 0 = auto, in input px: a GAN's feather, and SD x4's / Chain-of-Zoom's latent blend
 # (SD x4: latent = input px, 32 = its sampler's default; Chain-of-Zoom's model: latent = input / 2, so 32 input
 # px = the authors' 16 latent px).
-AUTO_OVERLAP = {"gan": 16, "diffusion": 32}
+AUTO_OVERLAP = {Impl.GAN: 16, Impl.DIFFUSION: 32}
 
 
 def check_impl(impl: str) -> str:
@@ -34,18 +34,18 @@ def default_impl() -> str:
     return value
 
 
-def overlap_for(impl: str, overlap: int) -> int:
+def overlap_for(impl: Impl, overlap: int) -> int:
     """A node's overlap in input px: as given when > 0, else (0 = auto) AUTO_OVERLAP for the kind that runs."""
     return overlap if overlap > 0 else AUTO_OVERLAP[impl]
 
 
-def resolve_load_impl(impl: str, is_diffusion_model: bool, name: str) -> str:
+def resolve_load_impl(impl: str, is_diffusion_model: bool, name: str) -> Impl:
     """What Load Upscaler loads: auto follows the model; an explicit impl must match it."""
     check_impl(impl)
-    found = "diffusion" if is_diffusion_model else "gan"
+    found = Impl.DIFFUSION if is_diffusion_model else Impl.GAN
     if impl in ("auto", found):
         return found
-    if impl == "diffusion":
+    if impl == Impl.DIFFUSION:
         raise UpscalerError(
             f"impl 'diffusion' needs the Stable Diffusion x4 upscaler, but {name} is a GAN model. Choose "
             "x4-upscaler-ema.safetensors (models/checkpoints or models/upscale_models) or its diffusers folder "
@@ -57,13 +57,13 @@ def resolve_load_impl(impl: str, is_diffusion_model: bool, name: str) -> str:
 
 @dataclass(frozen=True)
 class RunChoice:
-    impl: str  # "gan" | "diffusion"
+    impl: Impl
     use_loaded: bool  # run the connected upscaler (else a GAN found in the model folders)
     gan_scale: int  # preferred native scale of that GAN (2 or 4)
     reason: str
 
 
-def choose_run(impl: str, scale: float | None, loaded_impl: str) -> RunChoice:
+def choose_run(impl: str, scale: float | None, loaded_impl: Impl) -> RunChoice:
     """Which implementation a Tiled Upscale request runs, given what is connected (`loaded_impl`).
 
     A connected GAN always runs, under every policy but diffusion (which refuses it): the model the user
@@ -75,29 +75,30 @@ def choose_run(impl: str, scale: float | None, loaded_impl: str) -> RunChoice:
     model's native scale.
     """
     check_impl(impl)
-    target = float(scale) if scale else float(DIFFUSION_NATIVE if loaded_impl == "diffusion" else 0)
+    loaded_impl = Impl(loaded_impl)
+    target = float(scale) if scale else float(DIFFUSION_NATIVE if loaded_impl is Impl.DIFFUSION else 0)
     gan_scale = 2 if 0 < target < AUTO_DIFFUSION_FROM else 4
-    if impl == "diffusion":
-        if loaded_impl != "diffusion":
+    if impl == Impl.DIFFUSION:
+        if loaded_impl is not Impl.DIFFUSION:
             raise UpscalerError(
                 "impl 'diffusion' needs the Stable Diffusion x4 upscaler: load it with 'Load Upscaler' (impl "
                 "diffusion or auto) and connect that, or set impl to 'gan' / 'auto'."
             )
-        return RunChoice("diffusion", True, gan_scale, "impl diffusion")
-    if loaded_impl == "gan":
-        return RunChoice("gan", True, gan_scale, f"impl {impl}: the connected GAN model")
-    if impl == "gan":
-        return RunChoice("gan", False, gan_scale, "impl gan: the connected upscaler is the diffusion model, so a GAN "
+        return RunChoice(Impl.DIFFUSION, True, gan_scale, "impl diffusion")
+    if loaded_impl is Impl.GAN:
+        return RunChoice(Impl.GAN, True, gan_scale, f"impl {impl}: the connected GAN model")
+    if impl == Impl.GAN:
+        return RunChoice(Impl.GAN, False, gan_scale, "impl gan: the connected upscaler is the diffusion model, so a GAN "
                                                   "from models/upscale_models runs instead")
     if target < AUTO_DIFFUSION_FROM:
-        return RunChoice("gan", False, gan_scale, f"impl auto: scale {target:g} < {AUTO_DIFFUSION_FROM:g} runs a GAN "
+        return RunChoice(Impl.GAN, False, gan_scale, f"impl auto: scale {target:g} < {AUTO_DIFFUSION_FROM:g} runs a GAN "
                                                   "(faster, and SD x4 is trained for 4x)")
-    return RunChoice("diffusion", True, gan_scale, f"impl auto: scale {target:g} runs the diffusion model")
+    return RunChoice(Impl.DIFFUSION, True, gan_scale, f"impl auto: scale {target:g} runs the diffusion model")
 
 
 def strict_scale_error(impl: str, scale: float | None) -> str | None:
     """Before any work (and as a queue-time validation): impl diffusion only makes 4x and its powers."""
-    if impl != "diffusion" or not scale:
+    if impl != Impl.DIFFUSION or not scale:
         return None
     passes = round(math.log(scale, DIFFUSION_NATIVE)) if scale > 0 else 0
     if passes >= 1 and math.isclose(DIFFUSION_NATIVE**passes, scale, rel_tol=0, abs_tol=1e-9):

@@ -46,7 +46,7 @@ def _plain(value: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ parts
-@dataclass
+@dataclass(frozen=True)
 class ModelRecord:
     file: str
     sha256: Optional[str]  # first 12 hex digits, None when unknown
@@ -54,7 +54,7 @@ class ModelRecord:
     provenance: Optional[dict]  # where the file came from (its .dreamforge.json sidecar), None when unknown
 
 
-@dataclass
+@dataclass(frozen=True)
 class PromptRecord:
     mode: str  # "text": one text for the image; "per_tile" / "per_pass": a prompt model made one per tile / pass
     text: Optional[str]  # the text (mode "text")
@@ -62,14 +62,14 @@ class PromptRecord:
     note: Optional[str] = None  # e.g. why no prompt was made for a model's tiles
 
 
-@dataclass
+@dataclass(frozen=True)
 class TilePrompt:
     window: list[int]  # left, top, right, bottom in the pass input's pixels
     text: str
     tile: Optional[list[int]] = None  # row, column of the driver's tile grid (None: the whole pass input)
 
 
-@dataclass
+@dataclass(frozen=True)
 class PassRecord:
     index: int  # 1-based native pass
     input_size: list[int]  # width, height
@@ -80,13 +80,13 @@ class PassRecord:
     image: Optional[int] = None  # the batch image, when a batch split after out-of-memory ran one at a time
 
 
-@dataclass
+@dataclass(frozen=True)
 class Resampled:
     from_scale: float
     method: str
 
 
-@dataclass
+@dataclass(frozen=True)
 class FallbackStep:
     impl: str
     model: str
@@ -94,14 +94,14 @@ class FallbackStep:
     detail: Optional[str] = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Degraded:
     ran: str
     instead_of: str
     reason: str
 
 
-@dataclass
+@dataclass(frozen=True)
 class Policy:
     impl: str  # what was asked (auto / gan / diffusion)
     ran: str  # what made the image
@@ -109,7 +109,7 @@ class Policy:
 
 
 # ---------------------------------------------------------------------------------------- receipts
-@dataclass
+@dataclass(frozen=True)
 class UpscaleReceipt(Receipt):
     KIND: ClassVar[str] = "upscale"
 
@@ -137,7 +137,7 @@ class UpscaleReceipt(Receipt):
     cli: Optional[dict] = None  # the command line's settings and files
 
 
-@dataclass
+@dataclass(frozen=True)
 class ZoomPrompt:
     text: str
     generated: Optional[str]
@@ -145,20 +145,20 @@ class ZoomPrompt:
     images: int  # images the prompt model saw (0: no prompt model)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ZoomCrop:
     source: str  # "x{n-1}" or "x0"
     box: list[int]
     factor: int
 
 
-@dataclass
+@dataclass(frozen=True)
 class ColorFixRecord:
     method: str
     reference: str
 
 
-@dataclass
+@dataclass(frozen=True)
 class ZoomStepReceipt(Receipt):
     KIND: ClassVar[str] = "zoom_step"
 
@@ -177,14 +177,14 @@ class ZoomStepReceipt(Receipt):
     sampling: Optional[str] = None  # Chain-of-Zoom's own model: "sample" | "mean"; None for other upscalers
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelSummary:
     model: ModelRecord
     impl: str
     native_scale: int
 
 
-@dataclass
+@dataclass(frozen=True)
 class ZoomLoopReceipt(Receipt):
     KIND: ClassVar[str] = "zoom_loop"
 
@@ -204,7 +204,7 @@ class ZoomLoopReceipt(Receipt):
     sampling: Optional[str] = None  # Chain-of-Zoom's own model: "sample" | "mean"; None for other upscalers
 
 
-@dataclass
+@dataclass(frozen=True)
 class ZoomPass:
     image: int
     index: int
@@ -214,7 +214,7 @@ class ZoomPass:
     upscale: UpscaleReceipt
 
 
-@dataclass
+@dataclass(frozen=True)
 class ZoomUpscaleReceipt(Receipt):
     KIND: ClassVar[str] = "zoom_upscale"
 
@@ -237,7 +237,7 @@ class ZoomUpscaleReceipt(Receipt):
     sampling: Optional[str] = None  # Chain-of-Zoom's own model: "sample" | "mean"; None for other upscalers
 
 
-@dataclass
+@dataclass(frozen=True)
 class BatchReceipt(Receipt):
     """One receipt per image of a batch the node ran one image at a time (Chain-of-Zoom Step)."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Callable, Union
+from typing import Callable
 
 import torch
 
@@ -14,20 +14,17 @@ from ..tiling.resample import ALPHA_NOTE, attach_alpha, split_alpha
 from ..tiling.cost import arch_of, choose_plan, costs_for, max_tiles_per_call, memory_factor
 from ..tiling.memory import BUDGET_FRACTION, canvas_bytes
 from ..runtime.errors import UpscalerError
-from .contract import Conditioning, RunMemo, Upscaler
+from .contract import Conditioning, Impl, RunMemo, Upscaler
 from .receipts import (
-    Degraded, FallbackStep, ModelRecord, PassRecord, Policy, PromptRecord, Resampled, TilePrompt, UpscaleReceipt,
+    Degraded, FallbackStep, ModelRecord, PassRecord, PromptRecord, Resampled, TilePrompt, UpscaleReceipt,
 )
 from ..runtime.dtypes import cpu_bf16_accelerated, dtype_name
 from .impl_policy import plan_scale
+from .request import Prompt, UpscaleRequest
 from .size_guard import check_planned
 
 log = logging.getLogger("dreamforge_upscale")
 
-DEFAULT_OVERLAP = 16  # input px of feathered overlap; the model's context comes on top of it
-# A prompt for the upscaler: one text for the whole image, or a function of a tile's window box
-# (left, top, right, bottom in input pixels of the pass) giving that tile's text.
-Prompt = Union[str, Callable[[tuple[int, int, int, int]], str], None]
 PREPARE_PIXELS = 1024 * 1024  # at most this much activation memory is asked of the manager up front
 
 
@@ -151,69 +148,49 @@ def _one_pass(upscaler: Upscaler, rgb: torch.Tensor, tile: int, overlap: int, de
                          hooks=hooks, per_tile=per_tile, tiles_per_call=tiles_per_call)
 
 
-def upscale(
-    upscaler: Upscaler,
-    image: torch.Tensor,
-    scale: float | None = None,
-    *,
-    tile: int = 0,
-    overlap: int = DEFAULT_OVERLAP,
-    strict_scale: bool = False,
-    resample: str = "lanczos",
-    device: torch.device | None = None,
-    hooks: RunHooks | None = None,
-    prompt: Prompt = None,
-    seed: int | None = None,
-    options=None,
-    memo: RunMemo | None = None,
-    policy: Policy | None = None,
-    fallback: Callable[[], Upscaler] | None = None,
-    resample_fallback: bool = False,
-    max_side: int | None = None,
-) -> tuple[torch.Tensor, UpscaleReceipt]:
-    """Upscale a ComfyUI IMAGE (B,H,W,C float) by `scale` (None/0 = native). Returns (image, receipt).
+def upscale(upscaler: Upscaler, image: torch.Tensor, request: UpscaleRequest = UpscaleRequest(), *,
+            device: torch.device | None = None, hooks: RunHooks | None = None, memo: RunMemo | None = None,
+            gan: Callable[[], Upscaler] | None = None) -> tuple[torch.Tensor, UpscaleReceipt]:
+    """Upscale a ComfyUI IMAGE (B,H,W,C float) as `request` asks. Returns (image, receipt).
 
     Scales other than the native one run the fewest native passes that reach it, then resample to
-    exactly round(H*s) x round(W*s). Alpha is resampled separately and re-attached.
-    `prompt` (text, or a function of a tile's window box giving that tile's text), `seed` and the
-    backend's `options` condition prompted backends (`capabilities.prompted`) and are recorded in the
-    receipt either way. `memo` lets a longer run (a zoom loop) share reusable work across its calls.
-    `policy` (which implementation the caller chose, and why) is recorded, with `ran` corrected when a
-    fallback made the image.
+    exactly round(H*s) x round(W*s). Alpha is resampled separately and re-attached. The request's prompt,
+    seed and options condition prompted backends (`capabilities.prompted`) and are recorded either way.
+    Where it runs: `device`, the host's `hooks`, `memo` (a longer run, e.g. a zoom loop, shares reusable
+    work across its calls) and `gan`, a factory of the GAN a diffusion run may fall back to (loaded where
+    it runs).
 
-    Before any work every intermediate and the output are checked against `max_side` (default:
-    DREAMFORGE_MAX_SIDE) and the free memory. Out of memory: tiles shrink (tiling/retry.py); at the
-    floor a batch is split into single images; then, unless `strict_scale`, `fallback()` (a GAN,
-    offered for diffusion upscalers; the factory loads it where it runs) and, only when
-    `resample_fallback`, a plain resize. Every fallback is logged, listed in the receipt's
-    "fallbacks" and flagged in its "degraded"; without an allowed fallback the out-of-memory error is
-    raised. The input image is never modified.
+    Before any work every intermediate and the output are checked against `request.max_side` and the free
+    memory. Out of memory: tiles shrink (tiling/retry.py); at the floor a batch is split into single
+    images; then the fallbacks the request allows, decided here only: "gan" after a diffusion model (with
+    `gan` given), then "resize" (a plain resize); none under strict_scale. Every fallback is logged,
+    listed in the receipt's "fallbacks" and flagged in its "degraded"; without one that applies the
+    out-of-memory error is raised. The input image is never modified.
     """
     hooks = hooks or RunHooks()
     check_image(image)
-    splan = plan_scale(upscaler.capabilities, scale, strict_scale, upscaler.source.file)
-    _check_sizes(image, splan, upscaler, max_side, hooks)
-    cond = Conditioning(seed=seed, options=options, memo=memo or RunMemo())
-    kw = dict(tile=tile, overlap=overlap, strict_scale=strict_scale, resample=resample, device=device,
-              prompt=prompt, cond=cond)
+    splan = plan_scale(upscaler.capabilities, request.scale, request.strict_scale, upscaler.source.file)
+    _check_sizes(image, splan, upscaler, request.max_side, hooks)
+    cond = Conditioning(seed=request.seed, options=request.options, memo=memo or RunMemo())
     started = time.perf_counter()
     chain: list[FallbackStep] = []
     candidates: list[Callable[[], Upscaler]] = [lambda: upscaler]
-    if fallback is not None and upscaler.capabilities.impl != "gan" and not strict_scale:
-        candidates.append(fallback)
+    allowed = () if request.strict_scale else request.fallbacks
+    if "gan" in allowed and gan is not None and upscaler.capabilities.impl is Impl.DIFFUSION:
+        candidates.append(gan)
     for i, candidate in enumerate(candidates):
         current = None
         try:
             current = candidate()
             # a fallback factory makes room for its own model: the hooks must not reload the first one
             run_hooks = hooks if i == 0 else dataclasses.replace(hooks, prepare=None)
-            out, receipt = _upscale_batch(current, image, scale, hooks=run_hooks, **kw)
+            out, made = _upscale_batch(current, image, request, device=device, hooks=run_hooks, cond=cond)
         except Exception as exc:  # noqa: BLE001 - only out-of-memory falls back; the rest is re-raised
             if not (isinstance(exc, TileOOMError) or is_out_of_memory(exc, hooks.oom_errors)):
                 raise
             label = current.source.file if current is not None else "fallback model"
-            impl = current.capabilities.impl if current is not None else "gan"
-            if strict_scale:
+            impl = current.capabilities.impl if current is not None else Impl.GAN
+            if request.strict_scale:
                 raise UpscalerError(
                     f"out of memory running impl {impl} ({label}) even with the smallest tiles, and strict_scale "
                     "forbids falling back to another method. Fix: free memory (other models), lower 'tile', use a "
@@ -224,21 +201,29 @@ def upscale(
             del exc
             continue
         if chain:
-            chain.append(FallbackStep(receipt.impl, receipt.model.file, "ok"))
-            _degrade(receipt, chain, started)
-        receipt.policy = _ran(policy, receipt)
-        return out, receipt
-    if not resample_fallback:
+            chain.append(FallbackStep(made["impl"], made["model"].file, "ok"))
+        return out, _receipt(made, request, chain, started)
+    if "resize" not in allowed:
         raise last
-    out, receipt = _resample_fallback(image, splan.requested, resample, chain)
-    _degrade(receipt, chain, started)
-    receipt.policy = _ran(policy, receipt)
-    return out, receipt
+    chain.append(FallbackStep("resample", request.resample, "ok"))
+    out, made = _resample_fallback(image, splan.requested, request.resample)
+    return out, _receipt(made, request, chain, started)
 
 
-def _ran(policy: Policy | None, receipt: UpscaleReceipt) -> Policy | None:
-    """The caller's policy, saying what really made the image."""
-    return None if policy is None else dataclasses.replace(policy, ran=receipt.impl)
+def _receipt(made: dict, request: UpscaleRequest, chain: list[FallbackStep], started: float) -> UpscaleReceipt:
+    """The one receipt of a request, built once from what made the image: the caller's policy with what
+    really ran, the fallbacks (logged: never silent), the caller's notes beside the run's."""
+    impl = made["impl"]
+    policy = None if request.policy is None else dataclasses.replace(request.policy, ran=impl)
+    notes = [*made.pop("notes"), *request.notes]
+    degraded, seconds = None, made.pop("seconds")
+    if chain:
+        log.warning("DreamForge: %s (%s) ran out of memory; the result was made by %s instead",
+                    chain[0].impl, chain[0].model, impl)
+        degraded = Degraded(impl, chain[0].impl, f"out of memory: {(chain[0].detail or '')[:200]}")
+        seconds = round(time.perf_counter() - started, 3)
+    return UpscaleReceipt(**made, policy=policy, notes=list(dict.fromkeys(notes)), fallbacks=chain,
+                          degraded=degraded, seconds=seconds)
 
 
 def _check_sizes(image: torch.Tensor, splan, upscaler: Upscaler, max_side: int | None, hooks: RunHooks) -> None:
@@ -248,73 +233,48 @@ def _check_sizes(image: torch.Tensor, splan, upscaler: Upscaler, max_side: int |
                   free=(hooks.free_bytes or free_bytes)(torch.device("cpu")))
 
 
-def _degrade(receipt: UpscaleReceipt, chain: list[FallbackStep], started: float) -> None:
-    """A fallback ran: say so in the log and the receipt, never silently."""
-    receipt.fallbacks = chain
-    receipt.degraded = Degraded(receipt.impl, chain[0].impl, f"out of memory: {(chain[0].detail or '')[:200]}")
-    receipt.seconds = round(time.perf_counter() - started, 3)
-    log.warning("DreamForge: %s (%s) ran out of memory; the result was made by %s instead",
-                chain[0].impl, chain[0].model, receipt.impl)
-
-
-def _resample_fallback(image, factor, resample, chain) -> tuple[torch.Tensor, UpscaleReceipt]:
+def _resample_fallback(image, factor, resample) -> tuple[torch.Tensor, dict]:
     """Last resort, only where allowed: an antialiased resize to the requested size (no model); alpha kept."""
     _, height, width, channels = image.shape
     out_h, out_w = target_size(height, width, factor)
     rgb, alpha = split_alpha(image)
     out = attach_alpha(resize(rgb, out_h, out_w, resample), alpha)
-    chain.append(FallbackStep("resample", resample, "ok"))
-    return out, UpscaleReceipt(
+    return out, dict(
         impl="resample", model=ModelRecord(resample, None, "resize (no model)", None), native_scale=1,
         requested_scale=float(factor), pass_count=0, resampled=Resampled(1.0, resample), input_size=[width, height],
         output_size=[out_w, out_h], batch=image.shape[0], alpha=ALPHA_NOTE if alpha is not None else None,
-        dtype="fp32", device="cpu", passes=[], retries=[], fallbacks=chain, degraded=None, prompt=None, seed=None,
-        policy=None, notes=[], seconds=0.0)
+        dtype="fp32", device="cpu", passes=[], retries=[], prompt=None, seed=None, notes=[], seconds=0.0)
 
 
-def _upscale_batch(upscaler: Upscaler, image: torch.Tensor, scale, **kw) -> tuple[torch.Tensor, UpscaleReceipt]:
-    """The whole batch at once; at the out-of-memory floor, one image at a time (less activation memory)."""
+def _upscale_batch(upscaler: Upscaler, image: torch.Tensor, request: UpscaleRequest, **kw) -> tuple[torch.Tensor, dict]:
+    """The whole batch at once; at the out-of-memory floor, one image at a time (less activation memory).
+    Returns the image and what made it (the receipt's fields but the caller's)."""
     try:
-        return _upscale_once(upscaler, image, scale, **kw)
+        return _upscale_once(upscaler, image, request, **kw)
     except TileOOMError as exc:
         if image.shape[0] == 1:
             raise
         note = {"event": "split_batch", "batch": image.shape[0], "reason": exc.allocator or str(exc)[:200]}
-    outs, receipts = [], []
+    outs, made = [], []
     for i in range(image.shape[0]):
-        out, receipt = _upscale_once(upscaler, image[i : i + 1], scale, **kw)
+        out, one = _upscale_once(upscaler, image[i : i + 1], request, **kw)
         outs.append(out)
-        receipts.append(receipt)
-    receipt = receipts[0]
-    for i, rec in enumerate(receipts):  # every image's passes (tiles, prompts) stay in the receipt
-        for record in rec.passes:
-            record.image = i
-    receipt.passes = [p for rec in receipts for p in rec.passes]
-    receipt.retries = [note] + [r for rec in receipts for r in rec.retries]
-    receipt.batch = image.shape[0]
-    receipt.seconds = round(sum(r.seconds for r in receipts), 3)
-    return torch.cat(outs, dim=0), receipt
+        made.append(one)
+    # every image's passes (tiles, prompts) stay in the receipt, each saying which image it was
+    passes = [dataclasses.replace(record, image=i) for i, one in enumerate(made) for record in one["passes"]]
+    return torch.cat(outs, dim=0), {
+        **made[0], "passes": passes, "retries": [note] + [r for one in made for r in one["retries"]],
+        "batch": image.shape[0], "seconds": round(sum(one["seconds"] for one in made), 3)}
 
 
-def _upscale_once(
-    upscaler: Upscaler,
-    image: torch.Tensor,
-    scale: float | None,
-    *,
-    tile: int,
-    overlap: int,
-    strict_scale: bool,
-    resample: str,
-    device: torch.device | None,
-    hooks: RunHooks,
-    prompt: Prompt,
-    cond: Conditioning,
-) -> tuple[torch.Tensor, UpscaleReceipt]:
+def _upscale_once(upscaler: Upscaler, image: torch.Tensor, request: UpscaleRequest, *, device: torch.device | None,
+                  hooks: RunHooks, cond: Conditioning) -> tuple[torch.Tensor, dict]:
     started = time.perf_counter()
+    tile, overlap, prompt = request.tile, request.overlap, request.prompt
     if tile < 0 or overlap < 0:
         raise UpscalerError(f"tile and overlap must be >= 0 (tile 0 = auto); got tile={tile}, overlap={overlap}")
     caps = upscaler.capabilities
-    splan = plan_scale(caps, scale, strict_scale, upscaler.source.file)
+    splan = plan_scale(caps, request.scale, request.strict_scale, upscaler.source.file)
     module = upscaler.module()
     device = device or _device_of(module)
     if not getattr(upscaler, "offload", False) and any(p.device != device for p in module.parameters()):
@@ -338,17 +298,21 @@ def _upscale_once(
         else:
             fn, per_tile, prompts = _tile_fns(upscaler, cond, prompt, hooks)
             result = _one_pass(upscaler, out, tile, overlap, device, hooks, fn, per_tile)
+            if prompts:
+                tile_prompts = prompts.records(result.plan)
+            elif caps.prompted and cond.prompt is not None:
+                tile_prompts = [TilePrompt([0, 0, out.shape[2], out.shape[1]], cond.prompt)]
+            else:
+                tile_prompts = []
             record = PassRecord(index, [out.shape[2], out.shape[1]], [result.image.shape[2], result.image.shape[1]],
-                                result.plan.describe(), prompts.records(result.plan) if prompts else [], {})
-            if caps.prompted and not prompts and cond.prompt is not None:
-                record.prompts = [TilePrompt([0, 0, out.shape[2], out.shape[1]], cond.prompt)]
+                                result.plan.describe(), tile_prompts, {})
             out, pass_retries = result.image, result.retries
         passes.append(record)
         retries.extend(pass_retries)
     if out.shape[-1] == 1:
         out = out.expand(-1, -1, -1, 3)
     out_h, out_w = target_size(height, width, splan.requested)
-    out = attach_alpha(resize(out, out_h, out_w, resample), alpha)
+    out = attach_alpha(resize(out, out_h, out_w, request.resample), alpha)
 
     notes = []
     if upscaler.dtype == torch.bfloat16 and device.type == "cpu" and not cpu_bf16_accelerated():
@@ -356,16 +320,15 @@ def _upscale_once(
     for record in passes:
         notes.extend(n for n in record.backend.pop("notes", []) if n not in notes)
     seed = next((p.backend["seed"] for p in passes if "seed" in p.backend), cond.seed)
-    receipt = UpscaleReceipt(
+    return out, dict(
         impl=caps.impl, model=ModelRecord(**upscaler.source.describe()), native_scale=splan.native,
         requested_scale=splan.requested, pass_count=splan.passes,
-        resampled=Resampled(float(splan.reached), resample) if splan.resample else None,
+        resampled=Resampled(float(splan.reached), request.resample) if splan.resample else None,
         input_size=[width, height], output_size=[out_w, out_h], batch=batch,
         alpha=ALPHA_NOTE if alpha is not None else None, dtype=dtype_name(upscaler.dtype), device=str(device),
-        passes=passes, retries=retries, fallbacks=[], degraded=None, prompt=_prompt_record(caps, prompt),
-        seed=seed if (caps.prompted or seed is not None) else None, policy=None, notes=notes,
+        passes=passes, retries=retries, prompt=_prompt_record(caps, prompt),
+        seed=seed if (caps.prompted or seed is not None) else None, notes=notes,
         seconds=round(time.perf_counter() - started, 3))
-    return out, receipt
 
 
 def _prompt_record(caps, prompt: Prompt) -> PromptRecord | None:

@@ -23,62 +23,28 @@ Loop == Step chained: the loop calls zoom_step for n = 1..steps, nothing else.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 from PIL import Image
 
-from ..tiling import RunHooks
 from ..runtime.errors import UpscalerError
-from ..imaging.color_fix import METHODS as FIX_METHODS, color_fix as apply_color_fix
-from ..upscalers.contract import RunMemo, Upscaler
+from ..imaging.color_fix import color_fix as apply_color_fix
+from ..upscalers.contract import Impl, Upscaler
 from ..upscalers.receipts import (
     ColorFixRecord, ModelRecord, ModelSummary, ZoomCrop, ZoomLoopReceipt, ZoomPrompt, ZoomStepReceipt,
 )
 from ..imaging.image_io import from_pil, to_pil
 from ..upscalers.impl_policy import overlap_for
+from ..upscalers.coz_sd3 import CoZOptions, CoZSD3Upscaler
+from ..upscalers.coz_sd3.backend import ONESTEP_NOTE
+from ..upscalers.request import UpscaleRequest
+from ..upscalers.sdx4 import SDX4Options, SDX4Upscaler
 from ..upscalers.upscale import check_image, upscale
-from .geometry import (
-    DEFAULT_PROCESS_SIZE, RECURSIVE_MODES, SR_MODES, ZOOM, check_mode, check_process_size, check_step,
-    prepare, step_factor, zoom_crop,
-)
-from .prompts import PromptProvider, make_prompt
-
-COLOR_FIX_CHOICES = (*FIX_METHODS, "none")
-SAMPLING_CHOICES = ("sample", "mean")  # Chain-of-Zoom's own model: its posterior sample (the paper) or mean
-
-
-def derive_seed(seed: int, *path: int) -> int:
-    """A 63-bit seed for one unit of work (step, image, pass...) from the user's seed: stable, well mixed."""
-    if not isinstance(seed, int) or seed < 0:
-        raise UpscalerError(f"seed must be a non-negative integer; got {seed!r}")
-    state = np.random.SeedSequence(seed, spawn_key=tuple(int(p) for p in path)).generate_state(2, dtype=np.uint32)
-    return int((int(state[0]) << 31) ^ int(state[1])) & (2**63 - 1)
-
-
-def check_zoom_upscaler(upscaler: Upscaler) -> None:
-    if upscaler.scale != ZOOM:
-        raise UpscalerError(
-            f"Chain-of-Zoom zooms 4x per step and needs a 4x upscaler; {upscaler.source.file} is native "
-            f"x{upscaler.scale}. Load a 4x model (e.g. realesr-animevideov3.pth, RealESRGAN_x4plus.pth or the "
-            "Stable Diffusion x4 upscaler)."
-        )
-
-
-def check_color_fix(method: str) -> str:
-    if method not in COLOR_FIX_CHOICES:
-        raise UpscalerError(f"color_fix must be one of {', '.join(COLOR_FIX_CHOICES)}; got {method!r}")
-    return method
-
-
-def check_sampling(sampling: str) -> str:
-    if sampling not in SAMPLING_CHOICES:
-        raise UpscalerError(f"sampling must be one of {', '.join(SAMPLING_CHOICES)} (sample: the paper's posterior "
-                            f"sample, seeded; mean: the posterior mean, no noise); got {sampling!r}")
-    return sampling
-
+from .geometry import RECURSIVE_MODES, SR_MODES, ZOOM, prepare, step_factor, zoom_crop
+from .prompts import make_prompt
+from .settings import ZoomSettings, check_sampling, check_step, derive_seed
 
 def sr_options(upscaler: Upscaler | None, sampling: str, tile: int = 0, overlap: int = 0):
     """(options for upscale(), the sampling that applies). `tile` / `overlap` are input px for every upscaler
@@ -86,14 +52,11 @@ def sr_options(upscaler: Upscaler | None, sampling: str, tile: int = 0, overlap:
     CoZOptions for Chain-of-Zoom's own model (latent = input / 2), SDX4Options for SD x4 (latent = input, its other
     settings at their defaults), None for a GAN (which tiles in input px itself). The sampling applies to
     Chain-of-Zoom's model only (a GAN has no noise; SD x4 samples its own, seeded)."""
-    from ..upscalers.coz_sd3 import CoZOptions, CoZSD3Upscaler
-    from ..upscalers.sdx4 import SDX4Options, SDX4Upscaler
-
     if isinstance(upscaler, CoZSD3Upscaler):
-        options = CoZOptions.from_input_px(tile, overlap_for("diffusion", overlap), sampling=check_sampling(sampling))
+        options = CoZOptions.from_input_px(tile, overlap_for(Impl.DIFFUSION, overlap), sampling=check_sampling(sampling))
         return options, sampling
     if isinstance(upscaler, SDX4Upscaler):
-        return SDX4Options(tile=tile, overlap=overlap_for("diffusion", overlap)), None
+        return SDX4Options(tile=tile, overlap=overlap_for(Impl.DIFFUSION, overlap)), None
     return None, None
 
 
@@ -119,35 +82,6 @@ class StepResult:
     view: Image.Image | None = None  # the bicubic view (colour-fix reference), None for baselines
 
 
-@dataclass
-class ZoomSettings:
-    """Everything about a zoom run except the images (shared by Step and Loop so both do the same)."""
-
-    mode: str = "recursive_multiscale"
-    process_size: int = DEFAULT_PROCESS_SIZE
-    user_prompt: str = ""
-    provider: PromptProvider | None = None
-    color_fix: str = "wavelet"
-    seed: int = 0
-    sampling: str = "sample"  # Chain-of-Zoom's own model: "sample" (the paper, seeded) or "mean" (no noise)
-    tile: int = 0  # input px for every upscaler (converted for the latent-tiled models); 0 = auto
-    overlap: int = 0  # input px; 0 = auto (impl_policy.AUTO_OVERLAP)
-    device: torch.device | None = None
-    hooks: RunHooks = field(default_factory=RunHooks)
-    memo: RunMemo = field(default_factory=RunMemo)  # reusable work (prompt embeddings) across one run's steps
-
-    def check(self, upscaler: Upscaler | None) -> None:
-        check_mode(self.mode)
-        check_process_size(self.process_size)
-        check_color_fix(self.color_fix)
-        check_sampling(self.sampling)
-        derive_seed(self.seed)
-        if self.mode in SR_MODES:
-            if upscaler is None:
-                raise UpscalerError(f"mode {self.mode} needs an upscaler (only nearest/bicubic run without one)")
-            check_zoom_upscaler(upscaler)
-
-
 def zoom_step(upscaler: Upscaler | None, state: Image.Image, step: int, settings: ZoomSettings, *,
               origin: Image.Image | None = None, index: int = 0) -> StepResult:
     """Make x_step from x_{step-1} = `state` (recursive modes) or from x0 = `origin` (the others).
@@ -171,15 +105,17 @@ def zoom_step(upscaler: Upscaler | None, state: Image.Image, step: int, settings
     factor = step_factor(s.mode, step)
     crop, box = zoom_crop(source, factor)
     seed = derive_seed(s.seed, step, index)
-    receipt = ZoomStepReceipt(
-        step=step, image=index, mode=s.mode, magnification=ZOOM**step, process_size=w,
-        crop=ZoomCrop(f"x{step - 1}" if recursive else "x0", list(box), factor), seed=seed, sr_input_size=None,
-        prompt=None, color_fix=None, upscale=None, seconds=0.0, sampling=None)
+
+    def receipt(**what_ran) -> ZoomStepReceipt:  # built once, when the step is done
+        return ZoomStepReceipt(
+            step=step, image=index, mode=s.mode, magnification=ZOOM**step, process_size=w,
+            crop=ZoomCrop(f"x{step - 1}" if recursive else "x0", list(box), factor), seed=seed,
+            seconds=round(time.perf_counter() - started, 3), **what_ran)
+
     if s.mode in ("nearest", "bicubic"):
         method = Image.Resampling.NEAREST if s.mode == "nearest" else Image.Resampling.BICUBIC
         new = crop.resize((w, w), method)
-        receipt.seconds = round(time.perf_counter() - started, 3)
-        return StepResult(new, "", receipt)
+        return StepResult(new, "", receipt(sr_input_size=None, prompt=None, color_fix=None, upscale=None))
 
     view = crop.resize((w, w), Image.Resampling.BICUBIC)  # the published SR input / prompt image / colour reference
     lr = crop if s.mode != "onestep" else crop.resize((w // ZOOM, w // ZOOM), Image.Resampling.BICUBIC)
@@ -188,29 +124,25 @@ def zoom_step(upscaler: Upscaler | None, state: Image.Image, step: int, settings
                                     check_interrupt=s.hooks.check_interrupt)
     if s.hooks.check_interrupt:
         s.hooks.check_interrupt()
-    options, receipt.sampling = sr_options(upscaler, s.sampling, s.tile, s.overlap)
-    out, up_receipt = upscale(upscaler, from_pil(lr), None, tile=s.tile, overlap=overlap_for("gan", s.overlap),
-                              device=s.device,
-                              hooks=s.hooks, prompt=prompt, seed=seed, options=options, memo=s.memo)
+    options, sampling = sr_options(upscaler, s.sampling, s.tile, s.overlap)
+    # onestep past step 1 shrinks the crop before the model (step 1's reduction is to the crop's own size)
+    notes = (ONESTEP_NOTE,) if s.mode == "onestep" and step > 1 and options is not None else ()
+    request = UpscaleRequest(tile=s.tile, overlap=overlap_for(Impl.GAN, s.overlap), prompt=prompt, seed=seed,
+                             options=options, notes=notes)
+    out, up_receipt = upscale(upscaler, from_pil(lr), request, device=s.device, hooks=s.hooks, memo=s.memo)
     if tuple(out.shape[1:3]) != (w, w):
         raise UpscalerError(f"the upscaler made {tuple(out.shape[1:3])} from a {lr.size} crop; expected {w}x{w}")
-    if s.mode == "onestep" and step > 1 and options is not None:  # step 1's reduction is to the crop's own size
-        from ..upscalers.coz_sd3.backend import ONESTEP_NOTE
-
-        up_receipt.notes.append(ONESTEP_NOTE)
     if options is not None:  # Chain-of-Zoom's own model: the states exactly as the paper's code makes them
         new = published_state(out, view, s.color_fix)
     else:  # any other upscaler: rounded onto the 8-bit grid (truncating would darken by half a level a step)
         if s.color_fix != "none":
             out = apply_color_fix(out, from_pil(view), s.color_fix)
         new = to_pil(out)
-    receipt.sr_input_size = list(lr.size)
-    receipt.prompt = ZoomPrompt(prompt, generated, s.provider.name if s.provider else "null",
-                                len(prompt_images) if s.provider else 0)
-    receipt.color_fix = ColorFixRecord(s.color_fix, "bicubic view of the crop") if s.color_fix != "none" else None
-    receipt.upscale = up_receipt
-    receipt.seconds = round(time.perf_counter() - started, 3)
-    return StepResult(new, prompt, receipt, view)
+    return StepResult(new, prompt, receipt(
+        sr_input_size=list(lr.size), sampling=sampling, upscale=up_receipt,
+        prompt=ZoomPrompt(prompt, generated, s.provider.name if s.provider else "null",
+                          len(prompt_images) if s.provider else 0),
+        color_fix=ColorFixRecord(s.color_fix, "bicubic view of the crop") if s.color_fix != "none" else None), view)
 
 
 @dataclass

@@ -21,12 +21,14 @@ from ..tiling import RunHooks, free_bytes, resize, target_size
 from ..tiling.resample import ALPHA_NOTE, METHODS as RESAMPLE_METHODS, attach_alpha, split_alpha
 from ..runtime.errors import UpscalerError
 from ..imaging.color_fix import color_fix as apply_color_fix
-from ..upscalers.contract import RunMemo, Upscaler
+from ..upscalers.contract import Impl, RunMemo, Upscaler
 from ..upscalers.receipts import Resampled, ZoomPass, ZoomUpscaleReceipt
 from ..upscalers.size_guard import check_sizes
 from ..upscalers.impl_policy import overlap_for
+from ..upscalers.request import UpscaleRequest
 from ..upscalers.upscale import check_image, upscale
-from .chain import check_color_fix, check_sampling, check_zoom_upscaler, derive_seed, sr_options
+from .chain import sr_options
+from .settings import check_color_fix, check_sampling, check_zoom_upscaler, derive_seed
 from ..imaging.image_io import to_pil
 from .geometry import ZOOM
 from .prompts import PromptProvider, make_prompt
@@ -111,9 +113,9 @@ def zoom_upscale(
                 hooks.check_interrupt()
             pass_seed = derive_seed(seed, p, index)
             prompt, prompt_note = _pass_prompt(provider, tile_prompts, current, user_prompt, pass_seed, hooks)
-            up, up_receipt = upscale(upscaler, current, None, tile=tile, overlap=overlap_for("gan", overlap),
-                                     device=device,
-                                     hooks=hooks, prompt=prompt, seed=pass_seed, options=options, memo=memo)
+            request = UpscaleRequest(tile=tile, overlap=overlap_for(Impl.GAN, overlap), prompt=prompt, seed=pass_seed,
+                                     options=options)
+            up, up_receipt = upscale(upscaler, current, request, device=device, hooks=hooks, memo=memo)
             if color_fix != "none":
                 up = apply_color_fix(up, current, color_fix)
             pass_receipts.append(ZoomPass(index, p, [current.shape[2], current.shape[1]], [up.shape[2], up.shape[1]],

@@ -1,4 +1,5 @@
-"""Chain-of-Zoom geometry exactly as published: preparation, centre-crop boxes, resampling, modes.
+"""Chain-of-Zoom geometry exactly as published: preparation, centre-crop boxes, resampling, modes (their checks
+are in settings.py).
 
 Scale-states are 8-bit RGB images, as in the reference code (it writes every state to a PNG and
 reads it back): the crops and resizes below run on uint8 PIL images with PIL's own filters, so a
@@ -9,8 +10,6 @@ from __future__ import annotations
 
 from PIL import Image
 
-from ..runtime.errors import UpscalerError
-
 MODES = ("recursive", "recursive_multiscale", "onestep", "nearest", "bicubic")
 SR_MODES = ("recursive", "recursive_multiscale", "onestep")  # the others are interpolation baselines
 RECURSIVE_MODES = ("recursive", "recursive_multiscale")  # crop the previous state; others crop x0
@@ -19,22 +18,6 @@ DEFAULT_PROCESS_SIZE = 512
 PROCESS_SIZE_MULTIPLE = 8  # so the centre crop is exactly process_size / 4 and a 4x model lands on it
 
 
-def check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise UpscalerError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
-    return mode
-
-
-def check_process_size(size: int) -> int:
-    if not isinstance(size, int) or size < 2 * PROCESS_SIZE_MULTIPLE or size % PROCESS_SIZE_MULTIPLE:
-        raise UpscalerError(
-            f"process_size must be a multiple of {PROCESS_SIZE_MULTIPLE} and at least {2 * PROCESS_SIZE_MULTIPLE} "
-            f"(the published default is {DEFAULT_PROCESS_SIZE}); got {size!r}"
-        )
-    return size
-
-
-# ------------------------------------------------------------------------------ tensors <-> PIL
 # ------------------------------------------------------------------------------ published steps
 def prepare(image: Image.Image, size: int) -> Image.Image:
     """x0: short side to `size` with LANCZOS (sizes truncated with int()), then a centre crop size x size.
@@ -65,17 +48,6 @@ def step_factor(mode: str, step: int) -> int:
     """Zoom of the crop taken at step `step` (1-based: the step that makes x_step): 4 for the recursive
     modes (from the previous state), 4**step for onestep/nearest/bicubic (from x0)."""
     return ZOOM if mode in RECURSIVE_MODES else ZOOM**step
-
-
-def check_step(mode: str, step: int, size: int) -> None:
-    if not isinstance(step, int) or step < 1:
-        raise UpscalerError(f"step must be 1 or more (step n makes scale-state x_n); got {step!r}")
-    factor = step_factor(mode, step)
-    if size // factor < 1:
-        raise UpscalerError(
-            f"mode {mode} at step {step} crops the centre 1/{factor} of x0, under one pixel of a "
-            f"{size}px process size: use fewer steps or a larger process_size (at least {factor})"
-        )
 
 
 def zoom_crop(source: Image.Image, factor: int) -> tuple[Image.Image, tuple[int, int, int, int]]:

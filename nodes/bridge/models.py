@@ -124,13 +124,15 @@ def gan_fallback() -> Upscaler:
     return gan.upscaler
 
 
-def residency(text_patcher, main_patcher) -> Residency:
+def residency(main_module: torch.nn.Module, text_module: torch.nn.Module) -> Residency:
     """Both networks of the Chain-of-Zoom model through ComfyUI's manager: loading one evicts the other
-    when the device is short of room."""
+    when the device is short of room. The manager keeps weak references: the Residency holds both patchers."""
+    main_patcher, text_patcher = patcher_for(main_module), patcher_for(text_module)
     return Residency(
         text=lambda _bytes: mm.load_models_gpu([text_patcher], force_full_load=True),
         main=lambda activation: mm.load_models_gpu([main_patcher], memory_required=activation, force_full_load=True),
         release_text=lambda: None,  # left loaded: the manager unloads it when the transformer needs the room
+        held=(main_patcher, text_patcher),
     )
 
 

@@ -18,7 +18,7 @@ import torch
 from ...runtime.devices import default_device
 from ...tiling import RunHooks
 from ...runtime.errors import UpscalerError
-from ..contract import Capabilities, Conditioning, ModelSource, WindowResult
+from ..contract import Capabilities, Conditioning, Impl, ModelSource, WindowResult
 from ...runtime.dtypes import DTYPE_NAMES, dtype_name, select_dtype, vae_dtype_for
 from . import step
 from .components import CoZComponents, TokenizerDirs, is_sd3_folder, load_diffusers_folder
@@ -76,11 +76,19 @@ class Residency:
 
     text(bytes) runs before the text encoders encode, main(bytes) before the transformer and VAE run;
     the default moves them with .to() and sends the text encoders back to the CPU after use on a GPU.
+    A host makes one for the loaded networks (`load(residency=...)`: a function of the main and the text
+    module); `held` is what it registered them as (ComfyUI: their ModelPatchers, main first), kept alive
+    with the model.
     """
 
     text: Callable[[int], None] | None = None
     main: Callable[[int], None] | None = None
     release_text: Callable[[], None] | None = None
+    held: tuple = ()
+
+
+# The host's residency for the loaded networks: (main module, text module) -> Residency
+ResidencyFor = Callable[[torch.nn.Module, torch.nn.Module], Residency]
 
 
 def select_dtypes(requested: str, device: torch.device) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
@@ -97,12 +105,11 @@ class CoZSD3Upscaler:
     """Load-time choices (weights, dtypes, residency) live here; per-call settings go to upscale_window."""
 
     def __init__(self, comps: CoZComponents, source: ModelSource, files: list[dict], dtype=torch.float32,
-                 vae_dtype=torch.float32, text_dtype=torch.float32, residency: Residency | None = None):
+                 vae_dtype=torch.float32, text_dtype=torch.float32, residency: ResidencyFor | None = None):
         if vae_dtype == torch.float16:
             raise UpscalerError("the SD3 VAE is kept in fp32 or bf16 (fp16 overflows in its decoder)")
         self.comps, self.source, self.files = comps, source, files
         self.dtype, self.vae_dtype, self.text_dtype = dtype, vae_dtype, text_dtype
-        self.residency = residency or Residency()
         self.offload = False  # the text encoders and the main networks move through `residency` instead
         self.load_memory: dict | None = None  # load's estimate, free memory and any dtype lowered to fit (load())
         for module, wanted in ((comps.transformer, dtype), (comps.vae, vae_dtype),
@@ -112,9 +119,10 @@ class CoZSD3Upscaler:
         self.holder = CoZModules(transformer=comps.transformer, vae=comps.vae).eval().requires_grad_(False)
         self.text_holder = CoZModules(**{k: getattr(comps, k) for k in ("clip_l", "clip_g", "t5")
                                          if getattr(comps, k) is not None}).eval().requires_grad_(False)
+        self.residency = residency(self.holder, self.text_holder) if residency else Residency()
         per_input_px = ZOOM_PX * step.transformer_bytes_per_latent_px(comps.transformer, torch.float32) / 4
         self.capabilities = Capabilities(
-            impl="diffusion", native_scales=(step.ZOOM,), dtypes=DTYPE_NAMES, size_multiple=1,
+            impl=Impl.DIFFUSION, native_scales=(step.ZOOM,), dtypes=DTYPE_NAMES, size_multiple=1,
             min_size=1, square=False, context=0, bytes_per_pixel=per_input_px,
             in_channels=3, out_channels=3, prompted=True, whole_image=True,
         )
@@ -171,17 +179,18 @@ class CoZSD3Upscaler:
                 self.comps.transformer, self.dtype)))
         else:
             self.holder.to(device)
-        report: dict = {}
         with torch.inference_mode():
-            y = step.sr_step(self.comps, padded, seq, pooled, opts, seed, device, self.dtype, self.vae_dtype, hooks, report)
-        notes = self.differences(opts, report, padded.shape[-2:] != big.shape[-2:])
+            y, stages = step.sr_step(self.comps, padded, seq, pooled, opts, seed, device, self.dtype, self.vae_dtype,
+                                     hooks)
+        notes = self.differences(opts, stages, padded.shape[-2:] != big.shape[-2:])
         notes += ([NO_T5_NOTE] if self.comps.t5 is None else []) + ([note] if note else [])
         if self.load_memory and self.load_memory["note"]:
             notes.append(self.load_memory["note"])
         # the weights files with their hashes (base and both LoRA): receipts quote the source by its base file only
-        report.update(seed=seed, sampling=opts.sampling, prompt_embedding="reused" if reused else "encoded",
-                      sr_input=SR_INPUT, sr_input_size=[padded.shape[-1], padded.shape[-2]], notes=notes,
-                      networks=self.networks(), model_files=self.files, load_memory=self.load_memory)
+        report = {**stages, "seed": seed, "sampling": opts.sampling,
+                  "prompt_embedding": "reused" if reused else "encoded", "sr_input": SR_INPUT,
+                  "sr_input_size": [padded.shape[-1], padded.shape[-2]], "notes": notes, "networks": self.networks(),
+                  "model_files": self.files, "load_memory": self.load_memory}
         return WindowResult(y[..., : h * step.ZOOM, : w * step.ZOOM], report)
 
     def differences(self, opts: step.CoZOptions, report: dict, padded: bool) -> list[str]:
@@ -203,14 +212,14 @@ class CoZSD3Upscaler:
                 "t5": dtype_name(self.text_dtype) if self.comps.t5 is not None else None}
 
     def describe(self) -> dict:
-        return {**self.source.describe(), "impl": "diffusion", "native_scale": self.scale, "files": self.files,
+        return {**self.source.describe(), "impl": Impl.DIFFUSION, "native_scale": self.scale, "files": self.files,
                 "dtypes": self.networks()}
 
     @classmethod
     def load(cls, base: str | os.PathLike, transformer_lora: str | os.PathLike | None = None,
              vae_lora: str | os.PathLike | None = None, *,
              text_files: dict | None = None, tokenizer_dirs: TokenizerDirs = TokenizerDirs(), use_t5: bool = True,
-             dtype: str = "auto", device: torch.device | None = None, residency: Residency | None = None,
+             dtype: str = "auto", device: torch.device | None = None, residency: ResidencyFor | None = None,
              free_ram: int | None = None) -> "CoZSD3Upscaler":
         """SD3 medium (diffusers folder, or sd3_medium*.safetensors + text encoder files) + the two LoRA files.
 

@@ -34,6 +34,7 @@ from ...tiling.plan import plan_tiles
 from ...tiling.vae_tiles import decode_tiled
 from ...runtime.errors import UpscalerError
 from . import configs
+from ..contract import merge_reports
 
 ZOOM = 4
 SIDE_MULTIPLE = 16  # VAE factor 8 x patch 2
@@ -146,8 +147,8 @@ def _vae_tile(opts: CoZOptions, height: int, width: int, per_px: float, budget: 
     return opts.vae_tile or max(MIN_LATENT_TILE, side - 2 * VAE_PAD), max(MIN_LATENT_TILE, side)
 
 
-def encode(vae, x: torch.Tensor, opts: CoZOptions, seed: int, device, dtype, hooks: RunHooks, report: dict) -> torch.Tensor:
-    """x: B,3,H,W in [-1,1] -> z = posterior sample (or mean) x 1.5305, float32 B,16,H/8,W/8."""
+def encode(vae, x: torch.Tensor, opts: CoZOptions, seed: int, device, dtype, hooks: RunHooks) -> tuple[torch.Tensor, dict]:
+    """x: B,3,H,W in [-1,1] -> (z = posterior sample (or mean) x 1.5305, float32 B,16,H/8,W/8; its report)."""
     f = configs.VAE_FACTOR
     blocks = F.pixel_unshuffle(x, f)  # B,3*64,h,w: a latent-grid view of the image, so windows align with latents
     height, width = blocks.shape[-2:]
@@ -166,8 +167,8 @@ def encode(vae, x: torch.Tensor, opts: CoZOptions, seed: int, device, dtype, hoo
     result = decode_tiled(moments, norms, blocks, scale=1, tile=tile, overlap=VAE_OVERLAP, pad=VAE_PAD,
                           device=device, dtype=dtype, hooks=dataclasses.replace(hooks, progress=None),
                           stats_side=stats_side)
-    report["vae_encode_tiles"] = {**result.plan.describe(), "statistics": result.statistics}
-    report.setdefault("retries", []).extend({**r, "stage": "vae encode"} for r in result.retries)
+    report = {"vae_encode_tiles": {**result.plan.describe(), "statistics": result.statistics},
+              "retries": [{**r, "stage": "vae encode"} for r in result.retries]}
     mean, logvar = result.image.permute(0, 3, 1, 2).to(device).chunk(2, dim=1)
     if opts.sampling == "mean":
         z = mean
@@ -175,7 +176,7 @@ def encode(vae, x: torch.Tensor, opts: CoZOptions, seed: int, device, dtype, hoo
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
         noise = torch.randn(mean.shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
         z = mean + std * noise.to(device)
-    return z * configs.SCALING_FACTOR
+    return z * configs.SCALING_FACTOR, report
 
 
 def transformer_tile(height: int, width: int, per_px: float, budget: int, patch: int, limit: int) -> int:
@@ -194,8 +195,8 @@ def tiles_per_call(count: int, window_bytes: float, budget: int, cap: int) -> in
 
 
 def predict_v(transformer, z: torch.Tensor, seq: torch.Tensor, pooled: torch.Tensor, opts: CoZOptions, device,
-              dtype, hooks: RunHooks, report: dict, max_per_call: int | None = None) -> torch.Tensor:
-    """v over latent tiles (cos^2-blended), float32; tiles halve on out-of-memory down to MIN_LATENT_TILE.
+              dtype, hooks: RunHooks, max_per_call: int | None = None) -> tuple[torch.Tensor, dict]:
+    """(v over latent tiles (cos^2-blended), float32; its report); tiles halve on out-of-memory down to MIN_LATENT_TILE.
 
     Equal windows go through the transformer several per call where memory allows (`max_per_call`, default
     the pack's device policy: batched on a GPU only, where it saves launches; on the CPU it is no faster);
@@ -209,7 +210,7 @@ def predict_v(transformer, z: torch.Tensor, seq: torch.Tensor, pooled: torch.Ten
     tile = min(opts.tile, limit) if opts.tile else transformer_tile(height, width, per_px, budget, patch, limit)
     tile = tile or max(height, width)  # 0: one tile
     cap = max_tiles_per_call(device) if max_per_call is None else max_per_call
-    retries = report.setdefault("retries", [])
+    retries: list[dict] = []
 
     def predict(window: torch.Tensor) -> torch.Tensor:
         n = window.shape[0]  # image batch x windows stacked in this call; the conditioning is one prompt
@@ -238,13 +239,13 @@ def predict_v(transformer, z: torch.Tensor, seq: torch.Tensor, pooled: torch.Ten
                                       stage="transformer", device=device, retries=retries,
                                       oom_errors=hooks.oom_errors)
     # the nodes take tile / overlap in input px: the receipt gives the latent figures and the unit
-    report["transformer_tiles"] = {**plan.describe(), "tiles_per_call": per_call,
-                                   "window_area_ratio": round(plan.window_area_ratio, 4), "unit": LATENT_UNIT}
-    return v
+    return v, {"transformer_tiles": {**plan.describe(), "tiles_per_call": per_call,
+                                     "window_area_ratio": round(plan.window_area_ratio, 4), "unit": LATENT_UNIT},
+               "retries": retries}
 
 
-def decode(vae, z0: torch.Tensor, opts: CoZOptions, device, dtype, hooks: RunHooks, report: dict) -> torch.Tensor:
-    """z0 (scaled latent) -> B,3,8h,8w float32 in 0..1."""
+def decode(vae, z0: torch.Tensor, opts: CoZOptions, device, dtype, hooks: RunHooks) -> tuple[torch.Tensor, dict]:
+    """z0 (scaled latent) -> (B,3,8h,8w float32 in 0..1, its report)."""
     latents = (z0 / configs.SCALING_FACTOR + configs.SHIFT_FACTOR).to(dtype)
     height, width = latents.shape[-2:]
     per_px = vae_bytes_per_latent_px(vae, dtype) * z0.shape[0]
@@ -257,16 +258,18 @@ def decode(vae, z0: torch.Tensor, opts: CoZOptions, device, dtype, hooks: RunHoo
     result = decode_tiled(run, norms, latents, scale=configs.VAE_FACTOR, tile=tile, overlap=VAE_OVERLAP, pad=VAE_PAD,
                           device=device, dtype=dtype, hooks=dataclasses.replace(hooks, progress=None),
                           stats_side=stats_side)
-    report["vae_decode_tiles"] = {**result.plan.describe(), "statistics": result.statistics}
-    report.setdefault("retries", []).extend({**r, "stage": "vae decode"} for r in result.retries)
-    return result.image.permute(0, 3, 1, 2)
+    return result.image.permute(0, 3, 1, 2), {
+        "vae_decode_tiles": {**result.plan.describe(), "statistics": result.statistics},
+        "retries": [{**r, "stage": "vae decode"} for r in result.retries]}
 
 
 def sr_step(comps, image: torch.Tensor, seq: torch.Tensor, pooled: torch.Tensor, opts: CoZOptions, seed: int,
-            device, dtype: torch.dtype, vae_dtype: torch.dtype, hooks: RunHooks, report: dict) -> torch.Tensor:
-    """image: B,3,H,W in 0..1 with H, W multiples of 16 (already at output size) -> B,3,H,W in 0..1."""
+            device, dtype: torch.dtype, vae_dtype: torch.dtype, hooks: RunHooks) -> tuple[torch.Tensor, dict]:
+    """image: B,3,H,W in 0..1 with H, W multiples of 16 (already at output size) -> (B,3,H,W in 0..1, the report
+    of its stages)."""
     x = (image.float() * 2 - 1).to(device)
-    z = encode(comps.vae, x, opts, seed, device, vae_dtype, hooks, report)
-    v = predict_v(comps.transformer, z, seq, pooled, opts, device, dtype, hooks, report)
-    return decode(comps.vae, z - v, opts, device, vae_dtype, hooks, report)
+    z, encoded = encode(comps.vae, x, opts, seed, device, vae_dtype, hooks)
+    v, predicted = predict_v(comps.transformer, z, seq, pooled, opts, device, dtype, hooks)
+    image, decoded = decode(comps.vae, z - v, opts, device, vae_dtype, hooks)
+    return image, merge_reports(encoded, predicted, decoded)
 

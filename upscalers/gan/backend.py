@@ -14,7 +14,7 @@ from spandrel import (
 from ...runtime.devices import default_device
 from ...tiling import RunHooks
 from ...runtime.errors import UpscalerError, error_text
-from ..contract import Capabilities, Conditioning, ModelSource, WindowResult
+from ..contract import Capabilities, Conditioning, Impl, ModelSource, WindowResult
 from ...runtime.dtypes import dtype_name, select_dtype
 from ...assets.hashing import sha256_of
 from ..loading import read_weights
@@ -100,7 +100,7 @@ def capabilities_of(descriptor: ImageModelDescriptor) -> Capabilities:
     if descriptor.supports_bfloat16:
         dtypes.append("bf16")
     return Capabilities(
-        impl="gan",
+        impl=Impl.GAN,
         native_scales=(descriptor.scale,),
         dtypes=tuple(dtypes),
         size_multiple=req.multiple_of,
@@ -216,4 +216,4 @@ class GANUpscaler:
         return cls(descriptor, source, chosen, compile=compile)
 
     def describe(self) -> dict:
-        return {**self.source.describe(), "impl": "gan", "native_scale": self.scale, "dtype": dtype_name(self.dtype)}
+        return {**self.source.describe(), "impl": Impl.GAN, "native_scale": self.scale, "dtype": dtype_name(self.dtype)}

@@ -9,7 +9,7 @@ import torch
 from ...runtime.devices import default_device
 from ...tiling import RunHooks
 from ...runtime.errors import UpscalerError
-from ..contract import Capabilities, Conditioning, ModelSource, WindowResult
+from ..contract import Capabilities, Conditioning, Impl, ModelSource, WindowResult, merge_reports
 from ...runtime.dtypes import DTYPE_NAMES, dtype_name, select_dtype, vae_dtype_for
 from ...assets.hashing import sha256_of
 from ..loading import read_weights
@@ -58,7 +58,7 @@ class SDX4Upscaler:
             comps.unet.set_attention_slice("auto")
         self.holder = SDX4Modules(comps.unet, comps.vae, comps.text_encoder).eval().requires_grad_(False)
         self.capabilities = Capabilities(
-            impl="diffusion", native_scales=(sampler.VAE_SCALE,), dtypes=DTYPE_NAMES, size_multiple=1,
+            impl=Impl.DIFFUSION, native_scales=(sampler.VAE_SCALE,), dtypes=DTYPE_NAMES, size_multiple=1,
             min_size=1, square=False, context=0,
             bytes_per_pixel=sampler.unet_bytes_per_pixel(comps, torch.float32, cfg=True),
             in_channels=3, out_channels=3, prompted=True, whole_image=True,
@@ -86,7 +86,6 @@ class SDX4Upscaler:
         opts = cond.options or SDX4Options()
         opts.check(self.comps.max_noise_level)
         seed = sampler.new_seed() if cond.seed is None else int(cond.seed)
-        report: dict = {"seed": seed}
         device = x.device
         cfg = opts.guidance > 1.0
         with torch.inference_mode():
@@ -94,10 +93,10 @@ class SDX4Upscaler:
             embeds = sampler.encode_prompt(self.comps, DEFAULT_PROMPT if cond.prompt is None else cond.prompt,
                                            opts.negative_prompt, x.shape[0], cfg, device).to(self.dtype)
             self._use(self.comps.unet, device, hooks)
-            latents = sampler.denoise(self.comps, x, embeds, opts, seed, device, self.dtype, hooks, report)
+            latents, denoised = sampler.denoise(self.comps, x, embeds, opts, seed, device, self.dtype, hooks)
             self._use(self.comps.vae, device, hooks)
-            image = sampler.decode(self.comps, latents, opts, device, self.vae_dtype, hooks, report)
-        return WindowResult(image.permute(0, 3, 1, 2), report)
+            image, decoded = sampler.decode(self.comps, latents, opts, device, self.vae_dtype, hooks)
+        return WindowResult(image.permute(0, 3, 1, 2), merge_reports({"seed": seed}, denoised, decoded))
 
     @classmethod
     def load(cls, path: str | os.PathLike, dtype: str = "auto", device: torch.device | None = None,
@@ -125,5 +124,5 @@ class SDX4Upscaler:
         return cls(comps, source, unet_dtype, vae_dtype, attention_slicing, offload)
 
     def describe(self) -> dict:
-        return {**self.source.describe(), "impl": "diffusion", "native_scale": self.scale,
+        return {**self.source.describe(), "impl": Impl.DIFFUSION, "native_scale": self.scale,
                 "dtype": dtype_name(self.dtype), "vae_dtype": dtype_name(self.vae_dtype)}

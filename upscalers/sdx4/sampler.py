@@ -95,8 +95,8 @@ def _latent_tile(comps, opts, height, width, batch, dtype, cfg, device, hooks) -
 
 
 def denoise(comps: SDX4Components, image: torch.Tensor, embeds: torch.Tensor, opts: SDX4Options, seed: int,
-            device: torch.device, dtype: torch.dtype, hooks: RunHooks, report: dict) -> torch.Tensor:
-    """image: B,3,h,w in 0..1 -> latents B,4,h,w after opts.steps DDIM steps over latent tiles."""
+            device: torch.device, dtype: torch.dtype, hooks: RunHooks) -> tuple[torch.Tensor, dict]:
+    """image: B,3,h,w in 0..1 -> (latents B,4,h,w after opts.steps DDIM steps over latent tiles, its report)."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
     cfg = opts.guidance > 1.0
@@ -120,7 +120,7 @@ def denoise(comps: SDX4Components, image: torch.Tensor, embeds: torch.Tensor, op
         return comps.unet(window, t, encoder_hidden_states=embeds, class_labels=levels, return_dict=False)[0]
 
     tile = _latent_tile(comps, opts, height, width, batch, dtype, cfg, device, hooks)
-    retries = report.setdefault("retries", [])
+    retries: list[dict] = []
     steps = len(scheduler.timesteps)
 
     def tile_pixels(size: int) -> int:
@@ -145,13 +145,12 @@ def denoise(comps: SDX4Components, image: torch.Tensor, embeds: torch.Tensor, op
             uncond, text = pred.chunk(2)
             pred = uncond + opts.guidance * (text - uncond)
         latents = scheduler.step(pred, t, latents, eta=opts.eta, generator=generator, return_dict=False)[0]
-    report["unet_tiles"] = plan_latent(height, width, tile, opts.overlap).describe()
-    return latents
+    return latents, {"unet_tiles": plan_latent(height, width, tile, opts.overlap).describe(), "retries": retries}
 
 
 def decode(comps: SDX4Components, latents: torch.Tensor, opts: SDX4Options, device: torch.device,
-           dtype: torch.dtype, hooks: RunHooks, report: dict) -> torch.Tensor:
-    """latents B,4,h,w -> image B,4h,4w,3 float32 in 0..1 (tiled when large; see tiling/vae_tiles.py)."""
+           dtype: torch.dtype, hooks: RunHooks) -> tuple[torch.Tensor, dict]:
+    """latents B,4,h,w -> (image B,4h,4w,3 float32 in 0..1, its report); tiled when large (tiling/vae_tiles.py)."""
     vae = comps.vae
     z = latents.to(dtype) / vae.config.scaling_factor
     height, width = z.shape[-2:]
@@ -174,9 +173,8 @@ def decode(comps: SDX4Components, latents: torch.Tensor, opts: SDX4Options, devi
     result = decode_tiled(run, norms, z, scale=VAE_SCALE, tile=tile, overlap=VAE_OVERLAP, pad=VAE_PAD,
                           device=device, dtype=dtype, hooks=dataclasses.replace(hooks, progress=None),
                           stats_side=stats_side, one_pass=one_pass, attention=attention)
-    report["vae_tiles"] = {**result.plan.describe(), "statistics": result.statistics}
-    report.setdefault("retries", []).extend(result.retries)
-    return result.image
+    return result.image, {"vae_tiles": {**result.plan.describe(), "statistics": result.statistics},
+                          "retries": list(result.retries)}
 
 
 def one_pass_choice(vae, run, z: torch.Tensor, tile: int, per_px: float, budget: float, device, dtype):
