@@ -26,20 +26,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .tiling import RunHooks
 from .assets import discovery
 from .assets.bundled_model import BUNDLED_MODEL
-from .runtime.devices import default_device
 from .imaging.image_io import has_alpha, pil_pixels, read_image, to_uint8
-from .upscalers import backends
+from .runtime.devices import default_device
 from .runtime.errors import UpscalerError
+from .tiling import RunHooks
+from .upscalers import backends, model_files
 from .upscalers.contract import Impl, Upscaler
-from .upscalers.receipts import Policy, UpscaleReceipt, ZoomLoopReceipt
-from .upscalers import model_files
 from .upscalers.impl_policy import check_impl, choose_run, resolve_load_impl
+from .upscalers.receipts import Policy, UpscaleReceipt, ZoomLoopReceipt
+from .upscalers.request import DEFAULT_OVERLAP, UpscaleRequest
 from .upscalers.sdx4 import SDX4Options
 from .upscalers.size_guard import check_request
-from .upscalers.request import DEFAULT_OVERLAP, UpscaleRequest
 from .upscalers.upscale import upscale
 from .zoom import DEFAULT_PROCESS_SIZE, ZoomSettings, zoom_loop
 

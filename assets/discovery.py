@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .bundled_model import BUNDLED_DIR, BUNDLED_SHA256, bundled_model_path
 from ..runtime.errors import AssetError
+from .bundled_model import BUNDLED_DIR, BUNDLED_SHA256, bundled_model_path
 from .catalog import FOLDERS, AssetSpec, catalogue_file
 from .download import copy_verified, fetch_snapshot, fetch_url, tree_sha256
 from .file_lock import install_lock

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .bundled_model import BUNDLED_DIR
 from ..runtime.errors import AssetError, UpscalerError, error_text
+from .bundled_model import BUNDLED_DIR
 from .catalog import AssetSpec, catalogue_file
 from .discovery import Installed, Locations, list_installed, reference_sha256
 from .download import tree_sha256

@@ -15,14 +15,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..tiling.resample import METHODS as RESAMPLE_METHODS
 from ..assets.bundled_model import BUNDLED_MODEL
-from ..runtime.errors import UpscalerError
 from ..assets.discovery import ENV_MIRROR, ENV_MODELS_ROOT
 from ..runtime.dtypes import DTYPE_NAMES
+from ..runtime.errors import UpscalerError
+from ..tiling.resample import METHODS as RESAMPLE_METHODS
+from ..upscalers.coz_sd3.lora import LORA_FOLDER, TRANSFORMER_LORA, VAE_ENCODER_LORA
 from ..upscalers.impl_policy import IMPLS
 from ..upscalers.request import DEFAULT_OVERLAP
-from ..upscalers.coz_sd3.lora import LORA_FOLDER, TRANSFORMER_LORA, VAE_ENCODER_LORA
 from ..zoom import COLOR_FIX_CHOICES, DEFAULT_PROCESS_SIZE, MODES, SAMPLING_CHOICES
 from .progress import shown
 

@@ -17,10 +17,10 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from ..runtime.errors import AssetError, UpscalerError
 from ..assets.catalog import BUNDLES, CATALOG, FOLDERS, bundle_specs, load_manifest, parse_revisions
 from ..assets.discovery import ENV_MIRROR, ENV_MODELS_ROOT, Locations, install, list_installed
 from ..assets.verify import verify
+from ..runtime.errors import AssetError, UpscalerError
 
 
 def _human(n: int | None) -> str:

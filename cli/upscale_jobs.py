@@ -9,20 +9,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..api import (
-    ModelPlaces, folder_gan, plan_upscaler, select_upscaler, upscale_image,
-)
+from ..api import ModelPlaces, folder_gan, plan_upscaler, select_upscaler, upscale_image
 from ..assets import discovery
-from ..runtime.errors import UpscalerError
-from ..upscalers.contract import Upscaler
 from ..assets.download import tree_sha256
 from ..assets.hashing import sha256_of
-from ..upscalers.receipts import Policy
+from ..imaging.image_io import encode_png, read_image
+from ..runtime.errors import UpscalerError
 from ..upscalers import model_files
+from ..upscalers.contract import Upscaler
+from ..upscalers.receipts import Policy
+from ..upscalers.request import DEFAULT_OVERLAP
 from ..upscalers.sdx4 import SDX4Options
 from ..upscalers.size_guard import check_request
-from ..upscalers.request import DEFAULT_OVERLAP
-from ..imaging.image_io import encode_png, read_image
 from .images import Job, sha256_bytes, unfinished_reason, write_atomic
 from .progress import Outcome, Progress
 

@@ -15,9 +15,9 @@ from pathlib import Path
 from PIL import Image
 
 from ..api import ModelPlaces, chain_of_zoom, load_prompt_model, load_tagger, load_upscaler
+from ..imaging.image_io import read_image
 from ..runtime.errors import UpscalerError
 from ..zoom import SR_MODES
-from ..imaging.image_io import read_image
 from .images import write_atomic
 from .progress import shown
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..upscalers import UpscalerError
 from ..imaging.image_io import to_pil
 from ..runtime.dtypes import DTYPE_NAMES
+from ..upscalers import UpscalerError
 from ..zoom import derive_seed, make_prompt
 from . import bridge
 from .bridge import PROMPT_MODEL, PROMPT_MODEL_FOLDER, TAGGER_FOLDER, Choice, advanced, io, schema

@@ -8,17 +8,17 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from ..runtime.dtypes import DTYPE_NAMES
 from ..upscalers import IMPLS, GANUpscaler, UpscaleRequest, UpscalerError, upscale
+from ..upscalers.contract import Impl
 from ..upscalers.coz_sd3 import (
     LORA_FOLDER, TRANSFORMER_LORA, VAE_ENCODER_LORA, CoZOptions, CoZSD3Upscaler, TokenizerDirs,
 )
-from ..upscalers.coz_sd3.step import SAMPLING as COZ_SAMPLING
 from ..upscalers.coz_sd3.components import is_sd3_folder
 from ..upscalers.coz_sd3.single_file import is_sd3_checkpoint
-from ..runtime.dtypes import DTYPE_NAMES
-from ..upscalers.contract import Impl
-from ..upscalers.receipts import Policy
+from ..upscalers.coz_sd3.step import SAMPLING as COZ_SAMPLING
 from ..upscalers.impl_policy import choose_run, overlap_for, strict_scale_error
+from ..upscalers.receipts import Policy
 from ..upscalers.sdx4 import DEFAULT_PROMPT, SDX4Options, is_sdx4_file, is_sdx4_folder
 from . import bridge
 from .bridge import UPSCALER, Choice, advanced, io, schema

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import torch
 
+from ..imaging.image_io import from_pil, to_pil
 from ..upscalers import UpscalerError
 from ..upscalers.receipts import BatchReceipt
 from ..zoom import (
     COLOR_FIX_CHOICES, DEFAULT_MAX_SIDE, DEFAULT_PROCESS_SIZE, MODES as ZOOM_MODES, SAMPLING_CHOICES, ZoomSettings,
     zoom_loop, zoom_step, zoom_upscale,
 )
-from ..imaging.image_io import from_pil, to_pil
 from . import bridge
 from .bridge import PROMPT_MODEL, Choice, advanced, io, schema
 from .shared_inputs import SEED_MAX, TILE_TOOLTIP, ZOOM_CATEGORY, tiling_inputs, upscaler_input

@@ -26,9 +26,8 @@ from typing import Callable, Iterable
 
 import torch
 
-from .plan import AxisPlan, TilePlan
 from .group_norm import normalise
-
+from .plan import AxisPlan, TilePlan
 
 ATTENTION_SHARE = 0.1  # whole-latent attention when it costs at most this share of the decode more than windows
 

@@ -3,12 +3,12 @@ coz_sd3/), the impl policy (registry.py), the request driver (upscale.py) and ty
 
 Runs without ComfyUI: tests and the command line use these modules directly.
 """
-from .backends import backend_for, is_diffusion_model, load_upscaler
 from ..runtime.errors import AssetError, UpscalerError
+from .backends import backend_for, is_diffusion_model, load_upscaler
 from .contract import Capabilities, Conditioning, ModelSource, RunMemo, Upscaler, WindowResult
 from .gan import GANUpscaler
-from .receipts import UpscaleReceipt
 from .impl_policy import IMPLS, plan_scale, resolve_load_impl
+from .receipts import UpscaleReceipt
 from .request import DEFAULT_OVERLAP, UpscaleRequest
 from .upscale import check_image, upscale
 

@@ -15,9 +15,8 @@ from ..runtime.devices import default_device
 from .contract import Backend, Impl, Upscaler
 from .coz_sd3 import BACKEND as COZ_SD3
 from .gan import BACKEND as GAN
-from .sdx4 import BACKEND as SDX4
 from .impl_policy import resolve_load_impl
-
+from .sdx4 import BACKEND as SDX4
 
 FAMILIES: tuple[Backend, ...] = (SDX4, COZ_SD3, GAN)  # first match wins; spandrel (GAN) recognises the rest
 

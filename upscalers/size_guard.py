@@ -10,9 +10,9 @@ import os
 
 import torch
 
+from ..runtime.errors import UpscalerError
 from ..tiling.memory import canvas_bytes, free_bytes
 from ..tiling.resample import target_size
-from ..runtime.errors import UpscalerError
 from .impl_policy import ScalePlan, plan_scale
 
 ENV_MAX_SIDE = "DREAMFORGE_MAX_SIDE"  # operators: the largest side any intermediate or output may have

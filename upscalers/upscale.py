@@ -8,18 +8,18 @@ from typing import Callable
 
 import torch
 
-from ..tiling import RunHooks, TileOOMError, free_bytes, is_out_of_memory, resize, run_tiled, target_size
 from ..runtime import cpu_allocator
-from ..tiling.resample import ALPHA_NOTE, attach_alpha, split_alpha
+from ..runtime.dtypes import cpu_bf16_accelerated, dtype_name
+from ..runtime.errors import UpscalerError
+from ..tiling import RunHooks, TileOOMError, free_bytes, is_out_of_memory, resize, run_tiled, target_size
 from ..tiling.cost import arch_of, choose_plan, costs_for, max_tiles_per_call, memory_factor
 from ..tiling.memory import BUDGET_FRACTION, canvas_bytes
-from ..runtime.errors import UpscalerError
+from ..tiling.resample import ALPHA_NOTE, attach_alpha, split_alpha
 from .contract import Conditioning, Impl, RunMemo, Upscaler
+from .impl_policy import plan_scale
 from .receipts import (
     Degraded, FallbackStep, ModelRecord, PassRecord, PromptRecord, Resampled, TilePrompt, UpscaleReceipt,
 )
-from ..runtime.dtypes import cpu_bf16_accelerated, dtype_name
-from .impl_policy import plan_scale
 from .request import Prompt, UpscaleRequest
 from .size_guard import check_planned
 

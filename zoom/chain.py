@@ -29,22 +29,23 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from ..runtime.errors import UpscalerError
 from ..imaging.color_fix import color_fix as apply_color_fix
+from ..imaging.image_io import from_pil, to_pil
+from ..runtime.errors import UpscalerError
 from ..upscalers.contract import Impl, Upscaler
+from ..upscalers.coz_sd3 import CoZOptions, CoZSD3Upscaler
+from ..upscalers.coz_sd3.backend import ONESTEP_NOTE
+from ..upscalers.impl_policy import overlap_for
 from ..upscalers.receipts import (
     ColorFixRecord, ModelRecord, ModelSummary, ZoomCrop, ZoomLoopReceipt, ZoomPrompt, ZoomStepReceipt,
 )
-from ..imaging.image_io import from_pil, to_pil
-from ..upscalers.impl_policy import overlap_for
-from ..upscalers.coz_sd3 import CoZOptions, CoZSD3Upscaler
-from ..upscalers.coz_sd3.backend import ONESTEP_NOTE
 from ..upscalers.request import UpscaleRequest
 from ..upscalers.sdx4 import SDX4Options, SDX4Upscaler
 from ..upscalers.upscale import check_image, upscale
 from .geometry import RECURSIVE_MODES, SR_MODES, ZOOM, prepare, step_factor, zoom_crop
 from .prompts import make_prompt
 from .settings import ZoomSettings, check_sampling, check_step, derive_seed
+
 
 def sr_options(upscaler: Upscaler | None, sampling: str, tile: int = 0, overlap: int = 0):
     """(options for upscale(), the sampling that applies). `tile` / `overlap` are input px for every upscaler

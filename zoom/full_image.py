@@ -17,21 +17,21 @@ from typing import Callable
 
 import torch
 
+from ..imaging.color_fix import color_fix as apply_color_fix
+from ..imaging.image_io import to_pil
+from ..runtime.errors import UpscalerError
 from ..tiling import RunHooks, free_bytes, resize, target_size
 from ..tiling.resample import ALPHA_NOTE, METHODS as RESAMPLE_METHODS, attach_alpha, split_alpha
-from ..runtime.errors import UpscalerError
-from ..imaging.color_fix import color_fix as apply_color_fix
 from ..upscalers.contract import Impl, RunMemo, Upscaler
-from ..upscalers.receipts import Resampled, ZoomPass, ZoomUpscaleReceipt
-from ..upscalers.size_guard import check_sizes
 from ..upscalers.impl_policy import overlap_for
+from ..upscalers.receipts import Resampled, ZoomPass, ZoomUpscaleReceipt
 from ..upscalers.request import UpscaleRequest
+from ..upscalers.size_guard import check_sizes
 from ..upscalers.upscale import check_image, upscale
 from .chain import sr_options
-from .settings import check_color_fix, check_sampling, check_zoom_upscaler, derive_seed
-from ..imaging.image_io import to_pil
 from .geometry import ZOOM
 from .prompts import PromptProvider, make_prompt
+from .settings import check_color_fix, check_sampling, check_zoom_upscaler, derive_seed
 
 DEFAULT_MAX_SIDE = 8192
 MAX_SCALE = 256.0

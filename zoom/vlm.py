@@ -14,8 +14,8 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image
 
-from ..runtime.errors import UpscalerError
 from ..runtime.dtypes import select_dtype
+from ..runtime.errors import UpscalerError
 from .prompts import build_messages
 
 DEFAULT_MAX_NEW_TOKENS = 32  # the published value of later versions (128 at first)

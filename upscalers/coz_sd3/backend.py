@@ -16,15 +16,15 @@ from typing import Callable
 import torch
 
 from ...runtime.devices import default_device
-from ...tiling import RunHooks
-from ...runtime.errors import UpscalerError
-from ..contract import Capabilities, Conditioning, Impl, ModelSource, WindowResult
 from ...runtime.dtypes import DTYPE_NAMES, dtype_name, select_dtype, vae_dtype_for
+from ...runtime.errors import UpscalerError
+from ...tiling import RunHooks
+from ..contract import Capabilities, Conditioning, Impl, ModelSource, WindowResult
 from . import step
 from .components import CoZComponents, TokenizerDirs, is_sd3_folder, load_diffusers_folder
 from .lora import LORA_FOLDER, TRANSFORMER_LORA, VAE_ENCODER_LORA, merge_transformer_lora, merge_vae_encoder_lora
-from .prompt import encode_prompt
 from .memory_plan import check_before_load
+from .prompt import encode_prompt
 from .single_file import load_single_files
 
 ZOOM_PX = step.ZOOM**2  # output px per input px (the memory estimate per input pixel scales by it)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ...runtime.errors import UpscalerError, error_text
 from ...assets.hashing import sha256_of
+from ...runtime.errors import UpscalerError, error_text
 from . import configs
 
 LORA_FOLDER = "chain-of-zoom"  # models/loras/chain-of-zoom/ inside ComfyUI

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from ...tiling.memory import host_free_bytes
 from ...runtime.errors import UpscalerError
+from ...tiling.memory import host_free_bytes
 from . import configs
 from .single_file import CHECKPOINT_FIX, ROLE_FIX, ROLE_LABEL, TEXT_ROLES, Tensors, open_weights
 

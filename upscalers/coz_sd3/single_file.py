@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from ...runtime.errors import UpscalerError, error_text
 from ...assets.hashing import sha256_of
+from ...runtime.errors import UpscalerError, error_text
 from ..loading import SafetensorsFile, read_weights
 from . import configs
 from .components import CoZComponents, TokenizerDirs, clip_tokenizer, t5_tokenizer

@@ -26,15 +26,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ...runtime.dtypes import itemsize
+from ...runtime.errors import UpscalerError
 from ...tiling import RunHooks, free_bytes, shrink_on_oom
 from ...tiling.cost import max_tiles_per_call
 from ...tiling.latent_denoise import predict_tiled
 from ...tiling.memory import BUDGET_FRACTION
 from ...tiling.plan import plan_tiles
 from ...tiling.vae_tiles import decode_tiled
-from ...runtime.errors import UpscalerError
-from . import configs
 from ..contract import merge_reports
+from . import configs
 
 ZOOM = 4
 SIDE_MULTIPLE = 16  # VAE factor 8 x patch 2

@@ -11,14 +11,14 @@ from spandrel import (
     canonicalize_state_dict,
 )
 
-from ...runtime.devices import default_device
-from ...tiling import RunHooks
-from ...runtime.errors import UpscalerError, error_text
-from ..contract import Capabilities, Conditioning, Impl, ModelSource, WindowResult
-from ...runtime.dtypes import dtype_name, select_dtype
 from ...assets.hashing import sha256_of
-from ..loading import read_weights
 from ...assets.provenance import receipt_provenance
+from ...runtime.devices import default_device
+from ...runtime.dtypes import dtype_name, select_dtype
+from ...runtime.errors import UpscalerError, error_text
+from ...tiling import RunHooks
+from ..contract import Capabilities, Conditioning, Impl, ModelSource, WindowResult
+from ..loading import read_weights
 from ..sdx4.detect import SD_X4_MESSAGE, is_sdx4_file, is_sdx4_state_dict
 from .nearest_upconv import rewrite_checked
 

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import torch
 
-from ...runtime.devices import default_device
-from ...tiling import RunHooks
-from ...runtime.errors import UpscalerError
-from ..contract import Capabilities, Conditioning, Impl, ModelSource, WindowResult, merge_reports
-from ...runtime.dtypes import DTYPE_NAMES, dtype_name, select_dtype, vae_dtype_for
 from ...assets.hashing import sha256_of
-from ..loading import read_weights
 from ...assets.provenance import receipt_provenance
+from ...runtime.devices import default_device
+from ...runtime.dtypes import DTYPE_NAMES, dtype_name, select_dtype, vae_dtype_for
+from ...runtime.errors import UpscalerError
+from ...tiling import RunHooks
+from ..contract import Capabilities, Conditioning, Impl, ModelSource, WindowResult, merge_reports
+from ..loading import read_weights
 from . import sampler
 from .components import SDX4Components, load_diffusers_folder
 from .detect import is_sdx4_state_dict

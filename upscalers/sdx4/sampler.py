@@ -13,13 +13,13 @@ from dataclasses import dataclass
 import torch
 
 from ...runtime.dtypes import itemsize
+from ...runtime.errors import UpscalerError
 from ...tiling import RunHooks, choose_tile, free_bytes, shrink_on_oom
+from ...tiling.exact_decode import decode_flops_per_px, whole_attention_pays
 from ...tiling.latent_denoise import plan_latent, predict_tiled, step_hooks
 from ...tiling.memory import BUDGET_FRACTION
-from ...tiling.exact_decode import decode_flops_per_px, whole_attention_pays
 from ...tiling.plan import plan_tiles
 from ...tiling.vae_tiles import decode_tiled
-from ...runtime.errors import UpscalerError
 from .components import SDX4Components
 
 VAE_SCALE = 4  # latent = input size, output = 4x

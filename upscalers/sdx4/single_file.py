@@ -16,7 +16,6 @@ from .components import SDX4Components, clip_tokenizer
 from .detect import LDM_UNET_IN, state_dict_layout
 
 
-
 def _load_exact(module: torch.nn.Module, converted: dict, what: str, name: str) -> None:
     own = module.state_dict()
     missing = sorted(set(own) - set(converted))

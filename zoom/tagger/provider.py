@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ...runtime.errors import UpscalerError
 from ...runtime.dtypes import select_dtype
+from ...runtime.errors import UpscalerError
 from ..prompts import join_tags
 from .model import LoadInfo, RamTagger, load_ram
 from .tags import TagOptions, Vocabulary, ram_vocabulary, select
