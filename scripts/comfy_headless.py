@@ -1,6 +1,6 @@
 """Start a real, headless ComfyUI with this pack installed, and drive it over its HTTP API.
 
-Used by the integration tests (tests/conftest.py) and the demo (scripts/demo_upscale.py):
+Used by the integration tests (tests/comfy_fixtures.py) and the demo (scripts/demo_upscale.py):
 
     with ComfyServer(models=[path_to_weights]) as comfy:
         prompt_id = comfy.queue({...API-format prompt...})

@@ -1,5 +1,5 @@
 """Upscaler backends behind one contract (contract.py), their families (backends.py: gan/, sdx4/,
-coz_sd3/), the impl policy (registry.py), the request driver (upscale.py) and typed receipts.
+coz_sd3/), the impl policy (impl_policy.py), the request (request.py) and its driver (upscale.py), typed receipts.
 
 Runs without ComfyUI: tests and the command line use these modules directly.
 """
