@@ -199,7 +199,7 @@ def load_upscaler(model: str | os.PathLike | None = None, *, impl: str = "auto",
     elif transformer_lora or vae_lora:
         raise UpscalerError(f"transformer_lora / vae_lora are Chain-of-Zoom's LoRA files for SD3 medium; {path.name} is "
                             "not SD3 medium (a diffusers folder or sd3_medium*.safetensors)")
-    return backends.load_upscaler(path, impl=impl, dtype=dtype, device=pick_device(device),
+    return backends.load_model_path(path, impl=impl, dtype=dtype, device=pick_device(device),
                                   tokenizer_dir=tokenizer_dir or places.tokenizer_dir(),
                                   attention_slicing=attention_slicing, offload=cpu_offload, **extra)
 

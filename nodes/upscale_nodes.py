@@ -121,7 +121,7 @@ class LoadUpscaler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_name, impl, dtype, attention_slicing=False, cpu_offload=False) -> io.NodeOutput:
-        handle = bridge.load_upscaler(bridge.upscaler_path(model_name), impl, dtype, attention_slicing, cpu_offload)
+        handle = bridge.load_handle(bridge.upscaler_path(model_name), impl, dtype, attention_slicing, cpu_offload)
         gan = handle.upscaler.descriptor if isinstance(handle.upscaler, GANUpscaler) else None
         return io.NodeOutput(handle, gan)
 

@@ -4,7 +4,7 @@ coz_sd3/), the impl policy (impl_policy.py), the request (request.py) and its dr
 Runs without ComfyUI: tests and the command line use these modules directly.
 """
 from ..runtime.errors import AssetError, UpscalerError
-from .backends import backend_for, is_diffusion_model, load_upscaler
+from .backends import backend_for, is_diffusion_model, load_model_path
 from .contract import Capabilities, Conditioning, ModelSource, RunMemo, Upscaler, WindowResult
 from .gan import GANUpscaler
 from .impl_policy import IMPLS, plan_scale, resolve_load_impl
@@ -13,7 +13,7 @@ from .request import DEFAULT_OVERLAP, UpscaleRequest
 from .upscale import check_image, upscale
 
 __all__ = [
-    "backend_for", "is_diffusion_model", "load_upscaler", "AssetError", "UpscalerError", "Capabilities",
+    "backend_for", "is_diffusion_model", "load_model_path", "AssetError", "UpscalerError", "Capabilities",
     "Conditioning", "ModelSource", "RunMemo", "Upscaler", "WindowResult", "GANUpscaler", "UpscaleReceipt", "IMPLS",
     "plan_scale", "resolve_load_impl", "DEFAULT_OVERLAP", "UpscaleRequest", "check_image", "upscale",
 ]

@@ -26,8 +26,8 @@ def backend_for(path: str | os.PathLike) -> Backend:
     return next((b for b in FAMILIES if b.detect(path)), FAMILIES[-1])
 
 
-def load_upscaler(path: str | os.PathLike, *, impl: str = "auto", dtype: str = "auto",
-                  device: torch.device | None = None, **options) -> Upscaler:
+def load_model_path(path: str | os.PathLike, *, impl: str = "auto", dtype: str = "auto",
+                    device: torch.device | None = None, **options) -> Upscaler:
     """Load `path` with its family's backend. impl auto follows the file; gan / diffusion insist on that kind
     (an error names the mismatch). Options a family does not take are not passed to it (they are SD x4's
     attention_slicing / offload, or the Chain-of-Zoom model's LoRA files)."""
@@ -43,5 +43,5 @@ def is_diffusion_model(path: str | os.PathLike) -> bool:
     return backend_for(path).impl is Impl.DIFFUSION
 
 
-__all__ = ["Backend", "backend_for", "is_diffusion_model", "load_upscaler"]
+__all__ = ["Backend", "backend_for", "is_diffusion_model", "load_model_path"]
 

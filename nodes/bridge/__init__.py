@@ -15,7 +15,7 @@ from .folders import (
     register_folders, save_image_path, upscale_model_names, upscaler_path,
 )
 from .models import (
-    PromptModelHandle, UpscalerHandle, as_handle, as_prompt_model, folder_gan, gan_fallback, load_upscaler,
+    PromptModelHandle, UpscalerHandle, as_handle, as_prompt_model, folder_gan, gan_fallback, load_handle,
     patcher_for, residency, run_hooks,
 )
 from .schema import (
@@ -29,6 +29,6 @@ __all__ = [
     "find_file", "full_path", "metadata_disabled", "prefixed_model_names", "prefixed_model_path", "prompt_model_names",
     "prompt_model_path", "register_folders", "save_image_path", "upscale_model_names", "upscaler_path",
     "PromptModelHandle", "UpscalerHandle", "as_handle", "as_prompt_model", "folder_gan", "gan_fallback",
-    "load_upscaler", "patcher_for", "residency", "run_hooks", "PROMPT_MODEL", "UPSCALER", "Choice", "ComfyExtension",
+    "load_handle", "patcher_for", "residency", "run_hooks", "PROMPT_MODEL", "UPSCALER", "Choice", "ComfyExtension",
     "advanced", "declared_input_errors", "default_impl_choice", "io", "schema", "ui",
 ]

@@ -15,7 +15,7 @@ import comfy.model_patcher
 import folder_paths
 
 from ...tiling import RunHooks
-from ...upscalers import GANUpscaler, Upscaler, UpscalerError, load_upscaler as load_backend
+from ...upscalers import GANUpscaler, Upscaler, UpscalerError, load_model_path
 from ...upscalers import model_files
 from ...upscalers.coz_sd3 import Residency
 from .execution import Progress, check_interrupt, device, offload_device
@@ -90,10 +90,10 @@ def as_handle(model) -> UpscalerHandle:
     )
 
 
-def load_upscaler(path: Path, impl: str, dtype: str, attention_slicing: bool = False,
+def load_handle(path: Path, impl: str, dtype: str, attention_slicing: bool = False,
                   cpu_offload: bool = False) -> UpscalerHandle:
     """Load with the file's backend family and register the model with the memory manager."""
-    upscaler = load_backend(path, impl=impl, dtype=dtype, device=device(), tokenizer_dir=CLIP_TOKENIZER_DIR,
+    upscaler = load_model_path(path, impl=impl, dtype=dtype, device=device(), tokenizer_dir=CLIP_TOKENIZER_DIR,
                             attention_slicing=attention_slicing, offload=cpu_offload)
     patcher = patcher_for(upscaler.module())
     if isinstance(upscaler, GANUpscaler):
@@ -112,7 +112,7 @@ def folder_gan(native: int) -> UpscalerHandle:
     key = (str(path), path.stat().st_mtime_ns)
     if key not in _GANS:
         _GANS.clear()
-        _GANS[key] = load_upscaler(path, "gan", "auto")
+        _GANS[key] = load_handle(path, "gan", "auto")
     return _GANS[key]
 
 
