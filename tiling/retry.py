@@ -11,9 +11,12 @@ denoising steps) is untouched: only the failing call is retried.
 from __future__ import annotations
 
 import gc
-from typing import Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 import torch
+
+if TYPE_CHECKING:  # for annotations only
+    from .plan import TilePlan
 
 T = TypeVar("T")
 
@@ -93,3 +96,14 @@ def shrink_on_oom(
         retries.append({"event": "out_of_memory", "stage": stage, "tile": size, "retry_tile": smaller,
                         "allocator": message, **(record or {})})
         size = smaller
+def shrink_plan_on_oom(plan_for: Callable[[int], "TilePlan"], run: Callable[["TilePlan"], T], size: int,
+                       **retry) -> T:
+    """shrink_on_oom over tile plans: run(plan_for(size)); on out-of-memory the plan of a halved size, while its
+    windows shrink (`retry`: shrink_on_oom's floor, stage, device, retries, oom_errors...)."""
+    def window_pixels(s: int) -> int:
+        plan = plan_for(s)
+        return plan.rows.window * plan.cols.window
+
+    return shrink_on_oom(lambda s: run(plan_for(s)), size, cost=window_pixels, **retry)
+
+

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from .plan import TilePlan, plan_tiles
-from .retry import allocator_message, free_cache, is_out_of_memory, shrink_on_oom
+from .retry import allocator_message, free_cache, is_out_of_memory, shrink_plan_on_oom
 
 TileFn = Callable[[torch.Tensor], torch.Tensor]  # BCHW window on the device -> BCHW at `scale`
 # (plan, row, col) -> the function for that tile (e.g. one conditioned on that tile's own prompt)
@@ -163,15 +163,10 @@ def run_tiled(
     def plan_for(size: int) -> TilePlan:
         return plan_tiles(height, width, size, overlap, context, multiple, minimum, square)
 
-    def attempt(size: int) -> TiledResult:
-        plan = plan_for(size)
+    def run(plan: TilePlan) -> TiledResult:
         return TiledResult(run_plan(image, fn, scale, plan, device, dtype, hooks, per_tile, tiles_per_call, retries),
                            plan, retries)
 
-    def window_pixels(size: int) -> int:
-        plan = plan_for(size)
-        return plan.rows.window * plan.cols.window
-
     start = min(tile, max(height, width)) if tile > 0 else max(height, width)  # tile 0: one tile
-    return shrink_on_oom(attempt, start, cost=window_pixels, floor=min(floor, start), stage=stage, device=device,
-                         retries=retries, oom_errors=hooks.oom_errors)
+    return shrink_plan_on_oom(plan_for, run, start, floor=min(floor, start), stage=stage, device=device,
+                              retries=retries, oom_errors=hooks.oom_errors)

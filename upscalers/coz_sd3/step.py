@@ -27,7 +27,7 @@ from PIL import Image
 
 from ...runtime.dtypes import itemsize
 from ...runtime.errors import UpscalerError
-from ...tiling import RunHooks, free_bytes, shrink_on_oom
+from ...tiling import RunHooks, free_bytes, shrink_plan_on_oom
 from ...tiling.cost import max_tiles_per_call
 from ...tiling.latent_denoise import predict_tiled
 from ...tiling.memory import BUDGET_FRACTION
@@ -226,18 +226,12 @@ def predict_v(transformer, z: torch.Tensor, seq: torch.Tensor, pooled: torch.Ten
         window_bytes = per_px * (plan.rows.window * plan.cols.window + seq.shape[1] * patch**2)
         return tiles_per_call(plan.count, window_bytes, budget, cap)
 
-    def attempt(size: int):
-        plan = plan_for(size)
+    def run(plan):
         per_call = per_call_for(plan)
         return predict_tiled(z, predict, plan, dtype, hooks, per_call, retries), plan, per_call
 
-    def window_pixels(size: int) -> int:
-        plan = plan_for(size)
-        return plan.rows.window * plan.cols.window
-
-    v, plan, per_call = shrink_on_oom(attempt, tile, cost=window_pixels, floor=min(MIN_LATENT_TILE, tile),
-                                      stage="transformer", device=device, retries=retries,
-                                      oom_errors=hooks.oom_errors)
+    v, plan, per_call = shrink_plan_on_oom(plan_for, run, tile, floor=min(MIN_LATENT_TILE, tile), stage="transformer",
+                                           device=device, retries=retries, oom_errors=hooks.oom_errors)
     # the nodes take tile / overlap in input px: the receipt gives the latent figures and the unit
     return v, {"transformer_tiles": {**plan.describe(), "tiles_per_call": per_call,
                                      "window_area_ratio": round(plan.window_area_ratio, 4), "unit": LATENT_UNIT},
