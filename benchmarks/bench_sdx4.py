@@ -46,7 +46,7 @@ from skimage import data
 import tiny_sdx4
 from peak_memory import measure_peak, trim_heap
 from dreamforge_upscale.tiling import RunHooks
-from dreamforge_upscale.upscalers import upscale
+from dreamforge_upscale.upscalers import UpscaleRequest, upscale
 from dreamforge_upscale.upscalers.contract import ModelSource
 from dreamforge_upscale.upscalers.sdx4 import SDX4Options, SDX4Upscaler
 from dreamforge_upscale.upscalers.sdx4.components import SDX4Components, clip_tokenizer
@@ -58,9 +58,10 @@ model = SDX4Upscaler(SDX4Components(unet, vae, text, clip_tokenizer(tiny_sdx4.cl
 photo = Image.fromarray(data.astronaut()).resize((size, size), Image.BICUBIC)
 image = torch.from_numpy(np.asarray(photo).copy()).float().div(255)[None]
 opts = SDX4Options(steps=1)
-upscale(model, image[:, :32, :32], options=opts, seed=0)
+upscale(model, image[:, :32, :32], UpscaleRequest(options=opts, seed=0))
 trim_heap()
-r = measure_peak(lambda: upscale(model, image, options=opts, seed=0, hooks=RunHooks(free_bytes=lambda d: budget)))
+r = measure_peak(lambda: upscale(model, image, UpscaleRequest(options=opts, seed=0),
+                                 hooks=RunHooks(free_bytes=lambda d: budget)))
 out, receipt = r.value
 plan = first_pass(receipt)["backend"]
 print(json.dumps({"size": size, "seconds": r.seconds, "peak_above": r.above, "canvas": out.numel() * 4,

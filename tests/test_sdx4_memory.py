@@ -15,7 +15,7 @@ import tiny_sdx4
 from PIL import Image
 from skimage import data
 from dreamforge_upscale.tiling import RunHooks
-from dreamforge_upscale.upscalers import upscale
+from dreamforge_upscale.upscalers import UpscaleRequest, upscale
 from dreamforge_upscale.upscalers.contract import ModelSource
 from dreamforge_upscale.upscalers.sdx4 import SDX4Options, SDX4Upscaler
 from dreamforge_upscale.upscalers.sdx4.components import SDX4Components, clip_tokenizer
@@ -28,14 +28,14 @@ model = SDX4Upscaler(SDX4Components(unet, vae, text, clip_tokenizer(tiny_sdx4.cl
 photo = Image.fromarray(data.astronaut()).resize((1024, 1024), Image.BICUBIC)
 image = torch.from_numpy(__import__("numpy").asarray(photo).copy()).float().div(255)[None]
 opts = SDX4Options(steps=1, guidance=7.5)
-upscale(model, image[:, :32, :32], options=opts, seed=0)  # warm up threads and the allocator
+upscale(model, image[:, :32, :32], UpscaleRequest(options=opts, seed=0))  # warm up threads and the allocator
 data_now = int(re.search(r"VmData:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 limits = resource.getrlimit(resource.RLIMIT_DATA)
 resource.setrlimit(resource.RLIMIT_DATA, (data_now + budget, limits[1]))
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
 # The host reports exactly the budget as free: auto sizing must plan within it.
-out, receipt = upscale(model, image, options=opts, seed=0, hooks=RunHooks(free_bytes=lambda device: budget))
+out, receipt = upscale(model, image, UpscaleRequest(options=opts, seed=0), hooks=RunHooks(free_bytes=lambda device: budget))
 seconds = time.perf_counter() - start
 resource.setrlimit(resource.RLIMIT_DATA, limits)
 print(json.dumps({"shape": list(out.shape), "finite": bool(torch.isfinite(out).all()), "std": float(out.std()),
