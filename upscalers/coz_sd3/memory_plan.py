@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ...runtime.dtypes import itemsize
 from ...runtime.errors import UpscalerError
 from ...tiling.memory import host_free_bytes
 from . import configs
@@ -53,7 +54,7 @@ class LoadPlan:
         def size(role: str, n: int) -> int:
             dtype = self.role_dtype(role, dtypes)
             kept = self.fp32_in_fp16.get(role, 0) if dtype == torch.float16 else 0
-            return n * _itemsize(dtype) + kept * 2
+            return n * itemsize(dtype) + kept * 2
 
         return {r: size(r, n) for r, n in self.elements.items()}
 
@@ -70,8 +71,8 @@ class LoadPlan:
         from .step import TRANSFORMER_ELEMENTS_PER_CHANNEL, VAE_ELEMENTS_PER_CHANNEL
 
         latent_px = (process_size // configs.VAE_FACTOR) ** 2
-        transformer = TRANSFORMER_ELEMENTS_PER_CHANNEL * self.transformer_width * _itemsize(dtypes[0]) * latent_px
-        vae = VAE_ELEMENTS_PER_CHANNEL * self.vae_width * _itemsize(dtypes[1]) * latent_px
+        transformer = TRANSFORMER_ELEMENTS_PER_CHANNEL * self.transformer_width * itemsize(dtypes[0]) * latent_px
+        vae = VAE_ELEMENTS_PER_CHANNEL * self.vae_width * itemsize(dtypes[1]) * latent_px
         canvases = 4 * 3 * process_size**2 * 4  # input, bicubic view, decoded, output: float32
         return max(transformer, vae) + canvases
 
@@ -81,10 +82,6 @@ class LoadPlan:
 
 def size_text(n: int) -> str:
     return f"{n / GB:.1f} GB" if n >= GB // 20 else f"{n / 2**20:.0f} MB"
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.finfo(dtype).bits // 8
 
 
 KEEP_FP32 = {"t5": "wo"}  # transformers' _keep_in_fp32_modules: T5's feed-forward output stays fp32 in fp16
