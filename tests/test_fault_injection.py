@@ -199,6 +199,24 @@ def test_fallback_chain_with_and_without_strict_scale(strict):
     assert receipt["degraded"]["ran"] == "gan" and receipt["degraded"]["instead_of"] == "diffusion"
 
 
+def test_the_library_and_cli_fallback_is_a_gan_after_a_diffusion_model_only():
+    """api.upscale_image's `fallback` (what the command line passes for every model): taken when a diffusion
+    model runs out of memory at the floor, never after a GAN, and never a resize (no model)."""
+    from dreamforge_upscale.api import upscale_image
+
+    image = _image("small")
+    gan = FaultyGAN(Fault())
+    result = upscale_image(FaultyGAN(Fault(always=True), impl="diffusion"), image, 2, device="cpu",
+                           fallback=lambda: gan)
+    receipt = result.receipt.to_dict()
+    assert torch.allclose(result.image, _nearest(image), atol=1e-6) and gan.fault.calls > 0
+    assert [f["impl"] for f in receipt["fallbacks"]] == ["diffusion", "gan"] and receipt["degraded"]["ran"] == "gan"
+    unused = FaultyGAN(Fault())
+    with pytest.raises(TileOOMError, match="out of memory in tiles"):
+        upscale_image(FaultyGAN(Fault(always=True)), image, 2, device="cpu", fallback=lambda: unused)
+    assert unused.fault.calls == 0
+
+
 # ------------------------------------------------------------------------------------- memory guards
 def test_an_output_larger_than_free_memory_is_refused_before_any_work():
     fault = Fault()
