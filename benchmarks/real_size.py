@@ -424,13 +424,16 @@ def sdx4_load(root: Path):
 
 def decode_estimate(model, vae_tiles: dict, out_px: int) -> int:
     """The sampler's VAE figure over the largest latent it decodes at once (a window, or the statistics pass),
-    plus the float32 output canvas twice (the blend accumulator and the image)."""
+    plus the float32 output canvas twice (the blend accumulator and the image); the one pass decodes one window
+    at a time, its parked windows on the device counted as planned (in files or host RAM they are not the
+    process's memory)."""
     from dreamforge_upscale.upscalers.sdx4 import sampler
 
     window = vae_tiles["window"][0] * vae_tiles["window"][1]
     stats = vae_tiles.get("statistics") or {}
-    latent_px = max(window, stats.get("side", 0) ** 2)
-    return int(sampler.vae_bytes_per_pixel(model.comps, model.vae_dtype) * latent_px + 2 * out_px * 3 * 4)
+    latent_px = window if stats.get("one_pass") else max(window, stats.get("side", 0) ** 2)
+    parked = stats.get("parked_bytes", 0) if stats.get("parked") == "device" else 0
+    return int(sampler.vae_bytes_per_pixel(model.comps, model.vae_dtype) * latent_px + parked + 2 * out_px * 3 * 4)
 
 
 def child_sdx4(root: Path, side: int, steps: int) -> dict:

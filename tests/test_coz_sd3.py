@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -227,8 +228,12 @@ def test_large_inputs_tile_the_latent_and_the_vae(model):
     assert tiled.shape == (1, 3, 160, 112) and torch.isfinite(tiled).all()
     assert report["transformer_tiles"]["grid"] == [3, 2] and report["vae_decode_tiles"]["count"] > 1
     assert report["vae_encode_tiles"]["count"] > 1
-    for stage in ("vae_encode_tiles", "vae_decode_tiles"):  # downsampled statistics, and the receipt says so
-        assert report[stage]["statistics"] == {"side": 16, "exact": False, "one_pass": False, "attention": "windowed"}
+    # downsampled statistics, and the receipt says so (and, for the decoder, why it is not exact)
+    assert report["vae_encode_tiles"]["statistics"] == {"side": 16, "exact": False, "one_pass": False,
+                                                        "attention": "windowed", "parked": None}
+    decoded = report["vae_decode_tiles"]["statistics"]
+    assert decoded.pop("refused").startswith("the decoder's receptive field (17.25 latent px each way) spans the whole")
+    assert decoded == {"side": 16, "exact": False, "one_pass": False, "attention": "windowed", "parked": None}
     whole = run(model, x, seed=3, options=CoZOptions(tile=0, vae_tile=0)).image
     assert (tiled - whole).abs().mean() < 0.1  # the same picture; blended tiles differ only near their borders
     # memory to spare: the VAE runs whole whatever vae_tile asks (windows would only add work), no statistics pass
@@ -442,3 +447,21 @@ def test_base_model_errors(files, model, tmp_path):
         select_dtypes("fp16", CPU)
     with pytest.raises(UpscalerError, match="sampling must be one of sample, mean"):
         CoZOptions(sampling="mode").check()
+
+
+def test_a_latent_wider_than_the_receptive_field_decodes_exactly_in_windows(reference, tmp_path, monkeypatch):
+    """Chain-of-Zoom's SD3 VAE through the layered one pass (tiling/exact_decode.py): windows planned from a
+    budget too small for the whole decode, parked in files, equal to the untiled decode."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    vae = reference["vae"] if isinstance(reference, dict) else reference.vae
+    torch.manual_seed(4)
+    z = torch.randn(1, vae.config.latent_channels, 72, 56)
+    short = RunHooks(free_bytes=lambda device: 190 * 2**20)  # the whole decode needs 126 MiB of the 114 budgeted
+    with torch.inference_mode():
+        whole, plain = step.decode(vae, z, CoZOptions(), CPU, torch.float32, RunHooks())
+        tiled, report = step.decode(vae, z, CoZOptions(), CPU, torch.float32, short)
+    assert plain["vae_decode_tiles"]["count"] == 1
+    assert report["vae_decode_tiles"]["statistics"].pop("parked_bytes") > 0
+    assert report["vae_decode_tiles"]["count"] > 1 and report["vae_decode_tiles"]["statistics"] == {
+        "side": 72, "exact": True, "one_pass": True, "attention": "whole", "parked": "disk"}
+    assert (tiled - whole).abs().max().item() <= 1e-4 and not os.listdir(tmp_path)

@@ -1,20 +1,24 @@
-"""The one-pass exact tiled VAE decode: GroupNorm sums shared across windows, the middle
-attention over the whole latent; equal to the untiled decode, and every failure path bounded."""
+"""The exact tiled VAE decode: the decoder layer by layer over its windows, GroupNorm sums shared across them,
+windows parked between GroupNorms (device, host RAM or files), the middle attention over the whole latent;
+equal to the untiled decode, planned from the budget, and every failure path bounded."""
 from __future__ import annotations
 
-import threading
-import time
+import os
+import tempfile
 
 import pytest
-import torch
-
 import tiny_sdx4
-from dreamforge_upscale.tiling import RunHooks
-from dreamforge_upscale.tiling.exact_decode import decode_exact, owned, whole_attention_pays
+import torch
+from dreamforge_upscale.tiling import RunHooks, exact_decode, parking
+from dreamforge_upscale.tiling.decoder_program import NotAProgram, probe
+from dreamforge_upscale.tiling.exact_decode import decode_exact, owned, plan_exact, whole_attention_pays
+from dreamforge_upscale.tiling.parking import ParkedStore
 from dreamforge_upscale.tiling.plan import plan_tiles
 from dreamforge_upscale.tiling.vae_tiles import decode_tiled
+from dreamforge_upscale.upscalers.vae_program import vae_decoder_program
 
 CPU = torch.device("cpu")
+F32 = torch.float32
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +33,13 @@ def latent():
     return torch.nn.functional.interpolate(torch.randn(1, 4, 12, 16), size=(48, 64), mode="bicubic") * 3 + 1
 
 
+def finish(decoded):
+    return (decoded.float() / 2 + 0.5).clamp(0, 1)
+
+
 def run_of(vae):
     def run(w):
-        return (vae.decode(w, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+        return finish(vae.decode(w, return_dict=False)[0])
     return run
 
 
@@ -41,6 +49,22 @@ def norms_of(vae):
 
 def left_behind(vae) -> list:
     return [m for m in vae.decoder.modules() if "forward" in m.__dict__]
+
+
+def stores_left(folder) -> list:
+    return os.listdir(folder)  # the store's files are unlinked from the start: nothing ever shows
+
+
+def planned(vae, latent, budget=1e12, **kw):
+    exact, why = plan_exact(lambda: vae_decoder_program(vae, finish), run_of(vae), latent, 16, 8, 16, 1000.0, budget,
+                            CPU, F32, **kw)
+    assert exact is not None, why
+    return exact
+
+
+def tiled(vae, latent, **kw):
+    return decode_tiled(run_of(vae), norms_of(vae), latent, scale=4, tile=16, overlap=8, pad=16, device=CPU,
+                        dtype=F32, **kw)
 
 
 def test_owned_regions_partition_each_axis():
@@ -54,75 +78,148 @@ def test_owned_regions_partition_each_axis():
             assert start <= a < b <= end
 
 
-def test_one_pass_equals_the_untiled_decode(vae, latent):
-    run, norms = run_of(vae), norms_of(vae)
-    attention = vae.decoder.mid_block.attentions[0]
+def test_the_program_reproduces_the_decoder_and_measures_its_reach(vae):
+    program = vae_decoder_program(vae, finish)
+    probed = probe(program, run_of(vae), 4, CPU, F32)
+    # conv_in, 4 convs in the middle block and 6 in the first up block at latent resolution, 7 at 2x, 8 at 4x
+    assert probed.receptive_field == 1 + 4 + 6 + 7 / 2 + 8 / 4
+    assert probed.parked_per_px > 0
+
+
+def test_a_decoder_the_program_does_not_know_is_refused(vae, latent):
+    original = type(vae.decoder).forward
+    vae.decoder.forward = lambda z, *a: original(vae.decoder, z, *a) * 0.5  # e.g. a later diffusers' decoder
+    try:
+        exact, why = plan_exact(lambda: vae_decoder_program(vae, finish), run_of(vae), latent, 16, 8, 16, 1000.0,
+                                1e12, CPU, F32)
+    finally:
+        del vae.decoder.forward
+    assert exact is None and "cannot run layer by layer" in why and "does not reproduce" in why
+    vae.decoder.mid_block.resnets[0].time_emb_proj = torch.nn.Linear(1, 1)
+    try:
+        with pytest.raises(NotAProgram, match="time embedding"):
+            vae_decoder_program(vae, finish)
+    finally:
+        vae.decoder.mid_block.resnets[0].time_emb_proj = None
+
+
+@pytest.mark.parametrize("parked", ["device", "disk"])
+def test_one_pass_equals_the_untiled_decode(vae, latent, parked, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    exact = planned(vae, latent)
+    assert exact.whole_attention and exact.pad + 8 // 2 >= 16.5  # the context covers the receptive field
     with torch.inference_mode():
-        whole = run(latent).permute(0, 2, 3, 1)
-        exact = decode_tiled(run, norms, latent, scale=4, tile=16, overlap=8, pad=16, device=CPU,
-                             dtype=torch.float32, one_pass=True, attention=attention)
-        windowed = decode_tiled(run, norms, latent, scale=4, tile=16, overlap=8, pad=16, device=CPU,
-                                dtype=torch.float32, one_pass=True)
-        stats_pass = decode_tiled(run, norms, latent, scale=4, tile=16, overlap=8, pad=16, device=CPU,
-                                  dtype=torch.float32)
-    assert exact.plan.count > 1 and exact.image.shape == whole.shape
-    assert (exact.image - whole).abs().max().item() <= 1e-4  # both exact parts on: the untiled decode
-    assert exact.statistics == {"side": 64, "exact": True, "one_pass": True, "attention": "whole"}
+        whole = run_of(vae)(latent).permute(0, 2, 3, 1)
+        one = tiled(vae, latent, exact=exact.__class__(**{**exact.__dict__, "parked": parked}))
+        windowed = tiled(vae, latent, exact=exact.__class__(**{**exact.__dict__, "parked": parked,
+                                                               "whole_attention": False}))
+        stats_pass = tiled(vae, latent)
+    assert one.plan.count > 1 and one.image.shape == whole.shape
+    assert (one.image - whole).abs().max().item() <= 1e-4  # both exact parts on: the untiled decode
+    assert one.statistics.pop("parked_bytes") == exact.parked_bytes > 0
+    assert one.statistics == {"side": 64, "exact": True, "one_pass": True, "attention": "whole", "parked": parked}
     assert windowed.statistics["attention"] == "windowed" and windowed.statistics["one_pass"]
     # windowed attention is the only approximation left: no worse than the statistics pass, which also windows it
     err_windowed = (windowed.image - whole).abs().mean().item()
     assert 0 < err_windowed <= (stats_pass.image - whole).abs().mean().item() + 1e-6
-    assert stats_pass.statistics["one_pass"] is False
-    assert not left_behind(vae)
+    assert stats_pass.statistics["one_pass"] is False and stats_pass.statistics["parked"] is None
+    assert not left_behind(vae) and not stores_left(tmp_path)
+
+
+@pytest.mark.parametrize("where", ["device", "cpu", "disk"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_parked_tensor_comes_back_as_it_went(where, dtype, tmp_path):
+    x = torch.randn(2, 3, 5, 7).to(dtype).contiguous(memory_format=torch.channels_last)
+    y = torch.arange(12.0).to(dtype).reshape(3, 4)
+    with ParkedStore(where, CPU, folder=str(tmp_path)) as store:
+        store.put((0, 1, "x"), x)
+        store.put((0, 1, "residual"), y)
+        assert not stores_left(tmp_path)  # on disk, yet no name: a killed process leaves nothing behind
+        assert store.bytes == x.numel() * x.element_size() + y.numel() * y.element_size()
+        back = store.take((0, 1, "x"))
+        store.put((0, 1, "x"), back * 2)  # read back and parked again: a new generation
+        assert torch.equal(store.take((0, 1, "residual")), y) and torch.equal(store.take((0, 1, "x")), back * 2)
+        assert store.take((0, 1, "x")) is None and store.bytes == 0
+    assert back.dtype == dtype and torch.equal(back, x)
+    assert not stores_left(tmp_path)
 
 
 class FakeOOM(RuntimeError):
     pass
 
 
-def test_out_of_memory_in_one_pass_falls_back_to_the_statistics_pass(vae, latent):
-    run, norms = run_of(vae), norms_of(vae)
+def _fail_on(module: torch.nn.Module, call: int, error: BaseException):
     calls = []
+    original = type(module).forward.__get__(module)
 
-    def failing(w):
-        calls.append(threading.current_thread().name)
-        if threading.current_thread().name.startswith("vae-window") and len(calls) == 3:
-            raise FakeOOM("CUDA out of memory (injected)")
-        return run(w)
+    def forward(*a, **kw):
+        calls.append(1)
+        if len(calls) == call:
+            raise error
+        return original(*a, **kw)
+    module.forward = forward
 
+
+def test_out_of_memory_in_one_pass_falls_back_to_the_statistics_pass(vae, latent):
+    exact = planned(vae, latent)
     with torch.inference_mode():
-        whole = run(latent).permute(0, 2, 3, 1)
-        result = decode_tiled(failing, norms, latent, scale=4, tile=16, overlap=8, pad=16, device=CPU,
-                              dtype=torch.float32, one_pass=True, hooks=RunHooks(oom_errors=(FakeOOM,)))
+        whole = run_of(vae)(latent).permute(0, 2, 3, 1)
+    conv = vae.decoder.up_blocks[1].resnets[0].conv1
+    _fail_on(conv, 3, FakeOOM("CUDA out of memory (injected)"))  # the third window
+    try:
+        with torch.inference_mode():
+            result = tiled(vae, latent, exact=exact, hooks=RunHooks(oom_errors=(FakeOOM,)))
+    finally:
+        del conv.forward
     (retry,) = [r for r in result.retries if r["stage"] == "vae_one_pass"]
-    assert retry["fallback"] == "statistics pass" and "injected" in retry["allocator"]
+    assert retry["fallback"] == "statistics pass" and "injected" in retry["allocator"] and retry["parked"] == "device"
     assert result.statistics["one_pass"] is False and result.statistics["exact"]  # whole-latent statistics pass
+    assert "out_of_memory" in result.statistics["refused"]
     assert (result.image - whole).abs().mean().item() < 0.01
     assert not left_behind(vae)
 
 
-def test_an_error_in_one_window_stops_every_window_without_hanging(vae, latent):
-    run, norms = run_of(vae), norms_of(vae)
-    plan = plan_tiles(48, 64, 16, 8, context=16)
-    seen = []
+def test_a_disk_that_fills_up_falls_back_and_leaves_no_files(vae, latent, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    writes = []
+    exact = planned(vae, latent, budget=1e3)  # nothing fits the budget: files
+    assert exact.parked == "disk"
+    monkeypatch.setattr(parking.ParkedStore, "put", _failing_put(writes))
+    with torch.inference_mode():
+        result = tiled(vae, latent, exact=exact)
+    (retry,) = [r for r in result.retries if r["stage"] == "vae_one_pass"]
+    assert retry["event"] == "parking_failed" and "No space left" in retry["error"] and retry["parked"] == "disk"
+    assert result.statistics["one_pass"] is False and result.image.shape[1:3] == (192, 256)
+    assert not stores_left(tmp_path) and not left_behind(vae)
 
-    def broken(w):
-        seen.append(1)
-        if len(seen) == 2:
-            raise ValueError("window 2 is broken")
-        return run(w)
 
-    start = time.perf_counter()
-    with pytest.raises(ValueError, match="window 2 is broken"), torch.inference_mode():
-        decode_exact(broken, norms, latent, plan, 4, device=CPU, dtype=torch.float32,
-                     attention=vae.decoder.mid_block.attentions[0])
-    assert time.perf_counter() - start < 60 and not left_behind(vae)
-    assert not [t for t in threading.enumerate() if t.name.startswith("vae-window")]
+def _failing_put(writes):
+    real = ParkedStore.put
+
+    def put(self, key, tensor):
+        writes.append(key)
+        if len(writes) == 5:
+            raise OSError(28, "No space left on device")
+        return real(self, key, tensor)
+    return put
+
+
+def test_an_error_in_one_window_is_raised_and_leaves_nothing_behind(vae, latent, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    exact = planned(vae, latent, budget=1e3)
+    conv = vae.decoder.conv_out
+    _fail_on(conv, 2, ValueError("window 2 is broken"))
+    try:
+        with pytest.raises(ValueError, match="window 2 is broken"), torch.inference_mode():
+            tiled(vae, latent, exact=exact)
+    finally:
+        del conv.forward
+    assert not left_behind(vae) and not stores_left(tmp_path)
 
 
 def test_an_interrupt_stops_the_one_pass_decode(vae, latent):
-    run, norms = run_of(vae), norms_of(vae)
-    plan = plan_tiles(48, 64, 16, 8, context=16)
+    exact = planned(vae, latent)
+    plan = plan_tiles(48, 64, exact.tile, 8, exact.pad)
     checks = []
 
     class Interrupted(Exception):
@@ -133,9 +230,9 @@ def test_an_interrupt_stops_the_one_pass_decode(vae, latent):
         if len(checks) > 10:
             raise Interrupted("interrupted by the user")
 
-    with pytest.raises(Interrupted), torch.inference_mode():
-        decode_exact(run, norms, latent, plan, 4, device=CPU, dtype=torch.float32, check_interrupt=check)
-    assert 11 <= len(checks) <= 10 + plan.count and not left_behind(vae)  # stopped at the next check
+    with pytest.raises(Interrupted), torch.inference_mode(), ParkedStore("device", CPU) as store:
+        decode_exact(exact.program, latent, plan, 4, device=CPU, dtype=F32, store=store, check_interrupt=check)
+    assert len(checks) == 11 and not left_behind(vae)  # stopped at the next window
 
 
 def test_whole_attention_only_where_it_costs_little():
@@ -146,19 +243,26 @@ def test_whole_attention_only_where_it_costs_little():
     assert not whole_attention_pays(large, per_px, 512)  # a million tokens: quadratic, far past the decode
 
 
-def test_the_sdx4_decode_chooses_one_pass_from_the_budget(vae):
-    from dreamforge_upscale.upscalers.sdx4.sampler import SDX4Options, decode, vae_bytes_per_pixel
+def test_the_sdx4_decode_plans_the_one_pass_from_the_budget(vae, tmp_path, monkeypatch):
     from dreamforge_upscale.upscalers.sdx4.components import SDX4Components
+    from dreamforge_upscale.upscalers.sdx4.sampler import SDX4Options, decode, vae_bytes_per_pixel
 
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     comps = SDX4Components(None, vae, None, None)
     torch.manual_seed(1)
     z = torch.randn(1, 4, 40, 56) * vae.config.scaling_factor
-    per_px = vae_bytes_per_pixel(comps, torch.float32)
+    per_px = vae_bytes_per_pixel(comps, F32)
     reports = {}
-    for name, free in (("roomy", 100 * per_px * 40 * 56), ("short", 0.6 * per_px * 40 * 56)):
+    for name, free, disk in (("roomy", 100 * per_px * 40 * 56, None), ("short", 0.6 * per_px * 40 * 56, None),
+                             ("no disk", 0.6 * per_px * 40 * 56, 0)):
+        if disk is not None:
+            monkeypatch.setattr(exact_decode, "disk_free", lambda folder=None: disk)
         with torch.inference_mode():
-            _, report = decode(comps, z, SDX4Options(vae_tile=16), CPU, torch.float32,
+            _, report = decode(comps, z, SDX4Options(vae_tile=16), CPU, F32,
                                RunHooks(free_bytes=lambda d, f=free: int(f)))
         reports[name] = report["vae_tiles"]["statistics"]
-    assert reports["roomy"]["one_pass"] and reports["roomy"]["exact"]
-    assert reports["short"]["one_pass"] is False
+    assert reports["roomy"].pop("parked_bytes") > 0
+    assert reports["roomy"] == {"side": 56, "exact": True, "one_pass": True, "attention": "whole", "parked": "device"}
+    assert reports["short"]["one_pass"] and reports["short"]["exact"] and reports["short"]["parked"] == "disk"
+    assert reports["no disk"]["one_pass"] is False and "temporary disk" in reports["no disk"]["refused"]
+    assert not stores_left(tmp_path)

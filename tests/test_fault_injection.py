@@ -256,13 +256,17 @@ def sdx4_reference():
     windows (vae_tile 32 with overlap 8 gives 3x3; padding 4 instead of 16 keeps the tiny decode cheap) with a statistics pass."""
     patch = pytest.MonkeyPatch()
     patch.setattr(sampler, "VAE_PAD", 4)
+    # the statistics pass and its retries under test (the layered one pass: tests/test_exact_decode.py)
+    patch.setattr(sampler, "plan_exact", lambda *a, **k: (None, "the statistics pass under test"))
     image = _image("large")[:, :64, :64]
     opts = SDX4Options(steps=2, tile=0, overlap=8, vae_tile=32)
     out, receipt = upscale(_sdx4(), image, UpscaleRequest(scale=4, options=opts, seed=3), hooks=PLENTY)
     (only,) = receipt.to_dict()["passes"]
     assert only["tiles"] is None  # SD x4 plans its own tiles: they are in its report
     assert only["backend"]["unet_tiles"]["count"] == 1 and only["backend"]["vae_tiles"]["count"] == 9
-    assert only["backend"]["vae_tiles"]["statistics"] == {"side": 64, "exact": True, "one_pass": False, "attention": "windowed"}
+    assert only["backend"]["vae_tiles"]["statistics"] == {"side": 64, "exact": True, "one_pass": False,
+                                                          "attention": "windowed", "parked": None,
+                                                          "refused": "the statistics pass under test"}
     yield image, opts, out
     patch.undo()
 

@@ -58,4 +58,9 @@ def test_1024_to_4096_completes_within_a_hard_memory_limit():
     plan = only["backend"]
     assert plan["unet_tiles"]["count"] > 1  # latent tiles chosen from the budget
     assert plan["vae_tiles"]["count"] > 1 and max(plan["vae_tiles"]["window"]) <= 256  # attention: one window
+    # exact statistics in one pass, the windows parked in files between GroupNorms; no out-of-memory retry
+    assert plan["vae_tiles"]["statistics"].pop("parked_bytes") > budget  # more than the budget could ever hold
+    assert plan["vae_tiles"]["statistics"] == {"side": 1024, "exact": True, "one_pass": True, "attention": "windowed",
+                                               "parked": "disk"}
+    assert result["receipt"]["retries"] == []
     assert result["untiled_decode_bytes"] > 4 * budget  # an untiled decode could never have fitted

@@ -1,13 +1,16 @@
 """Tiled VAE decoding with GroupNorm statistics shared across tiles.
 
 A decoder's GroupNorms normalise with statistics of whatever they see; a tile alone would get its
-own and drift in tone from its neighbours. Here one statistics pass runs the decoder over the whole
-latent and records each GroupNorm's mean/variance per image and group; every tile is then decoded
-with those statistics. The statistics are exact (the whole latent) whenever that pass fits the
-caller's memory budget; only when it does not (or runs out of memory) is it run on a subsampled
-latent (nearest, not averaged: averaging shrinks the latent's variance and every statistic downstream
-with it), and the result says which. Tiles overlap, read `pad` latent pixels of real context and are
-blended with cos^2 weights (tiling/runner.py).
+own and drift in tone from its neighbours. The first choice is exact_decode.py: the decoder layer by
+layer over its windows, statistics summed across them, in one pass (the caller plans it with
+`plan_exact`). Where that cannot run (a decoder it does not know, parked activations that fit neither
+memory nor the disk, windows so small that their receptive-field context would multiply the work) a
+statistics pass runs the decoder over the whole latent and records each GroupNorm's mean/variance per
+image and group; every tile is then decoded with those statistics. They are exact whenever that pass
+fits the caller's memory budget; only when it does not (or runs out of memory) is it run on a
+subsampled latent (nearest, not averaged: averaging shrinks the latent's variance and every statistic
+downstream with it), and the result says which. Tiles overlap, read `pad` latent pixels of real
+context and are blended with cos^2 weights (tiling/runner.py).
 """
 from __future__ import annotations
 
@@ -19,8 +22,9 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from .exact_decode import decode_exact
+from .exact_decode import ExactDecode, decode_exact
 from .group_norm import group_moments, normalise
+from .parking import ParkedStore
 from .plan import TilePlan, plan_tiles
 from .retry import allocator_message, free_cache, is_out_of_memory, shrink_on_oom
 from .runner import RunHooks, run_tiled
@@ -91,7 +95,9 @@ class DecodeResult:
     plan: TilePlan
     retries: list[dict]
     # when tiled: {"side": latent side the statistics came from, "exact": the whole latent's, "one_pass": summed
-    # across windows (no statistics pass), "attention": "whole" latent or "windowed"}
+    # across windows (no statistics pass), "attention": "whole" latent or "windowed", "parked": where the one
+    # pass's windows waited between GroupNorms ("device", "cpu", "disk"; None: no one pass) and "parked_bytes"
+    # (planned: all of them at the fullest GroupNorm); "refused": why there was no one pass, where there is a why}
     statistics: dict | None
 
 
@@ -109,8 +115,8 @@ def decode_tiled(
     hooks: RunHooks | None = None,
     stats_side: int = 0,
     floor: int = 16,
-    one_pass: bool = False,
-    attention: torch.nn.Module | None = None,
+    exact: ExactDecode | None = None,
+    refused: str = "",
 ) -> DecodeResult:
     """latents: B,C,h,w -> image B,h*scale,w*scale,C float32 (what `decode` returns per window, blended).
 
@@ -120,32 +126,36 @@ def decode_tiled(
     and so does the statistics pass (then approximate: a subsampled latent), each through
     tiling/retry.py; the result's `retries` lists both.
 
-    `one_pass` (the caller's budget holds every window's activations at once): the windows run together with
-    GroupNorm sums shared across them (tiling/exact_decode.py): exact statistics in one pass, no statistics
-    pass; with `attention` (the decoder's middle attention module) that too runs over the whole latent.
-    Out of memory there falls back to the statistics pass, and `retries` says so.
+    `exact` (exact_decode.plan_exact: the caller's budget and the decoder allow it): the decoder runs layer by
+    layer over its windows with GroupNorm sums shared across them (tiling/exact_decode.py): exact statistics in
+    one pass, no statistics pass; the middle attention over the whole latent where the plan says so. Out of
+    memory there, or a parking store that cannot write, falls back to the statistics pass, and `retries` says so.
+    `refused`: why the caller did not plan one (the statistics then say it).
     """
     hooks = hooks or RunHooks()
     norms = list(norms)
     shared = SharedGroupNorm(norms)
     full = tuple(latents.shape[-2:])
     retries: list[dict] = []
-    if one_pass:
-        plan = plan_tiles(full[0], full[1], tile or max(full), overlap, pad)
-        if not plan.untiled:
-            try:
-                image = decode_exact(decode, norms, latents, plan, scale, device=device, dtype=dtype,
-                                     attention=attention, check_interrupt=hooks.check_interrupt)
-                return DecodeResult(image, plan, retries, {"side": max(full), "exact": True, "one_pass": True,
-                                                           "attention": "whole" if attention is not None
-                                                           else "windowed"})
-            except Exception as exc:  # noqa: BLE001 - only out-of-memory falls back, the rest is re-raised
-                if not is_out_of_memory(exc, hooks.oom_errors):
-                    raise
-                message = allocator_message(exc)
-            free_cache(device)
-            retries.append({"event": "out_of_memory", "stage": "vae_one_pass", "tile": tile, "retry_tile": tile,
-                            "allocator": message, "fallback": "statistics pass"})
+    if exact is not None:
+        plan = plan_tiles(full[0], full[1], exact.tile, overlap, exact.pad)
+        try:
+            with ParkedStore(exact.parked, device) as store:
+                image = decode_exact(exact.program, latents, plan, scale, device=device, dtype=dtype, store=store,
+                                     whole_attention=exact.whole_attention, check_interrupt=hooks.check_interrupt)
+            return DecodeResult(image, plan, retries, {"side": max(full), "exact": True, "one_pass": True,
+                                                       "attention": "whole" if exact.whole_attention else "windowed",
+                                                       "parked": exact.parked, "parked_bytes": exact.parked_bytes})
+        except OSError as exc:  # the disk store: full, or not writable
+            event = {"event": "parking_failed", "error": f"{type(exc).__name__}: {exc}"}
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory falls back, the rest is re-raised
+            if not is_out_of_memory(exc, hooks.oom_errors):
+                raise
+            event = {"event": "out_of_memory", "tile": exact.tile, "retry_tile": tile,
+                     "allocator": allocator_message(exc)}
+        free_cache(device)
+        retries.append({**event, "stage": "vae_one_pass", "parked": exact.parked, "fallback": "statistics pass"})
+        refused = f"the one pass failed ({event['event']}): see retries"
     memo: list[tuple[int, list]] = []  # this call's (side, statistics), made once by the first tiled window
 
     def record(side: int) -> tuple[int, list]:
@@ -166,4 +176,5 @@ def decode_tiled(
     side = memo[0][0] if memo else None
     return DecodeResult(tiled.image, tiled.plan, retries + tiled.retries,
                         None if side is None else {"side": side, "exact": side >= max(full), "one_pass": False,
-                                                   "attention": "windowed"})
+                                                   "attention": "windowed", "parked": None,
+                                                   **({"refused": refused} if refused else {})})

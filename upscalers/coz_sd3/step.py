@@ -29,11 +29,13 @@ from ...runtime.dtypes import itemsize
 from ...runtime.errors import UpscalerError
 from ...tiling import RunHooks, free_bytes, shrink_plan_on_oom
 from ...tiling.cost import max_tiles_per_call
+from ...tiling.exact_decode import plan_exact
 from ...tiling.latent_denoise import predict_tiled
 from ...tiling.memory import BUDGET_FRACTION
 from ...tiling.plan import plan_tiles
 from ...tiling.vae_tiles import decode_tiled
 from ..contract import merge_reports
+from ..vae_program import vae_decoder_program
 from . import configs
 
 ZOOM = 4
@@ -246,15 +248,24 @@ def decode(vae, z0: torch.Tensor, opts: CoZOptions, device, dtype, hooks: RunHoo
     tile, stats_side = _vae_tile(opts, height, width, per_px, _budget(hooks, device))
 
     def run(window: torch.Tensor) -> torch.Tensor:
-        return (vae.decode(window.contiguous(), return_dict=False)[0].float().clamp(-1, 1) * 0.5 + 0.5)
+        return _to_unit(vae.decode(window.contiguous(), return_dict=False)[0])
 
     norms = [m for m in vae.decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
+    exact, refused = None, ""
+    if tile:  # windows: exact in one pass where the budget and the disk allow (tiling/exact_decode.py)
+        exact, refused = plan_exact(lambda: vae_decoder_program(vae, _to_unit), run, latents, tile, VAE_OVERLAP,
+                                    VAE_PAD, per_px, _budget(hooks, device), device, dtype)
     result = decode_tiled(run, norms, latents, scale=configs.VAE_FACTOR, tile=tile, overlap=VAE_OVERLAP, pad=VAE_PAD,
                           device=device, dtype=dtype, hooks=dataclasses.replace(hooks, progress=None),
-                          stats_side=stats_side)
+                          stats_side=stats_side, exact=exact, refused=refused)
     return result.image.permute(0, 3, 1, 2), {
         "vae_decode_tiles": {**result.plan.describe(), "statistics": result.statistics},
         "retries": [{**r, "stage": "vae decode"} for r in result.retries]}
+
+
+def _to_unit(decoded: torch.Tensor) -> torch.Tensor:
+    """The decoder's -1..1 output as a 0..1 image."""
+    return decoded.float().clamp(-1, 1) * 0.5 + 0.5
 
 
 def sr_step(comps, image: torch.Tensor, seq: torch.Tensor, pooled: torch.Tensor, opts: CoZOptions, seed: int,

@@ -15,20 +15,18 @@ import torch
 from ...runtime.dtypes import itemsize
 from ...runtime.errors import UpscalerError
 from ...tiling import RunHooks, choose_tile, free_bytes, shrink_on_oom
-from ...tiling.exact_decode import decode_flops_per_px, whole_attention_pays
+from ...tiling.exact_decode import plan_exact
 from ...tiling.latent_denoise import plan_latent, predict_tiled, step_hooks
 from ...tiling.memory import BUDGET_FRACTION
 from ...tiling.plan import plan_tiles
 from ...tiling.vae_tiles import decode_tiled
+from ..vae_program import vae_decoder_program
 from .components import SDX4Components
 
 VAE_SCALE = 4  # latent = input size, output = 4x
 VAE_MAX_WINDOW = 256  # latent px: the decoder's middle self-attention never sees more than 256x256 tokens
 VAE_PAD = 16  # latent px of real context around a decode tile
 VAE_OVERLAP = 8  # latent px of cos^2 blend between decode tiles
-# latent px one decoder output pixel depends on, each way (3x3 convs): conv_in, 4 in the middle block and 6 in the
-# first up block at latent resolution, 7 at 2x (1/2 px each), 8 at 4x (1/4 px each): 1 + 4 + 6 + 3.5 + 2 = 16.5
-VAE_RECEPTIVE_FIELD = 17
 MIN_LATENT_TILE = 32
 # Peak working memory in elements per base channel, measured on the CPU with the tiny model (UNet:
 # ~35 per latent pixel per image; decoder: ~11-13 per OUTPUT pixel) and rounded up for margin.
@@ -166,34 +164,23 @@ def decode(comps: SDX4Components, latents: torch.Tensor, opts: SDX4Options, devi
     stats_side = max(1, int((budget / per_px) ** 0.5))
 
     def run(window: torch.Tensor) -> torch.Tensor:
-        return (vae.decode(window, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+        return _to_unit(vae.decode(window, return_dict=False)[0])
 
     norms = [m for m in vae.decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
-    one_pass, attention = one_pass_choice(vae, run, z, tile, per_px, budget, device, dtype)
+    exact, refused = None, ""
+    if tile and not plan_tiles(height, width, tile, VAE_OVERLAP, VAE_PAD).untiled:
+        exact, refused = plan_exact(lambda: vae_decoder_program(vae, _to_unit), run, z, tile, VAE_OVERLAP, VAE_PAD,
+                                    per_px, budget, device, dtype)
     result = decode_tiled(run, norms, z, scale=VAE_SCALE, tile=tile, overlap=VAE_OVERLAP, pad=VAE_PAD,
                           device=device, dtype=dtype, hooks=dataclasses.replace(hooks, progress=None),
-                          stats_side=stats_side, one_pass=one_pass, attention=attention)
+                          stats_side=stats_side, exact=exact, refused=refused)
     return result.image, {"vae_tiles": {**result.plan.describe(), "statistics": result.statistics},
                           "retries": list(result.retries)}
 
 
-def one_pass_choice(vae, run, z: torch.Tensor, tile: int, per_px: float, budget: float, device, dtype):
-    """(one pass, whole-latent attention module or None) for a tiled decode (tiling/exact_decode.py): one pass
-    when every window's activations fit the budget together (then no statistics pass: exact in one decode);
-    the middle attention over the whole latent when it costs little against the decode."""
-    height, width = z.shape[-2:]
-    plan = plan_tiles(height, width, tile or max(height, width), VAE_OVERLAP, VAE_PAD)
-    if plan.untiled or per_px * height * width * plan.window_area_ratio > budget:
-        return False, None
-    if VAE_PAD + VAE_OVERLAP // 2 < VAE_RECEPTIVE_FIELD:
-        return False, None  # what a window owns would not be exact
-    mid = getattr(vae.decoder.mid_block, "attentions", None) or [None]
-    attention = mid[0]
-    if attention is not None:
-        channels = getattr(attention, "inner_dim", None) or attention.to_q.out_features
-        if not whole_attention_pays(plan, decode_flops_per_px(run, z.shape[1], device, dtype), channels):
-            attention = None
-    return True, attention
+def _to_unit(decoded: torch.Tensor) -> torch.Tensor:
+    """The decoder's -1..1 output as a 0..1 image."""
+    return (decoded.float() / 2 + 0.5).clamp(0, 1)
 
 
 def new_seed() -> int:

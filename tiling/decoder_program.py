@@ -1,0 +1,90 @@
+"""A decoder as a program: window-local steps, and the GroupNorms and attention between them.
+
+For the layered exact decode (exact_decode.py). Between two GroupNorms every step is local to a window
+(convolutions, activations, nearest upsampling, residual adds), so windows can run one at a time and wait,
+parked, where the whole image's statistics are needed. A backend builds the program from its network
+(upscalers/vae_program.py for diffusers' VAE decoders) or raises NotAProgram; `probe` runs the program
+beside the decoder on a small latent: a program that does not reproduce the decoder is refused, and the
+probe measures the receptive field and what a run parks.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..runtime.dtypes import itemsize
+
+LOCAL, NORM, SAVE, ADD, ATTENTION = "local", "norm", "save", "add", "attention"
+PROBE_SIDE = 8  # latent px of the probe: small, and the attention's share of it negligible
+
+
+class NotAProgram(Exception):
+    """The decoder is not built the way the program expects (the caller falls back to a statistics pass)."""
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: str  # LOCAL x -> module(x); NORM (a GroupNorm: a sync point); SAVE the residual; ADD it back; ATTENTION
+    # (a module x -> x whose first operation is its GroupNorm `norm`, global over the tokens: a sync point)
+    module: Callable | None = None  # ADD: the shortcut (None: identity); ATTENTION: the attention module
+    factor: float = 1.0  # ADD: the block's output_scale_factor
+    # ATTENTION: its GroupNorm (applied first to its input) and its width (the cost of attending over the whole latent)
+    norm: torch.nn.GroupNorm | None = None
+    width: int = 0
+
+
+@dataclass(frozen=True)
+class Probe:
+    receptive_field: float  # latent px one output pixel depends on, each way (the convolutions' reach)
+    parked_per_px: float  # bytes a window parks per latent px at the fullest sync point (activation + residual)
+
+
+def run_whole(steps: list[Step], x: torch.Tensor, on_sync: Callable | None = None,
+              on_local: Callable | None = None) -> torch.Tensor:
+    """The program over one whole tensor (every GroupNorm with its own statistics): what the decoder computes.
+    `on_sync(x, residual)` is called before each GroupNorm or attention, `on_local(step, y)` after each local step."""
+    residual = None
+    for step in steps:
+        if step.kind == LOCAL:
+            x = step.module(x)
+            if on_local:
+                on_local(step, x)
+        elif step.kind == SAVE:
+            residual = x
+        elif step.kind == ADD:
+            shortcut = residual if step.module is None else step.module(residual)
+            x, residual = (shortcut + x) / step.factor, None
+        else:
+            if on_sync:
+                on_sync(x, residual)
+            x = step.module(x)
+    return x
+
+
+def probe(steps: list[Step], decode: Callable[[torch.Tensor], torch.Tensor], channels: int, device,
+          dtype: torch.dtype) -> Probe:
+    """Check the program against `decode` on a PROBE_SIDE^2 latent and measure its reach and parked bytes."""
+    z = torch.randn(1, channels, PROBE_SIDE, PROBE_SIDE, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    parked: list[int] = []
+    reach: list[float] = [0.0]
+
+    def on_sync(x, residual):
+        extra = residual.numel() if residual is not None and residual is not x else 0  # the same tensor parks once
+        parked.append((x.numel() + extra) * itemsize(x.dtype))
+
+    def on_local(step, y):
+        if isinstance(step.module, torch.nn.Module):
+            f = y.shape[-1] / PROBE_SIDE  # this step's output px per latent px
+            for conv in step.module.modules():
+                if isinstance(conv, torch.nn.Conv2d):
+                    reach[0] += (conv.kernel_size[0] // 2) * conv.dilation[0] / f
+
+    with torch.inference_mode():
+        ours = run_whole(steps, z, on_sync, on_local)
+        theirs = decode(z)
+    if not (ours.shape == theirs.shape and torch.allclose(ours.float(), theirs.float(), atol=1e-5, rtol=1e-4)):
+        raise NotAProgram("the program does not reproduce the decoder")
+    return Probe(receptive_field=math.ceil(reach[0] * 4) / 4, parked_per_px=max(parked) / PROBE_SIDE**2)
