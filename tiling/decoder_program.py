@@ -42,25 +42,32 @@ class Probe:
     parked_per_px: float  # bytes a window parks per latent px at the fullest sync point (activation + residual)
 
 
+def run_local(step: Step, x: torch.Tensor, residual: torch.Tensor | None):
+    """One window-local step (LOCAL, SAVE, ADD): (x, residual) after it."""
+    if step.kind == LOCAL:
+        return step.module(x), residual
+    if step.kind == SAVE:
+        return x, x
+    if step.kind == ADD:
+        shortcut = residual if step.module is None else step.module(residual)
+        return (shortcut + x) / step.factor, None
+    raise ValueError(f"a {step.kind} step is a sync point, not a local step")
+
+
 def run_whole(steps: list[Step], x: torch.Tensor, on_sync: Callable | None = None,
               on_local: Callable | None = None) -> torch.Tensor:
     """The program over one whole tensor (every GroupNorm with its own statistics): what the decoder computes.
     `on_sync(x, residual)` is called before each GroupNorm or attention, `on_local(step, y)` after each local step."""
     residual = None
     for step in steps:
-        if step.kind == LOCAL:
-            x = step.module(x)
-            if on_local:
-                on_local(step, x)
-        elif step.kind == SAVE:
-            residual = x
-        elif step.kind == ADD:
-            shortcut = residual if step.module is None else step.module(residual)
-            x, residual = (shortcut + x) / step.factor, None
-        else:
+        if step.kind in (NORM, ATTENTION):
             if on_sync:
                 on_sync(x, residual)
             x = step.module(x)
+            continue
+        x, residual = run_local(step, x, residual)
+        if on_local and step.kind == LOCAL:
+            on_local(step, x)
     return x
 
 

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from ..runtime.dtypes import itemsize
-from .decoder_program import ADD, ATTENTION, LOCAL, NORM, SAVE, NotAProgram, Step, probe
+from .decoder_program import ATTENTION, NORM, NotAProgram, Step, probe, run_local
 from .group_norm import channel_sums, group_stats, normalise
 from .memory import BUDGET_FRACTION, host_free_bytes
 from .parking import DISK_GENERATIONS, ParkedStore, disk_free
@@ -150,18 +150,6 @@ def _segments(program: list[Step]) -> list[tuple[list[Step], Step | None]]:
     return segments + [(run, None)]
 
 
-def _local(steps: list[Step], x: torch.Tensor, residual: torch.Tensor | None):
-    for step in steps:
-        if step.kind == LOCAL:
-            x = step.module(x)
-        elif step.kind == SAVE:
-            residual = x
-        elif step.kind == ADD:
-            shortcut = residual if step.module is None else step.module(residual)
-            x, residual = (shortcut + x) / step.factor, None
-    return x, residual
-
-
 def _windowed_attention(step: Step, mean: torch.Tensor, var: torch.Tensor) -> Callable:
     def begin(tile, x, attn=step.module, norm=step.norm):
         norm.forward = lambda h: normalise(norm, h, mean, var)  # removed below: the module is shared
@@ -197,18 +185,18 @@ def decode_exact(program: list[Step], latents: torch.Tensor, plan: TilePlan, sca
                 residual = raw if tile in residual_is_x else store.take((r, c, "residual"))
                 x = begin(tile, raw)
                 raw = None
-            x, residual = _local(steps, x, residual)
+            for step in steps:
+                x, residual = run_local(step, x, residual)
             f, ys, xs = owned_box(plan, tile, *x.shape[-2:])
             part = x[..., ys, xs]
+            (y0, y1), (x0, x1) = owned(plan.rows)[r], owned(plan.cols)[c]
             if sync is None:  # the output: pasted
-                (y0, y1), (x0, x1) = owned(plan.rows)[r], owned(plan.cols)[c]
                 if out is None:
                     out = torch.empty((batch, x.shape[1], height * f, width * f), dtype=torch.float32)
                 out[..., y0 * f:y1 * f, x0 * f:x1 * f] = part.float().cpu()
                 continue
             parks_x = not (sync.kind == ATTENTION and whole_attention)
             if not parks_x:
-                (y0, y1), (x0, x1) = owned(plan.rows)[r], owned(plan.cols)[c]
                 if gathered is None:
                     gathered = x.new_empty((batch, x.shape[1], height * f, width * f))
                 gathered[..., y0 * f:y1 * f, x0 * f:x1 * f] = part
