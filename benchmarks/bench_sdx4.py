@@ -174,7 +174,7 @@ def decode_comparison(latent: int, repeats: int, narrow: bool, parked: str = "de
         return _to_unit(vae.decode(w, return_dict=False)[0])
 
     # planned with memory to spare (the windows wait on the device); parked where --parked says
-    exact, refused = plan_exact(lambda: vae_decoder_program(vae, _to_unit), run, z, tile, VAE_OVERLAP, VAE_PAD, 1.0,
+    exact, refused = plan_exact(lambda: vae_decoder_program(vae, _to_unit), run, z, tile, VAE_PAD, 1.0,
                                 float(2**50), cpu, torch.float32)
     if exact is None:
         raise SystemExit(f"no exact plan: {refused}")

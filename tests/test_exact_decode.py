@@ -1,6 +1,7 @@
 """The exact tiled VAE decode: the decoder layer by layer over its windows, GroupNorm sums shared across them,
-windows parked between GroupNorms (device, host RAM or files), the middle attention over the whole latent;
-equal to the untiled decode, planned from the budget, and every failure path bounded."""
+whole activations parked between GroupNorms (device, host RAM or files), each window reading its halo from
+them, the middle attention over the whole latent; equal to the untiled decode, planned from the budget, and
+every failure path bounded."""
 from __future__ import annotations
 
 import os
@@ -10,9 +11,9 @@ import pytest
 import tiny_sdx4
 import torch
 from dreamforge_upscale.tiling import RunHooks, exact_decode, parking
-from dreamforge_upscale.tiling.decoder_program import NotAProgram, probe
+from dreamforge_upscale.tiling.decoder_program import ATTENTION, NORM, NotAProgram, probe
 from dreamforge_upscale.tiling.exact_decode import decode_exact, owned, plan_exact, whole_attention_pays
-from dreamforge_upscale.tiling.parking import ParkedStore
+from dreamforge_upscale.tiling.parking import Canvas, ParkedStore
 from dreamforge_upscale.tiling.plan import plan_tiles
 from dreamforge_upscale.tiling.vae_tiles import decode_tiled
 from dreamforge_upscale.upscalers.vae_program import vae_decoder_program
@@ -56,7 +57,7 @@ def stores_left(folder) -> list:
 
 
 def planned(vae, latent, budget=1e12, **kw):
-    exact, why = plan_exact(lambda: vae_decoder_program(vae, finish), run_of(vae), latent, 16, 8, 16, 1000.0, budget,
+    exact, why = plan_exact(lambda: vae_decoder_program(vae, finish), run_of(vae), latent, 16, 16, 1000.0, budget,
                             CPU, F32, **kw)
     assert exact is not None, why
     return exact
@@ -78,19 +79,38 @@ def test_owned_regions_partition_each_axis():
             assert start <= a < b <= end
 
 
-def test_the_program_reproduces_the_decoder_and_measures_its_reach(vae):
+def test_the_program_reproduces_the_decoder_and_measures_each_segments_halo(vae):
     program = vae_decoder_program(vae, finish)
     probed = probe(program, run_of(vae), 4, CPU, F32)
-    # conv_in, 4 convs in the middle block and 6 in the first up block at latent resolution, 7 at 2x, 8 at 4x
-    assert probed.receptive_field == 1 + 4 + 6 + 7 / 2 + 8 / 4
-    assert probed.parked_per_px > 0
+    syncs = [s for s in program if s.kind in (NORM, ATTENTION)]
+    assert len(probed.halos) == len(syncs) + 1
+    # one 3x3 convolution between most GroupNorms; two where an upsampler's convolution follows a block's last one
+    # (its half pixel at the input's resolution rounds up), none from the attention to the next block's GroupNorm
+    assert probed.halos.count(2) == 2 and probed.halos.count(0) == 1 and set(probed.halos) == {0, 1, 2}
+    # the fullest segment (float32, 16 px per latent px): the last up block's first residual block (64 -> 32
+    # channels) from its second GroupNorm to the next block's first, reading its input and its 64-channel residual,
+    # writing the next block's input
+    assert probed.parked_per_px == 4 * 16 * (32 + 64 + 32)
+
+
+def test_the_halos_are_what_makes_it_exact(vae, latent):
+    exact = planned(vae, latent)
+    with torch.inference_mode(), ParkedStore("device", CPU) as store:
+        whole = run_of(vae)(latent).permute(0, 2, 3, 1)
+        one = decode_exact(exact.program, exact.halos, latent, exact.plan(48, 64), 4, device=CPU, dtype=F32,
+                           store=store, whole_attention=True)
+        assert store.bytes == 0 and store.peak_bytes == exact.parked_bytes  # the plan's figure is what parks
+        blind = decode_exact(exact.program, (0,) * len(exact.halos), latent, exact.plan(48, 64), 4, device=CPU,
+                             dtype=F32, store=store, whole_attention=True)
+    assert (one - whole).abs().max().item() <= 1e-4
+    assert (blind - whole).abs().max().item() > 1e-2  # windows that read no halo: seams where they meet
 
 
 def test_a_decoder_the_program_does_not_know_is_refused(vae, latent):
     original = type(vae.decoder).forward
     vae.decoder.forward = lambda z, *a: original(vae.decoder, z, *a) * 0.5  # e.g. a later diffusers' decoder
     try:
-        exact, why = plan_exact(lambda: vae_decoder_program(vae, finish), run_of(vae), latent, 16, 8, 16, 1000.0,
+        exact, why = plan_exact(lambda: vae_decoder_program(vae, finish), run_of(vae), latent, 16, 16, 1000.0,
                                 1e12, CPU, F32)
     finally:
         del vae.decoder.forward
@@ -107,7 +127,7 @@ def test_a_decoder_the_program_does_not_know_is_refused(vae, latent):
 def test_one_pass_equals_the_untiled_decode(vae, latent, parked, tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     exact = planned(vae, latent)
-    assert exact.whole_attention and exact.pad + 8 // 2 >= 16.5  # the context covers the receptive field
+    assert exact.whole_attention and max(exact.halos) <= 2  # a pixel or two of context per layer, not 16
     with torch.inference_mode():
         whole = run_of(vae)(latent).permute(0, 2, 3, 1)
         one = tiled(vae, latent, exact=exact.__class__(**{**exact.__dict__, "parked": parked}))
@@ -128,20 +148,21 @@ def test_one_pass_equals_the_untiled_decode(vae, latent, parked, tmp_path, monke
 
 @pytest.mark.parametrize("where", ["device", "cpu", "disk"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_parked_tensor_comes_back_as_it_went(where, dtype, tmp_path):
-    x = torch.randn(2, 3, 5, 7).to(dtype).contiguous(memory_format=torch.channels_last)
-    y = torch.arange(12.0).to(dtype).reshape(3, 4)
+def test_a_canvas_gives_back_any_box_of_what_its_windows_wrote(where, dtype, tmp_path):
+    x = torch.randn(2, 3, 9, 11).to(dtype)
     with ParkedStore(where, CPU, folder=str(tmp_path)) as store:
-        store.put((0, 1, "x"), x)
-        store.put((0, 1, "residual"), y)
+        canvas = store.canvas(tuple(x.shape), dtype)
+        for ys, xs in ((slice(0, 4), slice(0, 6)), (slice(0, 4), slice(6, 11)), (slice(4, 9), slice(0, 11))):
+            canvas.write(ys, xs, x[..., ys, xs].contiguous(memory_format=torch.channels_last))
         assert not stores_left(tmp_path)  # on disk, yet no name: a killed process leaves nothing behind
-        assert store.bytes == x.numel() * x.element_size() + y.numel() * y.element_size()
-        back = store.take((0, 1, "x"))
-        store.put((0, 1, "x"), back * 2)  # read back and parked again: a new generation
-        assert torch.equal(store.take((0, 1, "residual")), y) and torch.equal(store.take((0, 1, "x")), back * 2)
-        assert store.take((0, 1, "x")) is None and store.bytes == 0
-    assert back.dtype == dtype and torch.equal(back, x)
-    assert not stores_left(tmp_path)
+        assert store.bytes == x.numel() * x.element_size()
+        box = canvas.read(slice(2, 7), slice(3, 10))  # across all three windows
+        assert box.dtype == dtype and torch.equal(box, x[..., 2:7, 3:10]) and torch.equal(canvas.whole(), x)
+        held = store.canvas_of(x * 2)
+        assert torch.equal(held.read(slice(8, 9), slice(0, 1)), x[..., 8:9, 0:1] * 2)
+        canvas.close()
+        assert store.bytes == held.nbytes
+    assert store.bytes == 0 and not stores_left(tmp_path)
 
 
 class FakeOOM(RuntimeError):
@@ -184,7 +205,7 @@ def test_a_disk_that_fills_up_falls_back_and_leaves_no_files(vae, latent, tmp_pa
     writes = []
     exact = planned(vae, latent, budget=1e3)  # nothing fits the budget: files
     assert exact.parked == "disk"
-    monkeypatch.setattr(parking.ParkedStore, "put", _failing_put(writes))
+    monkeypatch.setattr(parking.Canvas, "write", _failing_write(writes))
     with torch.inference_mode():
         result = tiled(vae, latent, exact=exact)
     (retry,) = [r for r in result.retries if r["stage"] == "vae_one_pass"]
@@ -193,15 +214,15 @@ def test_a_disk_that_fills_up_falls_back_and_leaves_no_files(vae, latent, tmp_pa
     assert not stores_left(tmp_path) and not left_behind(vae)
 
 
-def _failing_put(writes):
-    real = ParkedStore.put
+def _failing_write(writes):
+    real = Canvas.write
 
-    def put(self, key, tensor):
-        writes.append(key)
+    def write(self, ys, xs, part):
+        writes.append(ys)
         if len(writes) == 5:
             raise OSError(28, "No space left on device")
-        return real(self, key, tensor)
-    return put
+        return real(self, ys, xs, part)
+    return write
 
 
 def test_an_error_in_one_window_is_raised_and_leaves_nothing_behind(vae, latent, tmp_path, monkeypatch):
@@ -219,7 +240,7 @@ def test_an_error_in_one_window_is_raised_and_leaves_nothing_behind(vae, latent,
 
 def test_an_interrupt_stops_the_one_pass_decode(vae, latent):
     exact = planned(vae, latent)
-    plan = plan_tiles(48, 64, exact.tile, 8, exact.pad)
+    plan = exact.plan(48, 64)
     checks = []
 
     class Interrupted(Exception):
@@ -231,7 +252,8 @@ def test_an_interrupt_stops_the_one_pass_decode(vae, latent):
             raise Interrupted("interrupted by the user")
 
     with pytest.raises(Interrupted), torch.inference_mode(), ParkedStore("device", CPU) as store:
-        decode_exact(exact.program, latent, plan, 4, device=CPU, dtype=F32, store=store, check_interrupt=check)
+        decode_exact(exact.program, exact.halos, latent, plan, 4, device=CPU, dtype=F32, store=store,
+                     check_interrupt=check)
     assert len(checks) == 11 and not left_behind(vae)  # stopped at the next window
 
 

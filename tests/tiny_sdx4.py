@@ -45,12 +45,13 @@ def _import_comfy() -> None:
 
 def build_components(seed: int = 0, unet_channels: int = UNET_CHANNELS, vae_channels: int = VAE_CHANNELS,
                      groups: int = 32, context_dim: int = CONTEXT_DIM, text_width: int = TEXT_WIDTH,
-                     text_layers: int = TEXT_LAYERS):
+                     text_layers: int = TEXT_LAYERS, vae_attention: bool = True):
     """unet, vae, text_encoder (diffusers/transformers modules with random, non-trivial weights).
 
     Narrower nets (with fewer GroupNorm groups) keep the big-image memory test quick on the CPU; the
     published widths (benchmarks/real_size.py: 256, 128, context and text width 1024, 23 text layers) give
-    the real model's sizes.
+    the real model's sizes. `vae_attention=False` drops the decoder's middle self-attention, whose
+    windows dominate an 8-channel decoder's time (not a real one's) where a test is about memory.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -71,7 +72,7 @@ def build_components(seed: int = 0, unet_channels: int = UNET_CHANNELS, vae_chan
         in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=64,
         block_out_channels=(v, 2 * v, 4 * v),
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        scaling_factor=0.08333,
+        scaling_factor=0.08333, mid_block_add_attention=vae_attention,
     )
     text = CLIPTextModel(CLIPTextConfig(
         vocab_size=49408, hidden_size=text_width, intermediate_size=4 * text_width,

@@ -4,8 +4,7 @@ A decoder's GroupNorms normalise with statistics of whatever they see; a tile al
 own and drift in tone from its neighbours. The first choice is exact_decode.py: the decoder layer by
 layer over its windows, statistics summed across them, in one pass (the caller plans it with
 `plan_exact`). Where that cannot run (a decoder it does not know, parked activations that fit neither
-memory nor the disk, windows so small that their receptive-field context would multiply the work) a
-statistics pass runs the decoder over the whole latent and records each GroupNorm's mean/variance per
+memory nor the disk) a statistics pass runs the decoder over the whole latent and records each GroupNorm's mean/variance per
 image and group; every tile is then decoded with those statistics. They are exact whenever that pass
 fits the caller's memory budget; only when it does not (or runs out of memory) is it run on a
 subsampled latent (nearest, not averaged: averaging shrinks the latent's variance and every statistic
@@ -22,10 +21,11 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from .decoder_program import ATTENTION
 from .exact_decode import ExactDecode, decode_exact
 from .group_norm import group_moments, normalise
 from .parking import ParkedStore
-from .plan import TilePlan, plan_tiles
+from .plan import TilePlan
 from .retry import allocator_message, free_cache, is_out_of_memory, shrink_on_oom
 from .runner import RunHooks, run_tiled
 
@@ -95,10 +95,17 @@ class DecodeResult:
     plan: TilePlan
     retries: list[dict]
     # when tiled: {"side": latent side the statistics came from, "exact": the whole latent's, "one_pass": summed
-    # across windows (no statistics pass), "attention": "whole" latent or "windowed", "parked": where the one
-    # pass's windows waited between GroupNorms ("device", "cpu", "disk"; None: no one pass) and "parked_bytes"
+    # across windows (no statistics pass), "attention": "whole" latent, "windowed" or "none" (a decoder without
+    # one; the statistics pass says "windowed" for any), "parked": where the one
+    # pass's activations waited between GroupNorms ("device", "cpu", "disk"; None: no one pass) and "parked_bytes"
     # (planned: all of them at the fullest GroupNorm); "refused": why there was no one pass, where there is a why}
     statistics: dict | None
+
+
+def _attention(exact: ExactDecode) -> str:
+    if not any(step.kind == ATTENTION for step in exact.program):
+        return "none"
+    return "whole" if exact.whole_attention else "windowed"
 
 
 def decode_tiled(
@@ -127,7 +134,7 @@ def decode_tiled(
     tiling/retry.py; the result's `retries` lists both.
 
     `exact` (exact_decode.plan_exact: the caller's budget and the decoder allow it): the decoder runs layer by
-    layer over its windows with GroupNorm sums shared across them (tiling/exact_decode.py): exact statistics in
+    layer over its windows, the whole activations parked between layers, with GroupNorm sums shared across them (tiling/exact_decode.py): exact statistics in
     one pass, no statistics pass; the middle attention over the whole latent where the plan says so. Out of
     memory there, or a parking store that cannot write, falls back to the statistics pass, and `retries` says so.
     `refused`: why the caller did not plan one (the statistics then say it).
@@ -138,13 +145,14 @@ def decode_tiled(
     full = tuple(latents.shape[-2:])
     retries: list[dict] = []
     if exact is not None:
-        plan = plan_tiles(full[0], full[1], exact.tile, overlap, exact.pad)
+        plan = exact.plan(*full)
         try:
             with ParkedStore(exact.parked, device) as store:
-                image = decode_exact(exact.program, latents, plan, scale, device=device, dtype=dtype, store=store,
-                                     whole_attention=exact.whole_attention, check_interrupt=hooks.check_interrupt)
+                image = decode_exact(exact.program, exact.halos, latents, plan, scale, device=device, dtype=dtype,
+                                     store=store, whole_attention=exact.whole_attention,
+                                     check_interrupt=hooks.check_interrupt)
             return DecodeResult(image, plan, retries, {"side": max(full), "exact": True, "one_pass": True,
-                                                       "attention": "whole" if exact.whole_attention else "windowed",
+                                                       "attention": _attention(exact),
                                                        "parked": exact.parked, "parked_bytes": exact.parked_bytes})
         except OSError as exc:  # the disk store: full, or not writable
             event = {"event": "parking_failed", "error": f"{type(exc).__name__}: {exc}"}

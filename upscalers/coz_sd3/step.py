@@ -253,8 +253,8 @@ def decode(vae, z0: torch.Tensor, opts: CoZOptions, device, dtype, hooks: RunHoo
     norms = [m for m in vae.decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
     exact, refused = None, ""
     if tile:  # windows: exact in one pass where the budget and the disk allow (tiling/exact_decode.py)
-        exact, refused = plan_exact(lambda: vae_decoder_program(vae, _to_unit), run, latents, tile, VAE_OVERLAP,
-                                    VAE_PAD, per_px, _budget(hooks, device), device, dtype)
+        exact, refused = plan_exact(lambda: vae_decoder_program(vae, _to_unit), run, latents, tile, VAE_PAD, per_px,
+                                    _budget(hooks, device), device, dtype)
     result = decode_tiled(run, norms, latents, scale=configs.VAE_FACTOR, tile=tile, overlap=VAE_OVERLAP, pad=VAE_PAD,
                           device=device, dtype=dtype, hooks=dataclasses.replace(hooks, progress=None),
                           stats_side=stats_side, exact=exact, refused=refused)

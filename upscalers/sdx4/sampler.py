@@ -169,7 +169,7 @@ def decode(comps: SDX4Components, latents: torch.Tensor, opts: SDX4Options, devi
     norms = [m for m in vae.decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
     exact, refused = None, ""
     if tile and not plan_tiles(height, width, tile, VAE_OVERLAP, VAE_PAD).untiled:
-        exact, refused = plan_exact(lambda: vae_decoder_program(vae, _to_unit), run, z, tile, VAE_OVERLAP, VAE_PAD,
+        exact, refused = plan_exact(lambda: vae_decoder_program(vae, _to_unit), run, z, tile, VAE_PAD,
                                     per_px, budget, device, dtype)
     result = decode_tiled(run, norms, z, scale=VAE_SCALE, tile=tile, overlap=VAE_OVERLAP, pad=VAE_PAD,
                           device=device, dtype=dtype, hooks=dataclasses.replace(hooks, progress=None),
